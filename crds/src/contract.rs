@@ -1,0 +1,266 @@
+//! The pod contract between the operator and the trainer (DESIGN.md §5).
+//!
+//! The operator writes these environment variables into every pod; the trainer reads
+//! only these and never talks to the Kubernetes API. Both sides use this module, so the
+//! names and formats cannot drift apart.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// JSON `{"ps": ["host:port", ...], "worker": [...]}`: every replica's address, by role.
+pub const ENV_CLUSTER: &str = "KUBETRAIN_CLUSTER";
+/// This pod's role: `ps` or `worker`.
+pub const ENV_ROLE: &str = "KUBETRAIN_ROLE";
+/// This pod's index within its role, from 0.
+pub const ENV_INDEX: &str = "KUBETRAIN_INDEX";
+/// `namespace/name` of the TrainingJob.
+pub const ENV_JOB: &str = "KUBETRAIN_JOB";
+/// The TrainingJob's `spec.training` block as JSON (built-in trainer only).
+pub const ENV_TRAINING: &str = "KUBETRAIN_TRAINING";
+/// The TrainingJob's `spec.mode` (`DataParallel` or `ModelParallel`).
+pub const ENV_MODE: &str = "KUBETRAIN_MODE";
+/// TensorFlow's cluster description, so a TensorFlow image runs unchanged.
+pub const ENV_TF_CONFIG: &str = "TF_CONFIG";
+/// The pod's own IP (downward API `status.podIP`): the trainer binds its server there.
+pub const ENV_POD_IP: &str = "POD_IP";
+
+/// The gRPC port every replica listens on.
+pub const DEFAULT_PORT: u16 = 2222;
+/// The name of that port on pods and the Service.
+pub const PORT_NAME: &str = "kubetrain";
+/// The container the contract env goes into, when a template has several.
+pub const TRAINER_CONTAINER: &str = "trainer";
+/// The second choice for the contract env: TensorFlow images' usual container name.
+pub const TENSORFLOW_CONTAINER: &str = "tensorflow";
+
+/// Label: the TrainingJob a pod or Service belongs to.
+pub const LABEL_JOB_NAME: &str = "kubetrain.io/job-name";
+/// Label: the pod's role.
+pub const LABEL_ROLE: &str = "kubetrain.io/role";
+/// Label: the pod's index within its role.
+pub const LABEL_INDEX: &str = "kubetrain.io/index";
+
+/// The role of a replica.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Parameter server.
+    Ps,
+    /// Worker (index 0 is the chief).
+    Worker,
+}
+
+impl Role {
+    /// Both roles, PS first.
+    pub const ALL: [Role; 2] = [Role::Ps, Role::Worker];
+
+    /// The spelling used in pod names, labels and env.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ps => "ps",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A role name that is neither `ps` nor `worker`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?}: expected \"ps\" or \"worker\"")]
+pub struct UnknownRole(pub String);
+
+impl FromStr for Role {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ps" => Ok(Role::Ps),
+            "worker" => Ok(Role::Worker),
+            other => Err(UnknownRole(other.to_string())),
+        }
+    }
+}
+
+/// `<job>-<role>-<index>`: the pod's name and hostname.
+pub fn pod_name(job: &str, role: Role, index: usize) -> String {
+    format!("{job}-{role}-{index}")
+}
+
+/// The pod's stable DNS name behind the job's headless Service:
+/// `<job>-<role>-<index>.<job>.<namespace>.svc`.
+pub fn pod_dns_name(job: &str, namespace: &str, role: Role, index: usize) -> String {
+    format!("{}.{job}.{namespace}.svc", pod_name(job, role, index))
+}
+
+/// Every replica's `host:port`, by role: the value of `KUBETRAIN_CLUSTER`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterSpec {
+    /// Parameter servers, by index.
+    #[serde(default)]
+    pub ps: Vec<String>,
+    /// Workers, by index; worker 0 is the chief.
+    #[serde(default)]
+    pub worker: Vec<String>,
+}
+
+/// `KUBETRAIN_CLUSTER` could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{ENV_CLUSTER} is not valid JSON of the form {{\"ps\": [\"host:port\"], \"worker\": [\"host:port\"]}}: {0}"
+)]
+pub struct InvalidClusterSpec(#[from] serde_json::Error);
+
+impl ClusterSpec {
+    /// The addresses of a job's replicas, as the operator plans them.
+    pub fn for_job(job: &str, namespace: &str, ps: usize, workers: usize, port: u16) -> Self {
+        let addresses = |role, n| {
+            (0..n)
+                .map(|i| format!("{}:{port}", pod_dns_name(job, namespace, role, i)))
+                .collect()
+        };
+        Self {
+            ps: addresses(Role::Ps, ps),
+            worker: addresses(Role::Worker, workers),
+        }
+    }
+
+    /// The addresses of one role.
+    pub fn role(&self, role: Role) -> &[String] {
+        match role {
+            Role::Ps => &self.ps,
+            Role::Worker => &self.worker,
+        }
+    }
+
+    /// The `KUBETRAIN_CLUSTER` value.
+    pub fn to_env(&self) -> String {
+        serde_json::to_string(self).expect("a ClusterSpec always serialises")
+    }
+
+    /// Parses a `KUBETRAIN_CLUSTER` value.
+    pub fn from_env(value: &str) -> Result<Self, InvalidClusterSpec> {
+        Ok(serde_json::from_str(value)?)
+    }
+
+    /// The `TF_CONFIG` value for one replica, in TensorFlow's format:
+    /// `{"cluster": {"ps": [...], "worker": [...]}, "task": {"type": "worker", "index": 0}, "environment": "cloud"}`.
+    /// Roles without replicas are left out of `cluster`, as TensorFlow expects.
+    pub fn tf_config(&self, role: Role, index: usize) -> String {
+        let mut cluster = BTreeMap::new();
+        for r in Role::ALL {
+            if !self.role(r).is_empty() {
+                cluster.insert(r.as_str(), self.role(r).to_vec());
+            }
+        }
+        let config = TfConfig {
+            cluster,
+            task: TfTask {
+                type_: role.as_str().to_string(),
+                index,
+            },
+            environment: "cloud".to_string(),
+        };
+        serde_json::to_string(&config).expect("a TF_CONFIG always serialises")
+    }
+}
+
+/// TensorFlow's `TF_CONFIG` document.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TfConfig<'a> {
+    /// Addresses by TensorFlow job name.
+    #[serde(borrow)]
+    pub cluster: BTreeMap<&'a str, Vec<String>>,
+    /// This process's place in the cluster.
+    pub task: TfTask,
+    /// Always `cloud`, as TensorFlow's own cluster resolvers write it.
+    pub environment: String,
+}
+
+/// The `task` part of `TF_CONFIG`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TfTask {
+    /// The TensorFlow job name: `ps` or `worker`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// The index within that job.
+    pub index: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_spec_round_trips_through_env() {
+        let spec = ClusterSpec::for_job("digits", "team-a", 2, 3, DEFAULT_PORT);
+        assert_eq!(spec.ps[1], "digits-ps-1.digits.team-a.svc:2222");
+        assert_eq!(spec.worker.len(), 3);
+        let parsed = ClusterSpec::from_env(&spec.to_env()).unwrap();
+        assert_eq!(parsed, spec);
+    }
+
+    #[test]
+    fn cluster_spec_env_has_the_documented_shape() {
+        let spec = ClusterSpec::for_job("j", "ns", 1, 1, 2222);
+        let value: serde_json::Value = serde_json::from_str(&spec.to_env()).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"ps": ["j-ps-0.j.ns.svc:2222"], "worker": ["j-worker-0.j.ns.svc:2222"]})
+        );
+    }
+
+    #[test]
+    fn invalid_cluster_env_names_the_variable() {
+        let err = ClusterSpec::from_env("{not json").unwrap_err();
+        assert!(err.to_string().contains(ENV_CLUSTER), "{err}");
+    }
+
+    #[test]
+    fn tf_config_is_tensorflows_format() {
+        let spec = ClusterSpec::for_job("j", "ns", 1, 2, 2222);
+        let value: serde_json::Value =
+            serde_json::from_str(&spec.tf_config(Role::Worker, 1)).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "cluster": {
+                    "ps": ["j-ps-0.j.ns.svc:2222"],
+                    "worker": ["j-worker-0.j.ns.svc:2222", "j-worker-1.j.ns.svc:2222"]
+                },
+                "task": {"type": "worker", "index": 1},
+                "environment": "cloud"
+            })
+        );
+    }
+
+    #[test]
+    fn tf_config_round_trips_and_omits_empty_roles() {
+        let spec = ClusterSpec::for_job("j", "ns", 0, 2, 2222);
+        let text = spec.tf_config(Role::Worker, 0);
+        let parsed: TfConfig<'_> = serde_json::from_str(&text).unwrap();
+        assert!(!parsed.cluster.contains_key("ps"));
+        assert_eq!(parsed.cluster["worker"], spec.worker);
+        assert_eq!(
+            parsed.task,
+            TfTask {
+                type_: "worker".into(),
+                index: 0
+            }
+        );
+    }
+
+    #[test]
+    fn roles_parse_and_print() {
+        for role in Role::ALL {
+            assert_eq!(role.as_str().parse::<Role>().unwrap(), role);
+        }
+        assert!("chief".parse::<Role>().is_err());
+    }
+}

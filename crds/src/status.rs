@@ -1,0 +1,131 @@
+//! The `TrainingJob` status: what the operator observed, written only by the operator.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::schema::conditions_list_map;
+
+/// What the operator observed about the job.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingJobStatus {
+    /// The metadata.generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// The job's conditions. Exactly one lifecycle condition (Created, Running,
+    /// Restarting, Suspended, Succeeded, Failed) is True at a time; others (for example
+    /// PodsStalled, GangPending) add detail.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_list_map")]
+    pub conditions: Vec<JobCondition>,
+
+    /// Pod counts per role.
+    #[serde(default)]
+    pub replica_statuses: ReplicaStatuses,
+
+    /// Workers ready out of workers desired, as `ready/total`, for the Ready column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers_ready: Option<String>,
+
+    /// Live training progress reported by the chief.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<TrainingProgress>,
+
+    /// When the job's pods were first started (reset on resume from suspend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+
+    /// When the job reached Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+}
+
+/// One condition of the job, in the Kubernetes condition convention.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobCondition {
+    /// Condition type, for example Running or Succeeded (see the `condition` constants).
+    #[serde(rename = "type")]
+    pub type_: String,
+
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+
+    /// A CamelCase machine-readable reason, for example BackoffLimitExceeded.
+    #[serde(default)]
+    pub reason: String,
+
+    /// A human-readable explanation.
+    #[serde(default)]
+    pub message: String,
+
+    /// When the status last changed between True, False and Unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+}
+
+impl JobCondition {
+    /// Whether the condition's status is `True`.
+    pub fn is_true(&self) -> bool {
+        self.status == "True"
+    }
+}
+
+/// Pod counts for each role.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatuses {
+    /// Parameter-server pods.
+    #[serde(default)]
+    pub ps: ReplicaStatus,
+    /// Worker pods.
+    #[serde(default)]
+    pub worker: ReplicaStatus,
+}
+
+/// Pod counts for one role.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    /// Pods that exist and have not finished (Pending or Running).
+    #[serde(default)]
+    pub active: i32,
+    /// Pods running with their Ready condition True.
+    #[serde(default)]
+    pub ready: i32,
+    /// Pods that exited 0.
+    #[serde(default)]
+    pub succeeded: i32,
+    /// Pods that failed and were not (or not yet) restarted.
+    #[serde(default)]
+    pub failed: i32,
+    /// Restarts so far: in-place container restarts plus pods recreated by the operator.
+    #[serde(default)]
+    pub restarts: i32,
+}
+
+/// Live training progress as reported by the chief.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingProgress {
+    /// Global step (parameter version).
+    #[serde(default)]
+    pub step: i64,
+    /// Current epoch, from 1.
+    #[serde(default)]
+    pub epoch: i64,
+    /// Latest training loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// Latest accuracy on the test split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// Training throughput over all workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples_per_second: Option<f64>,
+    /// When the operator last read these values from the chief.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<Time>,
+}
