@@ -1,5 +1,7 @@
 //! The `TrainingJob` status: what the operator observed, written only by the operator.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -40,6 +42,25 @@ pub struct TrainingJobStatus {
     /// When the job reached Succeeded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
+
+    /// Bookkeeping: pods the operator deleted and recreated (restartPolicy ExitCode, or a
+    /// pod the kubelet gave up on), by pod name. Their restarts count against backoffLimit
+    /// even though the new pod starts with a restart count of 0.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub recreated_pods: BTreeMap<String, PodRecreation>,
+}
+
+/// How often the operator recreated one pod.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRecreation {
+    /// Times the pod was deleted to be recreated.
+    pub count: i32,
+    /// UID of the last pod counted, so a retried deletion is not counted twice.
+    pub last_uid: String,
+    /// Exit code of that pod's main container, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit_code: Option<i32>,
 }
 
 /// One condition of the job, in the Kubernetes condition convention.

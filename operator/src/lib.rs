@@ -1,0 +1,8 @@
+//! The kubetrain operator: TrainingJob -> pods, headless Service and truthful status.
+//!
+//! `plan` and `status` are pure and hold every decision; `controller` (the cluster) and
+//! `local` (one machine) are thin shells that carry the decisions out.
+#![forbid(unsafe_code)]
+
+pub mod plan;
+pub mod status;

@@ -1,0 +1,585 @@
+//! PURE: a TrainingJob becomes the pods and the headless Service it should have.
+//!
+//! No I/O here: the controller, the local runner and the tests all call these functions,
+//! so the cluster and local mode cannot drift apart.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service,
+    ServicePort, ServiceSpec, TCPSocketAction,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use kubetrain_api::contract::{self, ClusterSpec, Role};
+use kubetrain_api::{ReplicaSpec, RestartPolicy, TrainingJob};
+
+/// What the plan needs besides the job itself: operator settings.
+#[derive(Clone, Debug)]
+pub struct PlanSettings {
+    /// Image for pods without a template (`--trainer-image`).
+    pub trainer_image: String,
+    /// The gRPC port every replica listens on.
+    pub port: u16,
+    /// `schedulerName` for pods of gang-scheduled jobs (the gang scheduler's name).
+    pub gang_scheduler_name: Option<String>,
+}
+
+impl Default for PlanSettings {
+    fn default() -> Self {
+        Self {
+            trainer_image: DEFAULT_TRAINER_IMAGE.to_string(),
+            port: contract::DEFAULT_PORT,
+            gang_scheduler_name: None,
+        }
+    }
+}
+
+/// The trainer image used when neither `--trainer-image` nor its env var is set.
+pub const DEFAULT_TRAINER_IMAGE: &str = "ghcr.io/kubetrain/kubetrain-trainer:0.1.0";
+
+/// One replica of the job: its role and index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReplicaId {
+    /// The role.
+    pub role: Role,
+    /// The index within the role.
+    pub index: usize,
+}
+
+impl ReplicaId {
+    /// The pod name of this replica in `job`.
+    pub fn pod_name(&self, job: &str) -> String {
+        contract::pod_name(job, self.role, self.index)
+    }
+
+    /// Reads the replica from a pod's kubetrain labels.
+    pub fn from_pod(pod: &Pod) -> Option<Self> {
+        let labels = pod.metadata.labels.as_ref()?;
+        let role = labels.get(contract::LABEL_ROLE)?.parse().ok()?;
+        let index = labels.get(contract::LABEL_INDEX)?.parse().ok()?;
+        Some(Self { role, index })
+    }
+}
+
+/// The replica spec of a role, if the job has that role.
+pub fn replica_spec(job: &TrainingJob, role: Role) -> Option<&ReplicaSpec> {
+    match role {
+        Role::Ps => job.spec.replica_specs.ps.as_ref(),
+        Role::Worker => Some(&job.spec.replica_specs.worker),
+    }
+}
+
+/// The number of replicas of a role (0 when the role is absent).
+pub fn replicas(job: &TrainingJob, role: Role) -> usize {
+    replica_spec(job, role).map_or(0, |s| s.replicas.max(0) as usize)
+}
+
+/// Every replica the job should have, PS first, in index order.
+pub fn replica_ids(job: &TrainingJob) -> Vec<ReplicaId> {
+    Role::ALL
+        .into_iter()
+        .flat_map(|role| (0..replicas(job, role)).map(move |index| ReplicaId { role, index }))
+        .collect()
+}
+
+/// The labels every child of the job carries; the watches select on them.
+pub fn job_labels(job: &TrainingJob) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (contract::LABEL_JOB_NAME.to_string(), job.name_any()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            "kubetrain".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), job.name_any()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "kubetrain-operator".to_string(),
+        ),
+    ])
+}
+
+/// The label selector of all of a job's children.
+pub fn job_selector(job_name: &str) -> String {
+    format!("{}={job_name}", contract::LABEL_JOB_NAME)
+}
+
+fn child_meta(job: &TrainingJob, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: job.namespace(),
+        labels: Some(labels),
+        owner_references: job.controller_owner_ref(&()).map(|r| vec![r]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The headless Service that gives every pod a stable DNS name `<pod>.<job>.<ns>.svc`.
+pub fn service(job: &TrainingJob, settings: &PlanSettings) -> Service {
+    Service {
+        metadata: child_meta(job, job.name_any(), job_labels(job)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_string()),
+            // Peers must resolve each other before they are Ready: the trainer's own
+            // readiness depends on reaching its peers.
+            publish_not_ready_addresses: Some(true),
+            selector: Some(BTreeMap::from([(
+                contract::LABEL_JOB_NAME.to_string(),
+                job.name_any(),
+            )])),
+            ports: Some(vec![ServicePort {
+                name: Some(contract::PORT_NAME.to_string()),
+                port: i32::from(settings.port),
+                target_port: Some(IntOrString::Int(i32::from(settings.port))),
+                protocol: Some("TCP".to_string()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The pod restart policy that implements a replica restart policy: `ExitCode` needs the
+/// pod to stop (Never) so the operator can look at the exit code and decide.
+pub fn pod_restart_policy(policy: RestartPolicy) -> &'static str {
+    match policy {
+        RestartPolicy::Never | RestartPolicy::ExitCode => "Never",
+        RestartPolicy::OnFailure => "OnFailure",
+        RestartPolicy::Always => "Always",
+    }
+}
+
+/// The contract env of one replica (DESIGN.md §5).
+pub fn contract_env(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettings) -> Vec<EnvVar> {
+    let namespace = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let cluster = ClusterSpec::for_job(
+        &name,
+        &namespace,
+        replicas(job, Role::Ps),
+        replicas(job, Role::Worker),
+        settings.port,
+    );
+    let value = |name: &str, value: String| EnvVar {
+        name: name.to_string(),
+        value: Some(value),
+        value_from: None,
+    };
+    let mut env = vec![
+        value(contract::ENV_CLUSTER, cluster.to_env()),
+        value(contract::ENV_ROLE, replica.role.as_str().to_string()),
+        value(contract::ENV_INDEX, replica.index.to_string()),
+        value(contract::ENV_JOB, format!("{namespace}/{name}")),
+        value(
+            contract::ENV_MODE,
+            serde_json::to_value(job.spec.mode)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        ),
+        value(
+            contract::ENV_TF_CONFIG,
+            cluster.tf_config(replica.role, replica.index),
+        ),
+        EnvVar {
+            name: contract::ENV_POD_IP.to_string(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".to_string(),
+                    api_version: None,
+                }),
+                ..EnvVarSource::default()
+            }),
+        },
+    ];
+    if let Some(training) = &job.spec.training {
+        env.push(value(
+            contract::ENV_TRAINING,
+            serde_json::to_string(training).expect("a TrainingSpec always serialises"),
+        ));
+    }
+    env
+}
+
+/// The pod template used when a role has none: the trainer image with secure defaults.
+fn default_template(settings: &PlanSettings) -> PodTemplateSpec {
+    PodTemplateSpec {
+        metadata: None,
+        spec: Some(PodSpec {
+            // Trainer pods never talk to the Kubernetes API (DESIGN.md §5).
+            automount_service_account_token: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".to_string(),
+                    localhost_profile: None,
+                }),
+                ..PodSecurityContext::default()
+            }),
+            containers: vec![Container {
+                name: contract::TRAINER_CONTAINER.to_string(),
+                image: Some(settings.trainer_image.clone()),
+                command: Some(vec!["kubetrain-trainer".to_string()]),
+                security_context: Some(SecurityContext {
+                    allow_privilege_escalation: Some(false),
+                    read_only_root_filesystem: Some(true),
+                    capabilities: Some(Capabilities {
+                        drop: Some(vec!["ALL".to_string()]),
+                        add: None,
+                    }),
+                    ..SecurityContext::default()
+                }),
+                // A TCP probe rather than a gRPC one: the gRPC probe field does not exist
+                // on older API servers, and server-side apply rejects unknown fields.
+                readiness_probe: Some(Probe {
+                    tcp_socket: Some(TCPSocketAction {
+                        port: IntOrString::Int(i32::from(settings.port)),
+                        host: None,
+                    }),
+                    period_seconds: Some(5),
+                    ..Probe::default()
+                }),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// Which container gets the contract env: `trainer`, else `tensorflow`, else the first.
+pub fn main_container_index(containers: &[Container]) -> usize {
+    [contract::TRAINER_CONTAINER, contract::TENSORFLOW_CONTAINER]
+        .iter()
+        .find_map(|wanted| containers.iter().position(|c| c.name == *wanted))
+        .unwrap_or(0)
+}
+
+/// The pod of one replica. The job must have passed validation (a template has at least
+/// one container).
+pub fn pod(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettings) -> Pod {
+    let name = job.name_any();
+    let spec = replica_spec(job, replica.role).expect("replica ids come from the job's roles");
+    let template = spec
+        .template
+        .clone()
+        .unwrap_or_else(|| default_template(settings));
+
+    let mut labels = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    labels.extend(job_labels(job));
+    labels.insert(
+        contract::LABEL_ROLE.to_string(),
+        replica.role.as_str().to_string(),
+    );
+    labels.insert(contract::LABEL_INDEX.to_string(), replica.index.to_string());
+    labels.insert(
+        "app.kubernetes.io/component".to_string(),
+        replica.role.as_str().to_string(),
+    );
+
+    let mut metadata = child_meta(job, replica.pod_name(&name), labels);
+    metadata.annotations = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone());
+
+    let mut pod_spec = template.spec.unwrap_or_default();
+    pod_spec.hostname = Some(replica.pod_name(&name));
+    pod_spec.subdomain = Some(name.clone());
+    pod_spec.restart_policy = Some(pod_restart_policy(spec.restart_policy).to_string());
+    if let Some(scheduler) = &settings.gang_scheduler_name
+        && job
+            .spec
+            .run_policy
+            .scheduling_policy
+            .as_ref()
+            .is_some_and(|p| p.gang)
+    {
+        pod_spec.scheduler_name = Some(scheduler.clone());
+    }
+    if let Some(priority) = job
+        .spec
+        .run_policy
+        .scheduling_policy
+        .as_ref()
+        .and_then(|p| p.priority_class.clone())
+    {
+        pod_spec.priority_class_name.get_or_insert(priority);
+    }
+
+    if !pod_spec.containers.is_empty() {
+        let main = main_container_index(&pod_spec.containers);
+        let container = &mut pod_spec.containers[main];
+        let contract_env = contract_env(job, replica, settings);
+        let mut env: Vec<EnvVar> = container
+            .env
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| !contract_env.iter().any(|c| c.name == e.name))
+            .collect();
+        env.extend(contract_env);
+        container.env = Some(env);
+
+        let ports = container.ports.get_or_insert_with(Vec::new);
+        if !ports
+            .iter()
+            .any(|p| p.container_port == i32::from(settings.port))
+        {
+            ports.push(ContainerPort {
+                name: Some(contract::PORT_NAME.to_string()),
+                container_port: i32::from(settings.port),
+                protocol: Some("TCP".to_string()),
+                ..ContainerPort::default()
+            });
+        }
+        if container.image.is_none() {
+            container.image = Some(settings.trainer_image.clone());
+        }
+    }
+
+    Pod {
+        metadata,
+        spec: Some(pod_spec),
+        status: None,
+    }
+}
+
+/// Every pod the job should have, PS first.
+pub fn pods(job: &TrainingJob, settings: &PlanSettings) -> Vec<Pod> {
+    replica_ids(job)
+        .into_iter()
+        .map(|replica| pod(job, replica, settings))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(yaml: &str) -> TrainingJob {
+        let mut job: TrainingJob = serde_yaml::from_str(yaml).unwrap();
+        job.metadata.namespace = Some("team".into());
+        job.metadata.uid = Some("uid-1".into());
+        job
+    }
+
+    fn quickstart() -> TrainingJob {
+        job(include_str!("../../examples/quickstart.yaml"))
+    }
+
+    fn env_of(pod: &Pod) -> BTreeMap<String, String> {
+        let spec = pod.spec.as_ref().unwrap();
+        let container = &spec.containers[main_container_index(&spec.containers)];
+        container
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+            .collect()
+    }
+
+    #[test]
+    fn one_pod_per_replica_with_names_labels_and_dns() {
+        let pods = pods(&quickstart(), &PlanSettings::default());
+        let names: Vec<_> = pods.iter().map(|p| p.name_any()).collect();
+        assert_eq!(
+            names,
+            [
+                "quickstart-ps-0",
+                "quickstart-worker-0",
+                "quickstart-worker-1"
+            ]
+        );
+        let worker1 = &pods[2];
+        let labels = worker1.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[contract::LABEL_JOB_NAME], "quickstart");
+        assert_eq!(labels[contract::LABEL_ROLE], "worker");
+        assert_eq!(labels[contract::LABEL_INDEX], "1");
+        let spec = worker1.spec.as_ref().unwrap();
+        assert_eq!(spec.hostname.as_deref(), Some("quickstart-worker-1"));
+        assert_eq!(spec.subdomain.as_deref(), Some("quickstart"));
+        assert_eq!(
+            ReplicaId::from_pod(worker1),
+            Some(ReplicaId {
+                role: Role::Worker,
+                index: 1
+            })
+        );
+    }
+
+    #[test]
+    fn every_pod_is_controlled_by_its_job() {
+        for pod in pods(&quickstart(), &PlanSettings::default()) {
+            let owners = pod.metadata.owner_references.unwrap();
+            assert_eq!(owners.len(), 1);
+            assert_eq!(owners[0].kind, "TrainingJob");
+            assert_eq!(owners[0].uid, "uid-1");
+            assert_eq!(owners[0].controller, Some(true));
+        }
+    }
+
+    #[test]
+    fn pods_carry_the_contract_env() {
+        let job = quickstart();
+        let pods = pods(&job, &PlanSettings::default());
+        let env = env_of(&pods[1]);
+        assert_eq!(env[contract::ENV_ROLE], "worker");
+        assert_eq!(env[contract::ENV_INDEX], "0");
+        assert_eq!(env[contract::ENV_JOB], "team/quickstart");
+        assert_eq!(env[contract::ENV_MODE], "DataParallel");
+        let cluster = ClusterSpec::from_env(&env[contract::ENV_CLUSTER]).unwrap();
+        assert_eq!(cluster.ps, ["quickstart-ps-0.quickstart.team.svc:2222"]);
+        assert_eq!(cluster.worker.len(), 2);
+        let tf: serde_json::Value = serde_json::from_str(&env[contract::ENV_TF_CONFIG]).unwrap();
+        assert_eq!(
+            tf["task"],
+            serde_json::json!({"type": "worker", "index": 0})
+        );
+        let training: kubetrain_api::TrainingSpec =
+            serde_json::from_str(&env[contract::ENV_TRAINING]).unwrap();
+        assert_eq!(&training, job.spec.training.as_ref().unwrap());
+        let spec = pods[1].spec.as_ref().unwrap();
+        let port = &spec.containers[0].ports.as_ref().unwrap()[0];
+        assert_eq!(port.container_port, 2222);
+        assert_eq!(port.name.as_deref(), Some("kubetrain"));
+    }
+
+    #[test]
+    fn default_pods_run_the_trainer_image_securely() {
+        let settings = PlanSettings {
+            trainer_image: "registry.example/trainer:1".into(),
+            ..PlanSettings::default()
+        };
+        let pod = pod(
+            &quickstart(),
+            ReplicaId {
+                role: Role::Ps,
+                index: 0,
+            },
+            &settings,
+        );
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(spec.restart_policy.as_deref(), Some("OnFailure"));
+        let container = &spec.containers[0];
+        assert_eq!(container.name, "trainer");
+        assert_eq!(
+            container.image.as_deref(),
+            Some("registry.example/trainer:1")
+        );
+        let security = container.security_context.as_ref().unwrap();
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+    }
+
+    #[test]
+    fn exit_code_policy_stops_the_pod_so_the_operator_decides() {
+        let pod = pod(
+            &quickstart(),
+            ReplicaId {
+                role: Role::Worker,
+                index: 0,
+            },
+            &PlanSettings::default(),
+        );
+        assert_eq!(pod.spec.unwrap().restart_policy.as_deref(), Some("Never"));
+    }
+
+    #[test]
+    fn a_users_template_is_kept_and_the_env_goes_into_the_tensorflow_container() {
+        let job = job(include_str!("../../examples/tensorflow.yaml"));
+        let pods = pods(&job, &PlanSettings::default());
+        assert_eq!(pods.len(), 3);
+        let spec = pods[1].spec.as_ref().unwrap();
+        let container = &spec.containers[0];
+        assert_eq!(container.name, "tensorflow");
+        assert_eq!(
+            container.image.as_deref(),
+            Some("tensorflow/tensorflow:2.16.1")
+        );
+        let requests = container
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            requests["memory"].0, "4Gi",
+            "the worker template, not the PS one"
+        );
+        let env = env_of(&pods[1]);
+        assert!(env.contains_key(contract::ENV_TF_CONFIG));
+        assert!(
+            !env.contains_key(contract::ENV_TRAINING),
+            "no training block, no KUBETRAIN_TRAINING"
+        );
+    }
+
+    #[test]
+    fn contract_env_goes_into_the_trainer_container_among_sidecars() {
+        let job = job(r#"
+apiVersion: kubetrain.io/v1alpha1
+kind: TrainingJob
+metadata: {name: side}
+spec:
+  replicaSpecs:
+    worker:
+      replicas: 1
+      template:
+        metadata: {labels: {team: ml}}
+        spec:
+          nodeSelector: {gpu: "true"}
+          containers:
+            - {name: log-shipper, image: fluent-bit}
+            - name: trainer
+              image: mine
+              env: [{name: KUBETRAIN_ROLE, value: wrong}, {name: MY_FLAG, value: "1"}]
+"#);
+        let pod = pod(
+            &job,
+            ReplicaId {
+                role: Role::Worker,
+                index: 0,
+            },
+            &PlanSettings::default(),
+        );
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.node_selector.as_ref().unwrap()["gpu"], "true");
+        assert!(
+            spec.containers[0].env.is_none(),
+            "the sidecar is left alone"
+        );
+        let env = env_of(&pod);
+        assert_eq!(
+            env[contract::ENV_ROLE],
+            "worker",
+            "the contract wins over the template"
+        );
+        assert_eq!(env["MY_FLAG"], "1");
+        assert_eq!(pod.metadata.labels.as_ref().unwrap()["team"], "ml");
+    }
+
+    #[test]
+    fn the_service_is_headless_and_selects_the_job() {
+        let job = quickstart();
+        let svc = service(&job, &PlanSettings::default());
+        assert_eq!(svc.name_any(), "quickstart");
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(
+            spec.selector.unwrap()[contract::LABEL_JOB_NAME],
+            "quickstart"
+        );
+        assert_eq!(spec.ports.unwrap()[0].port, 2222);
+        assert!(svc.metadata.owner_references.is_some());
+    }
+}

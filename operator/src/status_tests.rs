@@ -1,0 +1,570 @@
+//! One scenario per test: a job, pods in some state, and what the operator must decide.
+
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, PodCondition,
+    PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::*;
+use crate::plan::{PlanSettings, ReplicaId};
+
+fn t(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + secs).unwrap()
+}
+
+fn job_with(policy_yaml: &str) -> TrainingJob {
+    let yaml = format!(
+        r#"
+apiVersion: kubetrain.io/v1alpha1
+kind: TrainingJob
+metadata: {{name: j, namespace: ns, uid: u1, generation: 2}}
+spec:
+  replicaSpecs:
+    ps: {{replicas: 1, restartPolicy: OnFailure}}
+    worker: {{replicas: 2, restartPolicy: {policy_yaml}}}
+  training:
+    model: {{kind: softmax}}
+    dataset: {{builtin: digits}}
+    optimizer: {{kind: sgd}}
+"#
+    );
+    serde_yaml::from_str(&yaml).unwrap()
+}
+
+fn job() -> TrainingJob {
+    job_with("ExitCode")
+}
+
+fn pod(job: &TrainingJob, role: Role, index: usize) -> Pod {
+    let mut pod = plan::pod(job, ReplicaId { role, index }, &PlanSettings::default());
+    pod.metadata.uid = Some(format!("{}-uid", pod.name_any()));
+    pod.metadata.creation_timestamp = Some(Time(t(0)));
+    pod
+}
+
+fn with_phase(mut pod: Pod, phase: &str) -> Pod {
+    let ready = phase == "Running";
+    pod.status = Some(PodStatus {
+        phase: Some(phase.into()),
+        conditions: Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: if ready { "True" } else { "False" }.into(),
+            ..PodCondition::default()
+        }]),
+        container_statuses: Some(vec![ContainerStatus {
+            name: "trainer".into(),
+            ..ContainerStatus::default()
+        }]),
+        ..PodStatus::default()
+    });
+    pod
+}
+
+fn exited(mut pod: Pod, code: i32) -> Pod {
+    let phase = if code == 0 { "Succeeded" } else { "Failed" };
+    pod = with_phase(pod, phase);
+    let status = pod.status.as_mut().unwrap();
+    status.container_statuses.as_mut().unwrap()[0].state = Some(ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: code,
+            ..ContainerStateTerminated::default()
+        }),
+        ..ContainerState::default()
+    });
+    pod
+}
+
+fn restarted(mut pod: Pod, times: i32, last_code: i32) -> Pod {
+    let status = pod.status.as_mut().unwrap();
+    let container = &mut status.container_statuses.as_mut().unwrap()[0];
+    container.restart_count = times;
+    container.last_state = Some(ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: last_code,
+            finished_at: Some(Time(t(5))),
+            ..ContainerStateTerminated::default()
+        }),
+        ..ContainerState::default()
+    });
+    pod
+}
+
+fn all_running(job: &TrainingJob) -> Vec<Pod> {
+    vec![
+        with_phase(pod(job, Role::Ps, 0), "Running"),
+        with_phase(pod(job, Role::Worker, 0), "Running"),
+        with_phase(pod(job, Role::Worker, 1), "Running"),
+    ]
+}
+
+/// The job as the API server would hold it after the status of `d` was written.
+fn after(job: &TrainingJob, d: &Decision) -> TrainingJob {
+    let mut next = job.clone();
+    next.status = Some(d.status.clone());
+    next
+}
+
+fn state(d: &Decision) -> (&str, &str) {
+    let c = d
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.is_true())
+        .expect("a True condition");
+    (c.type_.as_str(), c.reason.as_str())
+}
+
+fn condition<'a>(d: &'a Decision, type_: &str) -> &'a JobCondition {
+    d.status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap()
+}
+
+#[test]
+fn a_new_job_creates_every_pod_and_the_service() {
+    let job = job();
+    let d = decide(&job, &[], t(0));
+    assert_eq!(
+        d.actions,
+        vec![
+            Action::EnsureService,
+            Action::CreatePod(ReplicaId {
+                role: Role::Ps,
+                index: 0
+            }),
+            Action::CreatePod(ReplicaId {
+                role: Role::Worker,
+                index: 0
+            }),
+            Action::CreatePod(ReplicaId {
+                role: Role::Worker,
+                index: 1
+            }),
+        ]
+    );
+    assert_eq!(state(&d), ("Created", reasons::PODS_CREATED));
+    assert_eq!(d.status.start_time, Some(Time(t(0))));
+    assert_eq!(d.status.observed_generation, Some(2));
+    assert_eq!(d.status.workers_ready.as_deref(), Some("0/2"));
+    assert_eq!(
+        d.events.iter().filter(|e| e.reason == "PodCreated").count(),
+        3
+    );
+}
+
+#[test]
+fn all_pods_running_makes_the_job_running() {
+    let job = job();
+    let created = decide(&job, &[], t(0));
+    let job = after(&job, &created);
+    let pods = all_running(&job);
+    let d = decide(&job, &pods, t(10));
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert_eq!(state(&d), ("Running", reasons::ALL_REPLICAS_RUNNING));
+    let created_cond = condition(&d, types::CREATED);
+    assert_eq!(created_cond.status, "False");
+    assert_eq!(d.status.replica_statuses.worker.ready, 2);
+    assert_eq!(d.status.replica_statuses.ps.active, 1);
+    assert_eq!(d.status.workers_ready.as_deref(), Some("2/2"));
+}
+
+#[test]
+fn a_second_look_changes_nothing_and_keeps_transition_times() {
+    let job = job();
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let pods = all_running(&job);
+    let first = decide(&job, &pods, t(10));
+    let job = after(&job, &first);
+    let second = decide(&job, &pods, t(99));
+    assert_eq!(
+        second.status, first.status,
+        "no status change means no write"
+    );
+    assert!(second.actions.is_empty());
+    assert!(second.events.is_empty());
+}
+
+#[test]
+fn chief_success_succeeds_the_job_and_removes_the_parameter_servers() {
+    let job = job();
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let pods = vec![
+        with_phase(pod(&job, Role::Ps, 0), "Running"),
+        exited(pod(&job, Role::Worker, 0), 0),
+        with_phase(pod(&job, Role::Worker, 1), "Running"),
+    ];
+    let d = decide(&job, &pods, t(20));
+    assert_eq!(state(&d), ("Succeeded", reasons::JOB_SUCCEEDED));
+    assert_eq!(d.status.completion_time, Some(Time(t(20))));
+    assert!(d.actions.contains(&Action::DeletePod {
+        name: "j-ps-0".into(),
+        uid: Some("j-ps-0-uid".into())
+    }));
+    assert!(d.actions.contains(&Action::DeletePod {
+        name: "j-worker-1".into(),
+        uid: Some("j-worker-1-uid".into())
+    }));
+    assert!(d.actions.contains(&Action::DeleteService));
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::DeletePod { name, .. } if name == "j-worker-0"))
+    );
+}
+
+#[test]
+fn all_workers_policy_waits_for_every_worker() {
+    let mut job = job();
+    job.spec.success_policy = SuccessPolicy::AllWorkers;
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let mut pods = vec![
+        with_phase(pod(&job, Role::Ps, 0), "Running"),
+        exited(pod(&job, Role::Worker, 0), 0),
+        with_phase(pod(&job, Role::Worker, 1), "Running"),
+    ];
+    let d = decide(&job, &pods, t(20));
+    assert_ne!(state(&d).0, "Succeeded");
+    pods[2] = exited(pod(&job, Role::Worker, 1), 0);
+    let d = decide(&job, &pods, t(30));
+    assert_eq!(state(&d), ("Succeeded", reasons::JOB_SUCCEEDED));
+}
+
+#[test]
+fn never_policy_fails_the_job_on_a_failed_pod() {
+    let job = job_with("Never");
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let mut pods = all_running(&job);
+    pods[2] = exited(pod(&job, Role::Worker, 1), 137);
+    let d = decide(&job, &pods, t(20));
+    assert_eq!(state(&d), ("Failed", reasons::POD_FAILED));
+    assert!(condition(&d, types::FAILED).message.contains("j-worker-1"));
+    assert!(condition(&d, types::FAILED).message.contains("137"));
+    assert!(
+        d.events
+            .iter()
+            .any(|e| e.warning && e.reason == reasons::POD_FAILED)
+    );
+}
+
+#[test]
+fn exit_code_policy_fails_on_a_permanent_code() {
+    let job = job();
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let mut pods = all_running(&job);
+    pods[2] = exited(pod(&job, Role::Worker, 1), 1);
+    let d = decide(&job, &pods, t(20));
+    assert_eq!(state(&d), ("Failed", reasons::POD_FAILED));
+    assert!(condition(&d, types::FAILED).message.contains("exit code 1"));
+}
+
+#[test]
+fn exit_code_policy_recreates_a_pod_killed_by_a_signal_once_per_uid() {
+    let job = job();
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let mut pods = all_running(&job);
+    pods[2] = exited(pod(&job, Role::Worker, 1), 137);
+    let d = decide(&job, &pods, t(20));
+    assert_eq!(state(&d), ("Restarting", reasons::POD_RESTARTING));
+    assert_eq!(
+        d.actions,
+        vec![Action::DeletePod {
+            name: "j-worker-1".into(),
+            uid: Some("j-worker-1-uid".into())
+        }]
+    );
+    assert_eq!(d.status.recreated_pods["j-worker-1"].count, 1);
+    assert_eq!(d.status.replica_statuses.worker.restarts, 1);
+
+    // The delete failed and the same pod is seen again: not counted twice.
+    let job = after(&job, &d);
+    let again = decide(&job, &pods, t(21));
+    assert_eq!(again.status.recreated_pods["j-worker-1"].count, 1);
+
+    // The pod is gone: it is created again and the job shows Restarting until it runs.
+    let gone = &pods[..2];
+    let d = decide(&job, gone, t(22));
+    assert!(d.actions.contains(&Action::CreatePod(ReplicaId {
+        role: Role::Worker,
+        index: 1
+    })));
+    assert_eq!(state(&d).0, "Restarting");
+
+    let job = after(&job, &d);
+    let running = all_running(&job);
+    let d = decide(&job, &running, t(30));
+    assert_eq!(state(&d).0, "Running");
+    assert_eq!(
+        d.status.replica_statuses.worker.restarts, 1,
+        "the restart stays counted"
+    );
+}
+
+#[test]
+fn on_failure_restarts_are_counted_and_bounded_by_the_backoff_limit() {
+    let job = job_with("OnFailure");
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let mut pods = all_running(&job);
+    pods[1] = restarted(with_phase(pod(&job, Role::Worker, 0), "Running"), 2, 3);
+    let d = decide(&job, &pods, t(20));
+    assert_eq!(state(&d).0, "Running");
+    assert_eq!(d.status.replica_statuses.worker.restarts, 2);
+
+    pods[1] = restarted(with_phase(pod(&job, Role::Worker, 0), "Running"), 4, 3);
+    let d = decide(&job, &pods, t(30));
+    assert_eq!(state(&d), ("Failed", reasons::BACKOFF_LIMIT_EXCEEDED));
+    let message = &condition(&d, types::FAILED).message;
+    assert!(
+        message.contains("4 restarts exceed runPolicy.backoffLimit 3"),
+        "{message}"
+    );
+    assert!(
+        message.contains("pod j-worker-0 exited with code 3"),
+        "{message}"
+    );
+}
+
+#[test]
+fn crash_looping_pods_show_as_restarting() {
+    let job = job_with("OnFailure");
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let mut pods = all_running(&job);
+    let mut crashing = restarted(with_phase(pod(&job, Role::Worker, 1), "Running"), 1, 2);
+    crashing
+        .status
+        .as_mut()
+        .unwrap()
+        .container_statuses
+        .as_mut()
+        .unwrap()[0]
+        .state = Some(ContainerState {
+        waiting: Some(ContainerStateWaiting {
+            reason: Some("CrashLoopBackOff".into()),
+            message: None,
+        }),
+        ..ContainerState::default()
+    });
+    pods[2] = crashing;
+    let d = decide(&job, &pods, t(20));
+    assert_eq!(state(&d), ("Restarting", reasons::POD_RESTARTING));
+    assert!(
+        condition(&d, types::RESTARTING)
+            .message
+            .contains("CrashLoopBackOff")
+    );
+}
+
+#[test]
+fn an_invalid_spec_fails_without_pods_and_recovers_when_fixed() {
+    let mut job = job();
+    job.spec.training.as_mut().unwrap().pipeline = Some(kubetrain_api::PipelineSpec {
+        micro_batches: 4,
+        schedule: Default::default(),
+    });
+    let d = decide(&job, &[], t(0));
+    assert_eq!(state(&d), ("Failed", reasons::INVALID_SPEC));
+    assert!(d.actions.iter().all(|a| !matches!(a, Action::CreatePod(_))));
+    assert!(
+        condition(&d, types::FAILED)
+            .message
+            .contains("spec.training.pipeline")
+    );
+    assert!(
+        d.events
+            .iter()
+            .any(|e| e.warning && e.reason == reasons::INVALID_SPEC)
+    );
+
+    let mut fixed = after(&job, &d);
+    fixed.spec.training.as_mut().unwrap().pipeline = None;
+    let d = decide(&fixed, &[], t(5));
+    assert_eq!(state(&d).0, "Created");
+    assert_eq!(condition(&d, types::FAILED).status, "False");
+    assert!(d.actions.contains(&Action::CreatePod(ReplicaId {
+        role: Role::Worker,
+        index: 0
+    })));
+}
+
+#[test]
+fn the_active_deadline_fails_the_job_and_is_requeued_exactly() {
+    let mut job = job();
+    job.spec.run_policy.active_deadline_seconds = Some(100);
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let pods = all_running(&job);
+    let d = decide(&job, &pods, t(30));
+    assert_eq!(d.requeue_after, Some(Duration::from_secs(70)));
+    let d = decide(&job, &pods, t(100));
+    assert_eq!(state(&d), ("Failed", reasons::DEADLINE_EXCEEDED));
+    assert_eq!(
+        d.actions
+            .iter()
+            .filter(|a| matches!(a, Action::DeletePod { .. }))
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn clean_pod_policy_all_and_none() {
+    for (policy, deleted) in [
+        (CleanPodPolicy::All, 3),
+        (CleanPodPolicy::None, 0),
+        (CleanPodPolicy::Running, 2),
+    ] {
+        let mut job = job();
+        job.spec.run_policy.clean_pod_policy = policy;
+        let job = after(&job, &decide(&job, &[], t(0)));
+        let pods = vec![
+            with_phase(pod(&job, Role::Ps, 0), "Running"),
+            exited(pod(&job, Role::Worker, 0), 0),
+            with_phase(pod(&job, Role::Worker, 1), "Running"),
+        ];
+        let d = decide(&job, &pods, t(20));
+        let deletes = d
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::DeletePod { .. }))
+            .count();
+        assert_eq!(deletes, deleted, "{policy:?}");
+        assert_eq!(
+            d.actions.contains(&Action::DeleteService),
+            policy != CleanPodPolicy::None
+        );
+    }
+}
+
+#[test]
+fn failed_pods_kept_for_logs_are_named() {
+    let job = job_with("Never");
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let mut pods = all_running(&job);
+    pods[2] = exited(pod(&job, Role::Worker, 1), 2);
+    let d = decide(&job, &pods, t(20));
+    assert!(
+        condition(&d, types::FAILED)
+            .message
+            .contains("failed pods kept for their logs: j-worker-1")
+    );
+    let job = after(&job, &d);
+    let again = decide(&job, &pods, t(25));
+    assert_eq!(
+        again.status.conditions, d.status.conditions,
+        "the note is added once"
+    );
+}
+
+#[test]
+fn ttl_deletes_the_job_after_it_finished() {
+    let mut job = job();
+    job.spec.run_policy.ttl_seconds_after_finished = Some(60);
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let pods = vec![exited(pod(&job, Role::Worker, 0), 0)];
+    let d = decide(&job, &pods, t(20));
+    assert_eq!(d.requeue_after, Some(Duration::from_secs(60)));
+    let job = after(&job, &d);
+    let d = decide(&job, &pods, t(50));
+    assert_eq!(d.requeue_after, Some(Duration::from_secs(30)));
+    assert!(!d.actions.contains(&Action::DeleteJob));
+    let d = decide(&job, &pods, t(80));
+    assert!(d.actions.contains(&Action::DeleteJob));
+}
+
+#[test]
+fn suspend_deletes_pods_and_resume_recreates_them_with_a_new_start_time() {
+    let mut job = job();
+    let job0 = after(&job, &decide(&job, &[], t(0)));
+    let pods = all_running(&job0);
+    job = job0.clone();
+    job.spec.run_policy.suspend = true;
+    let d = decide(&job, &pods, t(10));
+    assert_eq!(state(&d), ("Suspended", reasons::JOB_SUSPENDED));
+    assert_eq!(
+        d.actions
+            .iter()
+            .filter(|a| matches!(a, Action::DeletePod { .. }))
+            .count(),
+        3
+    );
+
+    let mut job = after(&job, &d);
+    job.spec.run_policy.suspend = false;
+    let d = decide(&job, &[], t(50));
+    assert_eq!(state(&d).0, "Created");
+    assert_eq!(condition(&d, types::SUSPENDED).status, "False");
+    assert_eq!(d.status.start_time, Some(Time(t(50))));
+    assert_eq!(
+        d.actions
+            .iter()
+            .filter(|a| matches!(a, Action::CreatePod(_)))
+            .count(),
+        3
+    );
+    // The State column takes the first True condition: it must be the lifecycle one.
+    assert_eq!(
+        d.status
+            .conditions
+            .iter()
+            .find(|c| c.is_true())
+            .unwrap()
+            .type_,
+        "Created"
+    );
+}
+
+#[test]
+fn a_stalled_pod_is_named_and_fails_the_job_past_the_startup_deadline() {
+    let mut job = job();
+    job.spec.run_policy.startup_deadline_seconds = Some(300);
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let mut pods = all_running(&job);
+    let mut stuck = with_phase(pod(&job, Role::Worker, 1), "Pending");
+    stuck
+        .status
+        .as_mut()
+        .unwrap()
+        .container_statuses
+        .as_mut()
+        .unwrap()[0]
+        .state = Some(ContainerState {
+        waiting: Some(ContainerStateWaiting {
+            reason: Some("ImagePullBackOff".into()),
+            message: Some("no such image".into()),
+        }),
+        ..ContainerState::default()
+    });
+    pods[2] = stuck;
+    let d = decide(&job, &pods, t(60));
+    let stalled = condition(&d, types::PODS_STALLED);
+    assert_eq!(stalled.status, "True");
+    assert!(stalled.message.contains("j-worker-1") && stalled.message.contains("ImagePullBackOff"));
+    assert_eq!(d.requeue_after, Some(Duration::from_secs(240)));
+    assert_eq!(
+        state(&d).0,
+        "Created",
+        "the lifecycle column still shows the state"
+    );
+
+    let d = decide(&job, &pods, t(300));
+    assert_eq!(state(&d), ("Failed", reasons::STARTUP_DEADLINE_EXCEEDED));
+}
+
+#[test]
+fn extra_pods_after_a_scale_down_are_deleted() {
+    let job = job();
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let mut pods = all_running(&job);
+    let mut bigger = job.clone();
+    bigger.spec.replica_specs.worker.replicas = 3;
+    pods.push(with_phase(pod(&bigger, Role::Worker, 2), "Running"));
+    let d = decide(&job, &pods, t(10));
+    assert_eq!(
+        d.actions,
+        vec![Action::DeletePod {
+            name: "j-worker-2".into(),
+            uid: Some("j-worker-2-uid".into())
+        }]
+    );
+}
