@@ -4,5 +4,9 @@
 //! `local` (one machine) are thin shells that carry the decisions out.
 #![forbid(unsafe_code)]
 
+pub mod controller;
+pub mod local;
+pub mod metrics;
 pub mod plan;
 pub mod status;
+pub mod telemetry;

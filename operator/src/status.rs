@@ -96,6 +96,9 @@ pub const STALLED_REASONS: [&str; 4] = [
 
 /// Decides the next status and actions of `job`, given its pods as observed `now`.
 pub fn decide(job: &TrainingJob, pods: &[Pod], now: Timestamp) -> Decision {
+    // The API server keeps whole seconds; deciding with nanoseconds would make every
+    // written status differ from the one read back, and reconcile forever.
+    let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
     let mut d = Decider {
         job,
         now,

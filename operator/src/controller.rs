@@ -1,0 +1,501 @@
+//! The kube-runtime shell around `plan` and `status`: watches, server-side apply, events
+//! and requeues. Every decision is made by `status::decide`; this module only reads the
+//! world, asks, and carries the answer out.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use kubetrain_api::condition::{reasons, types};
+use kubetrain_api::contract::LABEL_JOB_NAME;
+use kubetrain_api::{MANAGER, TrainingJob, TrainingJobStatus};
+use serde_json::json;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::metrics::Metrics;
+use crate::plan::{self, PlanSettings};
+use crate::status::{self, Action, JobEvent};
+
+/// Everything a reconcile needs, shared by all reconciles.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Operator settings the plan depends on.
+    pub settings: PlanSettings,
+    /// The one event recorder of this controller.
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per job, for per-job exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<DeserializeGuard<TrainingJob>>, u32>>,
+}
+
+impl Context {
+    /// A context for `client`, reporting events as `instance`.
+    pub fn new(
+        client: Client,
+        settings: PlanSettings,
+        instance: Option<String>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.to_string(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            metrics,
+            failures: Mutex::default(),
+        }
+    }
+}
+
+/// A reconcile step that failed; the variant names the action.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Listing the job's pods failed.
+    #[error("listing pods of {job}: {source}")]
+    ListPods {
+        /// `namespace/name` of the job.
+        job: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Reading the job's Service failed.
+    #[error("reading service {name}: {source}")]
+    GetService {
+        /// Service name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Applying a pod failed.
+    #[error("applying pod {name}: {source}")]
+    ApplyPod {
+        /// Pod name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Deleting a pod failed.
+    #[error("deleting pod {name}: {source}")]
+    DeletePod {
+        /// Pod name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Applying the Service failed.
+    #[error("applying service {name}: {source}")]
+    ApplyService {
+        /// Service name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Deleting the Service failed.
+    #[error("deleting service {name}: {source}")]
+    DeleteService {
+        /// Service name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Writing the job's status failed.
+    #[error("patching status of {job}: {source}")]
+    PatchStatus {
+        /// `namespace/name` of the job.
+        job: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Deleting the finished job (TTL) failed.
+    #[error("deleting job {job} after its TTL: {source}")]
+    DeleteJob {
+        /// `namespace/name` of the job.
+        job: String,
+        /// The API error.
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::ListPods { .. } => "list_pods",
+            Error::GetService { .. } => "get_service",
+            Error::ApplyPod { .. } => "apply_pod",
+            Error::DeletePod { .. } => "delete_pod",
+            Error::ApplyService { .. } => "apply_service",
+            Error::DeleteService { .. } => "delete_service",
+            Error::PatchStatus { .. } => "patch_status",
+            Error::DeleteJob { .. } => "delete_job",
+        }
+    }
+}
+
+/// Runs the controller until the process is told to stop.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+    let client = ctx.client.clone();
+    let (jobs, pods, services) = match &namespace {
+        Some(ns) => (
+            Api::<DeserializeGuard<TrainingJob>>::namespaced(client.clone(), ns),
+            Api::<Pod>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    // Only our children: the label-scoped watches keep every other pod in the cluster out
+    // of the operator's memory.
+    let children = watcher::Config::default()
+        .labels(LABEL_JOB_NAME)
+        .any_semantic();
+    Controller::new(jobs, watcher::Config::default().any_semantic())
+        .owns(pods, children.clone())
+        .owns(services, children)
+        .with_config(ControllerConfig::default().concurrency(32))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((job, _)) => debug!(job = %job, "reconciled"),
+                Err(error) => debug!(%error, "reconcile loop"),
+            }
+        })
+        .await;
+}
+
+/// One look at one job.
+pub async fn reconcile(
+    guard: Arc<DeserializeGuard<TrainingJob>>,
+    ctx: Arc<Context>,
+) -> Result<Requeue, Error> {
+    let started = std::time::Instant::now();
+    let (namespace, name) = match &guard.0 {
+        Ok(job) => (job.namespace().unwrap_or_default(), job.name_any()),
+        Err(invalid) => (
+            invalid.metadata.namespace.clone().unwrap_or_default(),
+            invalid.metadata.name.clone().unwrap_or_default(),
+        ),
+    };
+    let span = info_span!("reconcile", namespace = %namespace, name = %name);
+    let result = async {
+        match &guard.0 {
+            Ok(job) => reconcile_job(job, &ctx).await,
+            Err(invalid) => report_undecodable(&namespace, &name, &invalid.error, &ctx).await,
+        }
+    }
+    .instrument(span)
+    .await;
+    ctx.metrics
+        .observe_reconcile(started.elapsed(), result.as_ref().err().map(Error::kind));
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .expect("failure map lock")
+            .remove(&ObjectRef::from_obj(guard.as_ref()));
+    }
+    result
+}
+
+/// Per-job exponential backoff: 1 s, 2 s, 4 s ... up to 5 minutes, so one broken job
+/// neither spins nor slows the others.
+pub fn error_policy(
+    guard: Arc<DeserializeGuard<TrainingJob>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Requeue {
+    let mut failures = ctx.failures.lock().expect("failure map lock");
+    let count = failures
+        .entry(ObjectRef::from_obj(guard.as_ref()))
+        .or_insert(0);
+    *count = count.saturating_add(1);
+    let delay = Duration::from_secs(1u64 << (*count - 1).min(8)).min(Duration::from_secs(300));
+    warn!(%error, retry_in = ?delay, "reconcile failed");
+    Requeue::requeue(delay)
+}
+
+async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Error> {
+    let namespace = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let key = format!("{namespace}/{name}");
+    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let service_api: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    let job_api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    if job.metadata.deletion_timestamp.is_some() {
+        // Owner references hand the children to the garbage collector.
+        return Ok(Requeue::await_change());
+    }
+
+    let pods = pod_api
+        .list(&ListParams::default().labels(&plan::job_selector(&name)))
+        .await
+        .map_err(|source| Error::ListPods {
+            job: key.clone(),
+            source,
+        })?
+        .items;
+
+    let decision = status::decide(job, &pods, Timestamp::now());
+    ctx.metrics.observe_job(job, &decision.status);
+
+    let current = job.status.clone().unwrap_or_default();
+    if decision.status != current {
+        patch_status(&job_api, &name, &decision.status)
+            .await
+            .map_err(|source| Error::PatchStatus {
+                job: key.clone(),
+                source,
+            })?;
+    }
+
+    for action in &decision.actions {
+        match action {
+            Action::CreatePod(replica) => {
+                let pod = plan::pod(job, *replica, &ctx.settings);
+                let pod_name = pod.name_any();
+                info!(pod = %pod_name, "creating pod");
+                pod_api
+                    .patch(&pod_name, &apply_params(), &Patch::Apply(&pod))
+                    .await
+                    .map_err(|source| Error::ApplyPod {
+                        name: pod_name,
+                        source,
+                    })?;
+            }
+            Action::DeletePod {
+                name: pod_name,
+                uid,
+            } => {
+                info!(pod = %pod_name, "deleting pod");
+                let params = DeleteParams {
+                    preconditions: uid.clone().map(|uid| Preconditions {
+                        uid: Some(uid),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                ignore_gone(pod_api.delete(pod_name, &params).await.map(|_| ())).map_err(
+                    |source| Error::DeletePod {
+                        name: pod_name.clone(),
+                        source,
+                    },
+                )?;
+            }
+            Action::EnsureService => {
+                let desired = plan::service(job, &ctx.settings);
+                let existing =
+                    service_api
+                        .get_opt(&name)
+                        .await
+                        .map_err(|source| Error::GetService {
+                            name: name.clone(),
+                            source,
+                        })?;
+                if !existing
+                    .as_ref()
+                    .is_some_and(|s| service_matches(s, &desired))
+                {
+                    service_api
+                        .patch(&name, &apply_params(), &Patch::Apply(&desired))
+                        .await
+                        .map_err(|source| Error::ApplyService {
+                            name: name.clone(),
+                            source,
+                        })?;
+                }
+            }
+            Action::DeleteService => {
+                let existing =
+                    service_api
+                        .get_opt(&name)
+                        .await
+                        .map_err(|source| Error::GetService {
+                            name: name.clone(),
+                            source,
+                        })?;
+                if existing.is_some_and(|s| s.metadata.deletion_timestamp.is_none()) {
+                    ignore_gone(
+                        service_api
+                            .delete(&name, &DeleteParams::default())
+                            .await
+                            .map(|_| ()),
+                    )
+                    .map_err(|source| Error::DeleteService {
+                        name: name.clone(),
+                        source,
+                    })?;
+                }
+            }
+            Action::DeleteJob => {
+                info!("deleting job: ttlSecondsAfterFinished has passed");
+                ignore_gone(
+                    job_api
+                        .delete(&name, &DeleteParams::background())
+                        .await
+                        .map(|_| ()),
+                )
+                .map_err(|source| Error::DeleteJob {
+                    job: key.clone(),
+                    source,
+                })?;
+            }
+        }
+    }
+
+    for event in &decision.events {
+        publish(ctx, &job.object_ref(&()), event).await;
+    }
+
+    Ok(decision
+        .requeue_after
+        .map_or_else(Requeue::await_change, Requeue::requeue))
+}
+
+/// A TrainingJob that does not even decode (a wrong type somewhere the schema could not
+/// catch) is failed with InvalidSpec instead of breaking the watch for every other job.
+async fn report_undecodable(
+    namespace: &str,
+    name: &str,
+    error: &str,
+    ctx: &Context,
+) -> Result<Requeue, Error> {
+    let message = format!("invalid spec: the TrainingJob cannot be read: {error}");
+    let api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), namespace);
+    let current = api.get_status(name).await.ok();
+    let already = current
+        .as_ref()
+        .and_then(|j| j.status.as_ref())
+        .is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == types::FAILED && c.is_true() && c.message == message)
+        });
+    if already {
+        return Ok(Requeue::await_change());
+    }
+    let mut status = TrainingJobStatus::default();
+    status.conditions.push(kubetrain_api::JobCondition {
+        type_: types::FAILED.into(),
+        status: "True".into(),
+        reason: reasons::INVALID_SPEC.into(),
+        message: message.clone(),
+        last_transition_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            Timestamp::from_second(Timestamp::now().as_second())
+                .unwrap_or_else(|_| Timestamp::now()),
+        )),
+    });
+    patch_status(&api, name, &status)
+        .await
+        .map_err(|source| Error::PatchStatus {
+            job: format!("{namespace}/{name}"),
+            source,
+        })?;
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("kubetrain.io/v1alpha1".into()),
+        kind: Some("TrainingJob".into()),
+        name: Some(name.into()),
+        namespace: Some(namespace.into()),
+        uid: current.and_then(|j| j.metadata.uid),
+        ..Default::default()
+    };
+    publish(
+        ctx,
+        &reference,
+        &JobEvent {
+            warning: true,
+            reason: reasons::INVALID_SPEC,
+            action: "Validate",
+            note: message,
+        },
+    )
+    .await;
+    Ok(Requeue::await_change())
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+async fn patch_status(
+    api: &Api<TrainingJob>,
+    name: &str,
+    status: &TrainingJobStatus,
+) -> Result<(), kube::Error> {
+    let body = json!({
+        "apiVersion": "kubetrain.io/v1alpha1",
+        "kind": "TrainingJob",
+        "status": status,
+    });
+    api.patch_status(name, &apply_params(), &Patch::Apply(&body))
+        .await?;
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    event: &JobEvent,
+) {
+    let ev = Event {
+        type_: if event.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: event.reason.to_string(),
+        note: Some(event.note.clone()),
+        action: event.action.to_string(),
+        secondary: None,
+    };
+    // An event that cannot be recorded must not fail the reconcile that caused it.
+    if let Err(error) = ctx.recorder.publish(&ev, reference).await {
+        warn!(%error, reason = event.reason, "could not record event");
+    }
+}
+
+fn ignore_gone(result: Result<(), kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        // Already gone, or a newer incarnation (UID precondition): nothing to do.
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
+        other => other,
+    }
+}
+
+/// Whether an existing Service already has everything the plan owns.
+fn service_matches(existing: &Service, desired: &Service) -> bool {
+    let (Some(e), Some(d)) = (&existing.spec, &desired.spec) else {
+        return false;
+    };
+    let ports = |s: &k8s_openapi::api::core::v1::ServiceSpec| {
+        s.ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone(), p.port))
+            .collect::<Vec<_>>()
+    };
+    existing.metadata.deletion_timestamp.is_none()
+        && e.cluster_ip == d.cluster_ip
+        && e.selector == d.selector
+        && e.publish_not_ready_addresses == d.publish_not_ready_addresses
+        && ports(e) == ports(d)
+        && existing.metadata.owner_references == desired.metadata.owner_references
+}

@@ -1,0 +1,891 @@
+//! `kubetrain local -f job.yaml`: the same TrainingJob, run as local processes.
+//!
+//! This is a thin shell, like the controller: `plan` makes the pods, `status::decide`
+//! decides everything, and this module plays the parts a cluster would (the kubelet that
+//! runs containers and restarts them in place, DNS that maps pod names to addresses).
+//! Each pod gets its own loopback address 127.X.Y.Z, so every replica listens on the
+//! contract port as it would in a cluster.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, Pod,
+    PodCondition, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kubetrain_api::condition::types;
+use kubetrain_api::contract::{self, Role};
+use kubetrain_api::{TrainingJob, TrainingProgress};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::plan::{self, PlanSettings, ReplicaId};
+use crate::status::{self, Action};
+
+/// `kubetrain local` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LocalArgs {
+    /// The TrainingJob manifest to run.
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Print the final TrainingJob, status included, as the operator would have written it.
+    #[arg(short = 'o', long = "output", value_enum)]
+    pub output: Option<OutputFormat>,
+    /// Stream one process's log, for example `worker-0` or `ps-1`.
+    #[arg(long, value_name = "ROLE-INDEX")]
+    pub follow: Option<String>,
+    /// Where run directories (logs, by default checkpoints) are created.
+    #[arg(long, default_value = ".kubetrain-runs")]
+    pub run_dir: PathBuf,
+    /// The trainer executable; by default `kubetrain-trainer` next to this binary, else
+    /// this binary's own built-in trainer.
+    #[arg(long, env = "KUBETRAIN_TRAINER_BIN")]
+    pub trainer_bin: Option<PathBuf>,
+    /// Plain periodic lines instead of progress bars (the default when not on a terminal).
+    #[arg(long)]
+    pub no_progress_bars: bool,
+}
+
+/// Output formats of `-o`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// The final TrainingJob as YAML.
+    Yaml,
+}
+
+/// Entry point of the subcommand; the exit code is 0 only when the job succeeded.
+pub async fn main(args: LocalArgs) -> ExitCode {
+    match run(args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("kubetrain local: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Why a local run could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The manifest file could not be read.
+    #[error("reading {path}: {source}")]
+    ReadManifest {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The manifest is not a TrainingJob.
+    #[error("{path} is not a valid TrainingJob: {source}")]
+    ParseManifest {
+        /// The file.
+        path: PathBuf,
+        /// The YAML error, with line and column.
+        source: serde_yaml::Error,
+    },
+    /// The spec breaks a rule; the same text the operator puts in the InvalidSpec condition.
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// The run directory could not be created.
+    #[error("creating run directory {path}: {source}")]
+    CreateRunDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A process could not be started.
+    #[error("starting {program} for pod {pod}: {source}")]
+    SpawnProcess {
+        /// The program.
+        program: String,
+        /// The pod.
+        pod: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// `--follow` names no replica of the job.
+    #[error("--follow {0}: the job has no such replica; use ROLE-INDEX, for example worker-0")]
+    UnknownFollow(String),
+}
+
+/// Reads a manifest and checks it exactly as the operator would.
+pub fn load_job(path: &Path) -> Result<TrainingJob, LocalError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LocalError::ReadManifest {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut job: TrainingJob =
+        serde_yaml::from_str(&text).map_err(|source| LocalError::ParseManifest {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if let Err(invalid) = job.spec.validate() {
+        // Same words as the operator's InvalidSpec condition message.
+        return Err(LocalError::InvalidSpec(format!("invalid spec: {invalid}")));
+    }
+    job.metadata
+        .namespace
+        .get_or_insert_with(|| "local".to_string());
+    job.metadata.uid.get_or_insert_with(|| "local".to_string());
+    job.metadata.generation.get_or_insert(1);
+    job.metadata.creation_timestamp = Some(Time(whole_seconds(Timestamp::now())));
+    Ok(job)
+}
+
+fn whole_seconds(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
+}
+
+/// How the "image" is run: the program and the arguments that come before the pod's own.
+#[derive(Clone, Debug)]
+struct TrainerProgram {
+    program: PathBuf,
+    leading_args: Vec<String>,
+}
+
+fn trainer_program(explicit: Option<PathBuf>) -> TrainerProgram {
+    if let Some(program) = explicit {
+        return TrainerProgram {
+            program,
+            leading_args: Vec::new(),
+        };
+    }
+    let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("kubetrain"));
+    let sibling = me.with_file_name("kubetrain-trainer");
+    if sibling.is_file() {
+        return TrainerProgram {
+            program: sibling,
+            leading_args: Vec::new(),
+        };
+    }
+    // `cargo run -p kubetrain-operator` builds only this binary: it carries the trainer.
+    TrainerProgram {
+        program: me,
+        leading_args: vec!["trainer".to_string()],
+    }
+}
+
+/// One pod, played by a local process.
+struct LocalPod {
+    pod: Pod,
+    ip: String,
+    child: Option<Child>,
+    restarts: i32,
+    last_exit: Option<i32>,
+    restart_at: Option<Instant>,
+    log_path: PathBuf,
+}
+
+/// What the runner learned from the processes' progress lines.
+#[derive(Default, Clone, Debug)]
+struct Observed {
+    /// Latest progress line of each worker, by index.
+    workers: BTreeMap<usize, BTreeMap<String, String>>,
+    /// The chief's final line, once it printed one.
+    final_line: Option<BTreeMap<String, String>>,
+}
+
+type SharedObserved = Arc<Mutex<Observed>>;
+
+async fn run(args: LocalArgs) -> Result<bool, LocalError> {
+    let mut job = load_job(&args.file)?;
+    let name = job.name_any();
+    let stamp = Timestamp::now().strftime("%Y%m%d-%H%M%S").to_string();
+    let run_dir = args.run_dir.join(format!("{name}-{stamp}"));
+    std::fs::create_dir_all(&run_dir).map_err(|source| LocalError::CreateRunDir {
+        path: run_dir.clone(),
+        source,
+    })?;
+    let follow = match &args.follow {
+        Some(f) => Some(parse_follow(&job, f)?),
+        None => None,
+    };
+
+    let settings = PlanSettings::default();
+    let program = trainer_program(args.trainer_bin.clone());
+    let ips = loopback_plan(&job);
+    let namespace = job.namespace().unwrap_or_default();
+    let names: Vec<(String, String)> = ips
+        .iter()
+        .map(|(r, ip)| {
+            (
+                contract::pod_dns_name(&name, &namespace, r.role, r.index),
+                ip.clone(),
+            )
+        })
+        .collect();
+    let observed: SharedObserved = Arc::default();
+    let view = View::new(&job, !args.no_progress_bars && follow.is_none());
+    view.line(format!(
+        "kubetrain local: running {name} ({} ps, {} workers); logs in {}",
+        plan::replicas(&job, Role::Ps),
+        plan::replicas(&job, Role::Worker),
+        run_dir.display()
+    ));
+
+    let started = Instant::now();
+    let mut pods: BTreeMap<ReplicaId, LocalPod> = BTreeMap::new();
+    let mut signals = Signals::new();
+    let mut interrupted = false;
+
+    loop {
+        // The kubelet's part: notice exits, restart in place as the pod's policy says.
+        for local in pods.values_mut() {
+            kubelet_step(local, &program, &observed, follow, &names).await?;
+        }
+
+        let observed_pods: Vec<Pod> = pods.values().map(|p| p.pod.clone()).collect();
+        let decision = status::decide(&job, &observed_pods, Timestamp::now());
+        let mut status = decision.status;
+        status.progress = progress_from(&observed.lock().expect("observed lock"), status.progress);
+        job.status = Some(status);
+
+        for event in &decision.events {
+            let kind = if event.warning { "Warning" } else { "Normal" };
+            view.line(format!("{kind} {}: {}", event.reason, event.note));
+        }
+        for action in decision.actions {
+            match action {
+                Action::CreatePod(replica) => {
+                    let pod = plan::pod(&job, replica, &settings);
+                    let log_path = run_dir.join(format!("{}.log", pod.name_any()));
+                    let mut local = LocalPod {
+                        pod,
+                        ip: ips[&replica].clone(),
+                        child: None,
+                        restarts: 0,
+                        last_exit: None,
+                        restart_at: Some(Instant::now()),
+                        log_path,
+                    };
+                    set_pending(&mut local.pod, &local.ip);
+                    pods.insert(replica, local);
+                }
+                Action::DeletePod { name: pod_name, .. } => {
+                    if let Some((replica, _)) =
+                        pods.iter().find(|(_, p)| p.pod.name_any() == pod_name)
+                    {
+                        let replica = *replica;
+                        if let Some(mut local) = pods.remove(&replica) {
+                            stop(&mut local).await;
+                        }
+                    }
+                }
+                // No Service and no API object: names are mapped to loopback instead.
+                Action::EnsureService | Action::DeleteService | Action::DeleteJob => {}
+            }
+        }
+
+        view.render(&job, &observed.lock().expect("observed lock"), &pods);
+        let finished = job.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.is_true() && (c.type_ == types::SUCCEEDED || c.type_ == types::FAILED))
+        });
+        let running = pods.values().any(|p| p.child.is_some());
+        if finished && !running {
+            break;
+        }
+
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            signal = signals.next() => {
+                view.line(format!("kubetrain local: {signal}: stopping every process"));
+                interrupted = true;
+                break;
+            }
+        }
+    }
+
+    for local in pods.values_mut() {
+        stop(local).await;
+    }
+    view.finish();
+
+    let succeeded = !interrupted
+        && job.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.is_true() && c.type_ == types::SUCCEEDED)
+        });
+    let report = report(
+        &job,
+        &observed.lock().expect("observed lock"),
+        started.elapsed(),
+        &run_dir,
+    );
+    eprintln!("{report}");
+    if args.output == Some(OutputFormat::Yaml) {
+        print!(
+            "{}",
+            serde_yaml::to_string(&job).expect("a TrainingJob always serialises")
+        );
+    }
+    Ok(succeeded)
+}
+
+fn parse_follow(job: &TrainingJob, text: &str) -> Result<ReplicaId, LocalError> {
+    let unknown = || LocalError::UnknownFollow(text.to_string());
+    let (role, index) = text.rsplit_once('-').ok_or_else(unknown)?;
+    let replica = ReplicaId {
+        role: role.parse().map_err(|_| unknown())?,
+        index: index.parse().map_err(|_| unknown())?,
+    };
+    if plan::replica_ids(job).contains(&replica) {
+        Ok(replica)
+    } else {
+        Err(unknown())
+    }
+}
+
+/// A loopback address per replica, in a block chosen per run so that parallel runs on one
+/// machine do not collide on the contract port.
+fn loopback_plan(job: &TrainingJob) -> BTreeMap<ReplicaId, String> {
+    let seed = std::process::id() as u64 ^ Timestamp::now().as_nanosecond() as u64;
+    let (b, c) = ((seed % 250) as u8 + 1, ((seed >> 8) % 250) as u8 + 1);
+    plan::replica_ids(job)
+        .into_iter()
+        .enumerate()
+        .map(|(i, replica)| (replica, format!("127.{b}.{c}.{}", i + 1)))
+        .collect()
+}
+
+fn set_pending(pod: &mut Pod, ip: &str) {
+    pod.metadata.uid = Some(format!(
+        "{}-{}",
+        pod.name_any(),
+        Timestamp::now().as_nanosecond()
+    ));
+    pod.metadata.creation_timestamp = Some(Time(whole_seconds(Timestamp::now())));
+    pod.status = Some(PodStatus {
+        phase: Some("Pending".into()),
+        pod_ip: Some(ip.to_string()),
+        ..PodStatus::default()
+    });
+}
+
+/// Brings one local pod forward: start it when due, notice its exit, and restart it in
+/// place as its pod restartPolicy says.
+async fn kubelet_step(
+    local: &mut LocalPod,
+    program: &TrainerProgram,
+    observed: &SharedObserved,
+    follow: Option<ReplicaId>,
+    names: &[(String, String)],
+) -> Result<(), LocalError> {
+    if let Some(child) = local.child.as_mut()
+        && let Ok(Some(exit)) = child.try_wait()
+    {
+        local.child = None;
+        let code = exit_code_of(exit);
+        local.last_exit = Some(code);
+        let policy = local
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.clone())
+            .unwrap_or_else(|| "Always".into());
+        let restart = match policy.as_str() {
+            "Always" => true,
+            "OnFailure" => code != 0,
+            _ => false,
+        };
+        if restart {
+            local.restarts += 1;
+            // The kubelet's crash-loop backoff, shortened for a laptop: 1 s, 2 s, 4 s ... 10 s.
+            let delay = Duration::from_secs(1u64 << (local.restarts - 1).min(4))
+                .min(Duration::from_secs(10));
+            local.restart_at = Some(Instant::now() + delay);
+            set_container(
+                &mut local.pod,
+                "Running",
+                false,
+                local.restarts,
+                Some(code),
+                None,
+            );
+            waiting_crash_loop(&mut local.pod);
+        } else {
+            let phase = if code == 0 { "Succeeded" } else { "Failed" };
+            set_container(
+                &mut local.pod,
+                phase,
+                false,
+                local.restarts,
+                local.last_exit,
+                Some(code),
+            );
+        }
+    }
+
+    if local.child.is_none()
+        && let Some(at) = local.restart_at
+        && Instant::now() >= at
+    {
+        local.restart_at = None;
+        let replica = ReplicaId::from_pod(&local.pod).expect("planned pods carry replica labels");
+        let child = spawn(local, program, observed, follow == Some(replica), names).await?;
+        local.child = Some(child);
+        let last = if local.restarts > 0 {
+            local.last_exit
+        } else {
+            None
+        };
+        set_container(&mut local.pod, "Running", true, local.restarts, last, None);
+    }
+    Ok(())
+}
+
+/// Exit code as a container runtime reports it: a signal N becomes 128 + N.
+fn exit_code_of(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(255)
+}
+
+fn set_container(
+    pod: &mut Pod,
+    phase: &str,
+    ready: bool,
+    restarts: i32,
+    last_exit: Option<i32>,
+    exit: Option<i32>,
+) {
+    let name = pod
+        .spec
+        .as_ref()
+        .map(|s| {
+            s.containers[plan::main_container_index(&s.containers)]
+                .name
+                .clone()
+        })
+        .unwrap_or_default();
+    let now = Some(Time(whole_seconds(Timestamp::now())));
+    let status = pod.status.get_or_insert_with(PodStatus::default);
+    status.phase = Some(phase.into());
+    status
+        .start_time
+        .get_or_insert_with(|| now.clone().expect("set above"));
+    status.conditions = Some(vec![PodCondition {
+        type_: "Ready".into(),
+        status: if ready { "True" } else { "False" }.into(),
+        ..PodCondition::default()
+    }]);
+    let terminated = |code: i32| ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: code,
+            finished_at: now.clone(),
+            ..ContainerStateTerminated::default()
+        }),
+        ..ContainerState::default()
+    };
+    status.container_statuses = Some(vec![ContainerStatus {
+        name,
+        ready,
+        restart_count: restarts,
+        state: Some(match exit {
+            Some(code) => terminated(code),
+            None => ContainerState {
+                running: Some(ContainerStateRunning {
+                    started_at: now.clone(),
+                }),
+                ..ContainerState::default()
+            },
+        }),
+        last_state: last_exit.filter(|_| exit.is_none()).map(terminated),
+        ..ContainerStatus::default()
+    }]);
+}
+
+fn waiting_crash_loop(pod: &mut Pod) {
+    if let Some(cs) = pod
+        .status
+        .as_mut()
+        .and_then(|s| s.container_statuses.as_mut())
+        .and_then(|c| c.first_mut())
+    {
+        cs.state = Some(ContainerState {
+            waiting: Some(k8s_openapi::api::core::v1::ContainerStateWaiting {
+                reason: Some("CrashLoopBackOff".into()),
+                message: None,
+            }),
+            ..ContainerState::default()
+        });
+    }
+}
+
+/// The pod's main container command and env, with cluster names mapped to loopback.
+async fn spawn(
+    local: &LocalPod,
+    program: &TrainerProgram,
+    observed: &SharedObserved,
+    follow: bool,
+    names: &[(String, String)],
+) -> Result<Child, LocalError> {
+    let pod_name = local.pod.name_any();
+    let spec = local.pod.spec.as_ref().expect("planned pods have a spec");
+    let container = &spec.containers[plan::main_container_index(&spec.containers)];
+
+    let mut argv: Vec<String> = container.command.clone().unwrap_or_default();
+    argv.extend(container.args.clone().unwrap_or_default());
+    let (cmd_program, rest): (PathBuf, Vec<String>) = match argv.split_first() {
+        Some((first, rest)) if first != "kubetrain-trainer" => {
+            (PathBuf::from(first), rest.to_vec())
+        }
+        Some((_, rest)) => (
+            program.program.clone(),
+            [program.leading_args.clone(), rest.to_vec()].concat(),
+        ),
+        None => (program.program.clone(), program.leading_args.clone()),
+    };
+
+    let mut command = Command::new(&cmd_program);
+    command
+        .args(&rest)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::var("HOME").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Ok(log) = std::env::var("RUST_LOG") {
+        command.env("RUST_LOG", log);
+    }
+    for env in container.env.iter().flatten() {
+        let value = match (&env.value, &env.value_from) {
+            (Some(v), _) => map_names(v, names),
+            // The only downward-API value the plan uses is the pod's IP.
+            (None, Some(_)) if env.name == contract::ENV_POD_IP => local.ip.clone(),
+            _ => continue,
+        };
+        command.env(&env.name, value);
+    }
+    let mut child = command.spawn().map_err(|source| LocalError::SpawnProcess {
+        program: cmd_program.display().to_string(),
+        pod: pod_name.clone(),
+        source,
+    })?;
+
+    let log = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&local.log_path)
+        .await
+        .ok();
+    let log = Arc::new(tokio::sync::Mutex::new(log));
+    let replica = ReplicaId::from_pod(&local.pod).expect("planned pods carry replica labels");
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(pump(out, log.clone(), observed.clone(), replica, follow));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(pump(err, log, observed.clone(), replica, follow));
+    }
+    Ok(child)
+}
+
+/// Copies one output stream of a process into its log file, watching for progress lines.
+async fn pump<R: tokio::io::AsyncRead + Unpin>(
+    stream: R,
+    log: Arc<tokio::sync::Mutex<Option<tokio::fs::File>>>,
+    observed: SharedObserved,
+    replica: ReplicaId,
+    follow: bool,
+) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if follow {
+            eprintln!("[{}-{}] {line}", replica.role, replica.index);
+        }
+        observe_line(&observed, replica, &line);
+        if let Some(file) = log.lock().await.as_mut() {
+            let _ = file.write_all(format!("{line}\n").as_bytes()).await;
+        }
+    }
+}
+
+/// Cluster DNS names of the job's pods become their loopback addresses.
+fn map_names(value: &str, names: &[(String, String)]) -> String {
+    names.iter().fold(value.to_string(), |v, (dns, ip)| {
+        v.replace(dns.as_str(), ip)
+    })
+}
+
+/// Parses the trainer's `key=value` progress and final lines.
+fn observe_line(observed: &SharedObserved, replica: ReplicaId, line: &str) {
+    let Some(rest) = line.split_once("kubetrain-trainer: ").map(|(_, rest)| rest) else {
+        return;
+    };
+    let (kind, fields) = rest.split_once(' ').unwrap_or((rest, ""));
+    let fields: BTreeMap<String, String> = fields
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut observed = observed.lock().expect("observed lock");
+    match (kind, replica.role) {
+        ("progress", Role::Worker) => {
+            observed.workers.insert(replica.index, fields);
+        }
+        ("final", Role::Worker) if replica.index == 0 => observed.final_line = Some(fields),
+        _ => {}
+    }
+}
+
+fn field<T: std::str::FromStr>(fields: &BTreeMap<String, String>, key: &str) -> Option<T> {
+    fields.get(key).and_then(|v| v.parse().ok())
+}
+
+fn progress_from(
+    observed: &Observed,
+    previous: Option<TrainingProgress>,
+) -> Option<TrainingProgress> {
+    let chief = observed
+        .final_line
+        .as_ref()
+        .or_else(|| observed.workers.get(&0))?;
+    let samples: f64 = observed
+        .workers
+        .values()
+        .filter_map(|f| field::<f64>(f, "samples_per_second"))
+        .sum();
+    let next = TrainingProgress {
+        step: field(chief, "step").unwrap_or_default(),
+        epoch: field(chief, "epoch").unwrap_or_default(),
+        loss: field(chief, "loss"),
+        accuracy: field(chief, "accuracy").or_else(|| field(chief, "test_accuracy")),
+        samples_per_second: field(chief, "samples_per_second")
+            .or((samples > 0.0).then_some(samples)),
+        updated_at: previous.as_ref().and_then(|p| p.updated_at.clone()),
+    };
+    let changed = previous
+        .as_ref()
+        .is_none_or(|p| p.step != next.step || p.loss != next.loss || p.accuracy != next.accuracy);
+    Some(TrainingProgress {
+        updated_at: if changed {
+            Some(Time(whole_seconds(Timestamp::now())))
+        } else {
+            next.updated_at.clone()
+        },
+        ..next
+    })
+}
+
+async fn stop(local: &mut LocalPod) {
+    if let Some(mut child) = local.child.take() {
+        let _ = child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    }
+}
+
+/// SIGINT and SIGTERM as one stream.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        Self {
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
+        }
+    }
+
+    async fn next(&mut self) -> &'static str {
+        let term = async {
+            match self.term.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = term => "terminated",
+        }
+    }
+}
+
+/// The live view: a bar per worker and a summary line, or plain periodic lines.
+struct View {
+    multi: Option<MultiProgress>,
+    bars: BTreeMap<usize, ProgressBar>,
+    summary: Option<ProgressBar>,
+    last_line: Mutex<Instant>,
+}
+
+impl View {
+    fn new(job: &TrainingJob, bars: bool) -> Self {
+        use std::io::IsTerminal;
+        if !(bars && std::io::stderr().is_terminal()) {
+            return Self {
+                multi: None,
+                bars: BTreeMap::new(),
+                summary: None,
+                last_line: Mutex::new(Instant::now()),
+            };
+        }
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let style =
+            ProgressStyle::with_template("{prefix:>10} {bar:30.cyan/blue} {pos:>6}/{len:6} {msg}")
+                .expect("valid template")
+                .progress_chars("=> ");
+        let bars = (0..plan::replicas(job, Role::Worker))
+            .map(|i| {
+                let bar = multi.add(ProgressBar::new(1).with_style(style.clone()));
+                bar.set_prefix(format!("worker-{i}"));
+                (i, bar)
+            })
+            .collect();
+        let summary = multi.add(ProgressBar::new_spinner());
+        Self {
+            multi: Some(multi),
+            bars,
+            summary: Some(summary),
+            last_line: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn line(&self, text: String) {
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(text);
+            }
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn render(&self, job: &TrainingJob, observed: &Observed, pods: &BTreeMap<ReplicaId, LocalPod>) {
+        let status = job.status.clone().unwrap_or_default();
+        let state = status
+            .conditions
+            .iter()
+            .find(|c| c.is_true())
+            .map_or("Pending".to_string(), |c| c.type_.clone());
+        let progress = status.progress.unwrap_or_default();
+        let roles = format!(
+            "ps {}/{} running, {} restarts | workers {}/{} running, {} restarts",
+            pods.iter()
+                .filter(|(r, p)| r.role == Role::Ps && p.child.is_some())
+                .count(),
+            plan::replicas(job, Role::Ps),
+            status.replica_statuses.ps.restarts,
+            pods.iter()
+                .filter(|(r, p)| r.role == Role::Worker && p.child.is_some())
+                .count(),
+            plan::replicas(job, Role::Worker),
+            status.replica_statuses.worker.restarts,
+        );
+        let metrics = format!(
+            "loss {} | accuracy {} | {} samples/s",
+            progress.loss.map_or("-".into(), |l| format!("{l:.4}")),
+            progress.accuracy.map_or("-".into(), |a| format!("{a:.4}")),
+            progress
+                .samples_per_second
+                .map_or("-".into(), |s| format!("{s:.0}")),
+        );
+        if let Some(summary) = &self.summary {
+            for (index, bar) in &self.bars {
+                if let Some(fields) = observed.workers.get(index) {
+                    if let Some(total) = field::<u64>(fields, "total_steps") {
+                        bar.set_length(total.max(1));
+                    }
+                    bar.set_position(field(fields, "step").unwrap_or(0));
+                    bar.set_message(format!(
+                        "epoch {}/{}",
+                        fields.get("epoch").map_or("-", String::as_str),
+                        fields.get("epochs").map_or("-", String::as_str)
+                    ));
+                }
+            }
+            summary.set_message(format!("{state} | {metrics} | {roles}"));
+            summary.tick();
+        } else {
+            let mut last = self.last_line.lock().expect("view lock");
+            if last.elapsed() >= Duration::from_secs(5) {
+                *last = Instant::now();
+                eprintln!(
+                    "[{state}] step {} epoch {} | {metrics} | {roles}",
+                    progress.step, progress.epoch
+                );
+            }
+        }
+    }
+
+    fn finish(&self) {
+        for bar in self.bars.values() {
+            bar.abandon();
+        }
+        if let Some(summary) = &self.summary {
+            summary.abandon();
+        }
+    }
+}
+
+fn report(job: &TrainingJob, observed: &Observed, wall: Duration, run_dir: &Path) -> String {
+    let status = job.status.clone().unwrap_or_default();
+    let state = status
+        .conditions
+        .iter()
+        .find(|c| c.is_true())
+        .map(|c| format!("{} ({}): {}", c.type_, c.reason, c.message))
+        .unwrap_or_else(|| "unknown".into());
+    let final_line = observed.final_line.clone().unwrap_or_default();
+    let progress = status.progress.unwrap_or_default();
+    let accuracy = field::<f64>(&final_line, "test_accuracy")
+        .or(field(&final_line, "accuracy"))
+        .or(progress.accuracy);
+    let checkpoints = job
+        .spec
+        .training
+        .as_ref()
+        .and_then(|t| t.checkpoint.as_ref())
+        .map_or("none (no spec.training.checkpoint)".to_string(), |c| {
+            c.path.clone()
+        });
+    let rows = [
+        ("state", state),
+        (
+            "test accuracy",
+            accuracy.map_or("-".into(), |a| format!("{a:.4}")),
+        ),
+        (
+            "loss",
+            progress.loss.map_or("-".into(), |l| format!("{l:.4}")),
+        ),
+        ("steps", progress.step.to_string()),
+        ("wall time", format!("{:.1}s", wall.as_secs_f64())),
+        (
+            "samples/s",
+            progress
+                .samples_per_second
+                .map_or("-".into(), |s| format!("{s:.0}")),
+        ),
+        (
+            "restarts",
+            format!(
+                "ps {}, workers {}",
+                status.replica_statuses.ps.restarts, status.replica_statuses.worker.restarts
+            ),
+        ),
+        ("logs", run_dir.display().to_string()),
+        ("checkpoints", checkpoints),
+    ];
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = format!("\n{} {}\n", job.name_any(), "report");
+    for (key, value) in rows {
+        out.push_str(&format!("  {key:<width$}  {value}\n"));
+    }
+    out
+}
