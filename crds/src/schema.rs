@@ -41,3 +41,10 @@ pub fn conditions_list_map(generator: &mut SchemaGenerator) -> Schema {
     schema.insert("x-kubernetes-list-map-keys".into(), vec!["type"].into());
     schema
 }
+
+/// Drops a `default` from a field's schema. Kubernetes 1.20 rejects a CRD whose list-map
+/// items carry `default: ""` on string fields, although decoding still wants the serde
+/// default for conditions written by hand.
+pub fn without_default(schema: &mut Schema) {
+    schema.remove("default");
+}

@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::schema::conditions_list_map;
+use crate::schema::{conditions_list_map, without_default};
 
 /// What the operator observed about the job.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -76,10 +76,12 @@ pub struct JobCondition {
 
     /// A CamelCase machine-readable reason, for example BackoffLimitExceeded.
     #[serde(default)]
+    #[schemars(transform = without_default)]
     pub reason: String,
 
     /// A human-readable explanation.
     #[serde(default)]
+    #[schemars(transform = without_default)]
     pub message: String,
 
     /// When the status last changed between True, False and Unknown.

@@ -499,3 +499,7 @@ fn service_matches(existing: &Service, desired: &Service) -> bool {
         && ports(e) == ports(d)
         && existing.metadata.owner_references == desired.metadata.owner_references
 }
+
+#[cfg(test)]
+#[path = "controller_tests.rs"]
+mod tests;

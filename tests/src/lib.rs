@@ -1,0 +1,17 @@
+//! kubetrain-e2e: the real-API-server test harness (DESIGN.md §6.3–6.4).
+//!
+//! * [`envtest`]: etcd + kube-apiserver on loopback, a namespace per test, CRD
+//!   install, kubeconfig for `kubectl`.
+//! * [`kubelet`]: a test kubelet that runs pods as local processes and reports
+//!   their status, so pods created by the operator actually run.
+//! * [`process`]: the process-cleanup guarantees both rely on.
+//!
+//! See `tests/README.md` for what this harness does not emulate.
+#![forbid(unsafe_code)]
+
+pub mod envtest;
+pub mod kubelet;
+pub mod process;
+
+pub use envtest::{ApiServer, Binaries, EnvtestError, TestNamespace, shared};
+pub use kubelet::{Kubelet, KubeletConfig, KubeletError};

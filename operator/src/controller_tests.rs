@@ -1,0 +1,384 @@
+//! Exact-request tests (DESIGN.md §6 tier 2): the reconcile's calls to the API, pinned
+//! down over a tower-test mock, the controller-rs way. Each test is one scenario; the
+//! scenario task answers the requests it expects, in order, and fails on anything else.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::client::Body;
+use kube::core::DeserializeGuard;
+use kube::{Client, ResourceExt};
+use kubetrain_api::TrainingJob;
+use serde_json::{Value, json};
+
+use super::{Context, reconcile};
+use crate::metrics::Metrics;
+use crate::plan::{self, PlanSettings, ReplicaId};
+use crate::status;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn job() -> TrainingJob {
+    let mut job: TrainingJob =
+        serde_yaml::from_str(include_str!("../../examples/quickstart.yaml")).unwrap();
+    job.metadata.namespace = Some("ns".into());
+    job.metadata.uid = Some("job-uid".into());
+    job.metadata.generation = Some(1);
+    job
+}
+
+fn context() -> (Arc<Context>, Handle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "ns");
+    let ctx = Context::new(
+        client,
+        PlanSettings::default(),
+        Some("test".into()),
+        Arc::new(Metrics::new()),
+    );
+    (Arc::new(ctx), handle)
+}
+
+/// One expected call: method, path (and query), and a check of the body.
+struct Expect<'a> {
+    method: Method,
+    path_and_query: &'a str,
+    respond: Value,
+    status: u16,
+}
+
+async fn expect(handle: &mut Handle, e: Expect<'_>) -> Value {
+    let (request, send) = handle
+        .next_request()
+        .await
+        .unwrap_or_else(|| panic!("expected {} {}, got no request", e.method, e.path_and_query));
+    assert_eq!(request.method(), e.method, "method of {}", request.uri());
+    let actual = request.uri().path_and_query().unwrap().as_str().to_string();
+    // A trailing `*` matches names the client makes up (event names carry a timestamp).
+    match e.path_and_query.strip_suffix('*') {
+        Some(prefix) => assert!(
+            actual.starts_with(prefix),
+            "request {actual} does not start with {prefix}"
+        ),
+        None => assert_eq!(
+            actual, e.path_and_query,
+            "request for {} {}",
+            e.method, e.path_and_query
+        ),
+    }
+    let body = request.into_body().collect_bytes().await.unwrap();
+    let body: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).unwrap()
+    };
+    send.send_response(
+        Response::builder()
+            .status(e.status)
+            .body(Body::from(serde_json::to_vec(&e.respond).unwrap()))
+            .unwrap(),
+    );
+    body
+}
+
+const APPLY_QUERY: &str = "?&force=true&fieldManager=kubetrain.io%2Foperator";
+
+/// A minimal valid object for responses whose content the reconcile does not use.
+fn any_object(api_version: &str, kind: &str, name: &str) -> Value {
+    json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": "ns"}})
+}
+
+fn pod_list(pods: &[Pod]) -> Value {
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods})
+}
+
+fn running_pods(job: &TrainingJob) -> Vec<Pod> {
+    plan::replica_ids(job)
+        .into_iter()
+        .map(|replica| {
+            let mut pod = plan::pod(job, replica, &PlanSettings::default());
+            pod.metadata.uid = Some(format!("{}-uid", pod.name_any()));
+            pod.status = Some(serde_json::from_value(json!({
+                "phase": "Running",
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [{"name": "trainer", "ready": true, "restartCount": 0, "image": "", "imageID": ""}]
+            })).unwrap());
+            pod
+        })
+        .collect()
+}
+
+fn guard(job: TrainingJob) -> Arc<DeserializeGuard<TrainingJob>> {
+    Arc::new(DeserializeGuard(Ok(job)))
+}
+
+#[tokio::test]
+async fn a_new_job_gets_its_status_service_and_pods_by_server_side_apply() {
+    let job = job();
+    let (ctx, mut handle) = context();
+    let job_json = serde_json::to_value(&job).unwrap();
+    let scenario = tokio::spawn(async move {
+        expect(&mut handle, Expect {
+            method: Method::GET,
+            path_and_query: "/api/v1/namespaces/ns/pods?&labelSelector=kubetrain.io%2Fjob-name%3Dquickstart",
+            respond: pod_list(&[]),
+            status: 200,
+        })
+        .await;
+        let status = expect(&mut handle, Expect {
+            method: Method::PATCH,
+            path_and_query: &format!("/apis/kubetrain.io/v1alpha1/namespaces/ns/trainingjobs/quickstart/status{APPLY_QUERY}"),
+            respond: job_json.clone(),
+            status: 200,
+        })
+        .await;
+        assert_eq!(status["kind"], "TrainingJob");
+        assert_eq!(status["status"]["conditions"][0]["type"], "Created");
+        assert_eq!(status["status"]["conditions"][0]["status"], "True");
+        assert_eq!(status["status"]["workersReady"], "0/2");
+
+        expect(&mut handle, Expect {
+            method: Method::GET,
+            path_and_query: "/api/v1/namespaces/ns/services/quickstart",
+            respond: json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+            status: 404,
+        })
+        .await;
+        let service = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path_and_query: &format!("/api/v1/namespaces/ns/services/quickstart{APPLY_QUERY}"),
+                respond: any_object("v1", "Service", "quickstart"),
+                status: 200,
+            },
+        )
+        .await;
+        assert_eq!(service["spec"]["clusterIP"], "None");
+        assert_eq!(service["metadata"]["ownerReferences"][0]["uid"], "job-uid");
+
+        for name in [
+            "quickstart-ps-0",
+            "quickstart-worker-0",
+            "quickstart-worker-1",
+        ] {
+            let pod = expect(
+                &mut handle,
+                Expect {
+                    method: Method::PATCH,
+                    path_and_query: &format!("/api/v1/namespaces/ns/pods/{name}{APPLY_QUERY}"),
+                    respond: any_object("v1", "Pod", name),
+                    status: 200,
+                },
+            )
+            .await;
+            assert_eq!(pod["kind"], "Pod");
+            assert_eq!(pod["metadata"]["name"], name);
+            assert_eq!(pod["metadata"]["ownerReferences"][0]["controller"], true);
+        }
+        let event = expect(
+            &mut handle,
+            Expect {
+                method: Method::POST,
+                path_and_query: "/apis/events.k8s.io/v1/namespaces/ns/events?",
+                respond: any_object("events.k8s.io/v1", "Event", "quickstart.1"),
+                status: 201,
+            },
+        )
+        .await;
+        assert_eq!(event["reason"], "PodCreated");
+        assert_eq!(event["reportingController"], "kubetrain.io/operator");
+        // The recorder folds repeats of one reason into a series: the other two pods'
+        // events update it instead of creating new Event objects.
+        for _ in 0..2 {
+            let series = expect(
+                &mut handle,
+                Expect {
+                    method: Method::PATCH,
+                    path_and_query: "/apis/events.k8s.io/v1/namespaces/ns/events/quickstart.*",
+                    respond: any_object("events.k8s.io/v1", "Event", "quickstart.1"),
+                    status: 200,
+                },
+            )
+            .await;
+            assert!(series["series"]["count"].as_i64().unwrap() >= 2, "{series}");
+        }
+        handle
+    });
+    reconcile(guard(job), ctx)
+        .await
+        .expect("reconcile succeeds");
+    let mut handle = scenario.await.unwrap();
+    assert_no_more_requests(&mut handle).await;
+}
+
+#[tokio::test]
+async fn a_reconcile_with_nothing_to_change_writes_nothing() {
+    let mut job = job();
+    let pods = running_pods(&job);
+    // The job as the API server holds it after an earlier reconcile wrote its status.
+    let first = status::decide(&job, &[], k8s_openapi::jiff::Timestamp::now());
+    job.status = Some(first.status);
+    let second = status::decide(&job, &pods, k8s_openapi::jiff::Timestamp::now());
+    job.status = Some(second.status);
+
+    let (ctx, mut handle) = context();
+    let listed = pods.clone();
+    let job_json = serde_json::to_value(&job).unwrap();
+    let scenario = tokio::spawn(async move {
+        expect(&mut handle, Expect {
+            method: Method::GET,
+            path_and_query: "/api/v1/namespaces/ns/pods?&labelSelector=kubetrain.io%2Fjob-name%3Dquickstart",
+            respond: pod_list(&listed),
+            status: 200,
+        })
+        .await;
+        handle
+    });
+    reconcile(guard(job), ctx)
+        .await
+        .expect("reconcile succeeds");
+    let mut handle = scenario.await.unwrap();
+    assert_no_more_requests(&mut handle).await;
+}
+
+#[tokio::test]
+async fn a_status_change_is_one_status_patch_and_nothing_else() {
+    let mut job = job();
+    let pods = running_pods(&job);
+    let first = status::decide(&job, &[], k8s_openapi::jiff::Timestamp::now());
+    job.status = Some(first.status);
+
+    let (ctx, mut handle) = context();
+    let listed = pods.clone();
+    let job_json = serde_json::to_value(&job).unwrap();
+    let scenario = tokio::spawn(async move {
+        expect(&mut handle, Expect {
+            method: Method::GET,
+            path_and_query: "/api/v1/namespaces/ns/pods?&labelSelector=kubetrain.io%2Fjob-name%3Dquickstart",
+            respond: pod_list(&listed),
+            status: 200,
+        })
+        .await;
+        let patch = expect(&mut handle, Expect {
+            method: Method::PATCH,
+            path_and_query: &format!("/apis/kubetrain.io/v1alpha1/namespaces/ns/trainingjobs/quickstart/status{APPLY_QUERY}"),
+            respond: job_json.clone(),
+            status: 200,
+        })
+        .await;
+        let running = patch["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Running")
+            .cloned()
+            .unwrap();
+        assert_eq!(running["status"], "True");
+        assert_eq!(running["reason"], "AllReplicasRunning");
+        assert_eq!(patch["status"]["replicaStatuses"]["worker"]["ready"], 2);
+        handle
+    });
+    reconcile(guard(job), ctx)
+        .await
+        .expect("reconcile succeeds");
+    let mut handle = scenario.await.unwrap();
+    assert_no_more_requests(&mut handle).await;
+}
+
+#[tokio::test]
+async fn an_exit_code_137_deletes_the_pod_with_a_uid_precondition() {
+    let mut job = job();
+    let mut pods = running_pods(&job);
+    job.status = Some(status::decide(&job, &pods, k8s_openapi::jiff::Timestamp::now()).status);
+    let worker1 = pods
+        .iter_mut()
+        .find(|p| {
+            ReplicaId::from_pod(p)
+                == Some(ReplicaId {
+                    role: kubetrain_api::contract::Role::Worker,
+                    index: 1,
+                })
+        })
+        .unwrap();
+    worker1.status = Some(serde_json::from_value(json!({
+        "phase": "Failed",
+        "containerStatuses": [{"name": "trainer", "ready": false, "restartCount": 0, "image": "", "imageID": "",
+            "state": {"terminated": {"exitCode": 137}}}]
+    })).unwrap());
+
+    let (ctx, mut handle) = context();
+    let listed = pods.clone();
+    let job_json = serde_json::to_value(&job).unwrap();
+    let scenario = tokio::spawn(async move {
+        expect(&mut handle, Expect {
+            method: Method::GET,
+            path_and_query: "/api/v1/namespaces/ns/pods?&labelSelector=kubetrain.io%2Fjob-name%3Dquickstart",
+            respond: pod_list(&listed),
+            status: 200,
+        })
+        .await;
+        let patch = expect(&mut handle, Expect {
+            method: Method::PATCH,
+            path_and_query: &format!("/apis/kubetrain.io/v1alpha1/namespaces/ns/trainingjobs/quickstart/status{APPLY_QUERY}"),
+            respond: job_json.clone(),
+            status: 200,
+        })
+        .await;
+        assert_eq!(
+            patch["status"]["recreatedPods"]["quickstart-worker-1"]["count"],
+            1
+        );
+        let delete = expect(
+            &mut handle,
+            Expect {
+                method: Method::DELETE,
+                path_and_query: "/api/v1/namespaces/ns/pods/quickstart-worker-1?",
+                respond: any_object("v1", "Pod", "quickstart-worker-1"),
+                status: 200,
+            },
+        )
+        .await;
+        assert_eq!(delete["preconditions"]["uid"], "quickstart-worker-1-uid");
+        let event = expect(
+            &mut handle,
+            Expect {
+                method: Method::POST,
+                path_and_query: "/apis/events.k8s.io/v1/namespaces/ns/events?",
+                respond: any_object("events.k8s.io/v1", "Event", "e"),
+                status: 201,
+            },
+        )
+        .await;
+        assert_eq!(event["reason"], "PodRestarting");
+        assert_eq!(event["type"], "Warning");
+        handle
+    });
+    reconcile(guard(job), ctx)
+        .await
+        .expect("reconcile succeeds");
+    let mut handle = scenario.await.unwrap();
+    assert_no_more_requests(&mut handle).await;
+}
+
+/// Fails if the reconcile made any call the scenario did not expect.
+async fn assert_no_more_requests(handle: &mut Handle) {
+    let next =
+        tokio::time::timeout(std::time::Duration::from_millis(50), handle.next_request()).await;
+    if let Ok(Some((request, _))) = next {
+        panic!("unexpected request {} {}", request.method(), request.uri());
+    }
+}
+
+#[test]
+fn service_comparison_ignores_server_filled_fields() {
+    let job = job();
+    let desired = plan::service(&job, &PlanSettings::default());
+    let mut existing: Service = desired.clone();
+    existing.metadata.resource_version = Some("7".into());
+    existing.spec.as_mut().unwrap().session_affinity = Some("None".into());
+    assert!(super::service_matches(&existing, &desired));
+    existing.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 9999;
+    assert!(!super::service_matches(&existing, &desired));
+}
