@@ -225,7 +225,6 @@ async fn a_reconcile_with_nothing_to_change_writes_nothing() {
 
     let (ctx, mut handle) = context();
     let listed = pods.clone();
-    let job_json = serde_json::to_value(&job).unwrap();
     let scenario = tokio::spawn(async move {
         expect(&mut handle, Expect {
             method: Method::GET,
