@@ -246,7 +246,11 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
         let observed_pods: Vec<Pod> = pods.values().map(|p| p.pod.clone()).collect();
         let decision = status::decide(&job, &observed_pods, Timestamp::now());
         let mut status = decision.status;
-        status.progress = progress_from(&observed.lock().expect("observed lock"), status.progress);
+        status.progress = progress_from(
+            &observed.lock().expect("observed lock"),
+            status.progress,
+            job.spec.training.as_ref().map(|t| t.epochs),
+        );
         job.status = Some(status);
 
         for event in &decision.events {
@@ -622,24 +626,43 @@ fn map_names(value: &str, names: &[(String, String)]) -> String {
     })
 }
 
-/// Parses the trainer's `key=value` progress and final lines.
+/// Parses the trainer's progress lines: `kubetrain-trainer: <kind> ... key=value ...`.
+/// A worker's latest values are merged, so its step and its last test accuracy stand side
+/// by side; the chief's `final` line is kept apart for the report.
 fn observe_line(observed: &SharedObserved, replica: ReplicaId, line: &str) {
-    let Some(rest) = line.split_once("kubetrain-trainer: ").map(|(_, rest)| rest) else {
+    let Some((_, rest)) = line.split_once("kubetrain-trainer: ") else {
         return;
     };
-    let (kind, fields) = rest.split_once(' ').unwrap_or((rest, ""));
-    let fields: BTreeMap<String, String> = fields
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let mut observed = observed.lock().expect("observed lock");
-    match (kind, replica.role) {
-        ("progress", Role::Worker) => {
-            observed.workers.insert(replica.index, fields);
+    let kind = rest.split_whitespace().next().unwrap_or_default();
+    let mut fields: BTreeMap<String, String> = BTreeMap::new();
+    for (key, value) in rest.split_whitespace().filter_map(|kv| kv.split_once('=')) {
+        // `step=12/500` carries the total too.
+        if let Some((done, total)) = value.split_once('/') {
+            fields.insert(key.to_string(), done.to_string());
+            fields.insert(format!("total_{key}s"), total.to_string());
+        } else {
+            fields.insert(key.to_string(), value.to_string());
         }
-        ("final", Role::Worker) if replica.index == 0 => observed.final_line = Some(fields),
-        _ => {}
+    }
+    // `epoch N done ...`: N epochs are complete.
+    let mut words = rest.split_whitespace();
+    if kind == "epoch"
+        && let Some(n) = words.nth(1).filter(|n| n.parse::<u64>().is_ok())
+    {
+        fields.insert("epoch".into(), n.to_string());
+    }
+    if fields.is_empty() || replica.role != Role::Worker {
+        return;
+    }
+    let mut observed = observed.lock().expect("observed lock");
+    if kind == "final" && replica.index == 0 {
+        observed.final_line = Some(fields);
+    } else {
+        observed
+            .workers
+            .entry(replica.index)
+            .or_default()
+            .extend(fields);
     }
 }
 
@@ -650,11 +673,22 @@ fn field<T: std::str::FromStr>(fields: &BTreeMap<String, String>, key: &str) -> 
 fn progress_from(
     observed: &Observed,
     previous: Option<TrainingProgress>,
+    epochs: Option<u32>,
 ) -> Option<TrainingProgress> {
-    let chief = observed
-        .final_line
-        .as_ref()
-        .or_else(|| observed.workers.get(&0))?;
+    let mut chief = observed.workers.get(&0).cloned().unwrap_or_default();
+    if let Some(last) = &observed.final_line {
+        chief.extend(last.clone());
+        if let Some(steps) = last.get("steps") {
+            chief.insert("step".into(), steps.clone());
+        }
+        if let Some(epochs) = epochs {
+            chief.insert("epoch".into(), epochs.to_string());
+        }
+    }
+    if chief.is_empty() {
+        return previous;
+    }
+    let chief = &chief;
     let samples: f64 = observed
         .workers
         .values()

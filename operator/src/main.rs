@@ -55,6 +55,11 @@ struct OperatorArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // `kubetrain trainer ...` is the built-in trainer, so `kubetrain local` works from the
+    // one binary that `cargo run -p kubetrain-operator` builds. Its flags are the trainer's.
+    if std::env::args().nth(1).as_deref() == Some("trainer") {
+        return run_trainer().await;
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => {
@@ -93,4 +98,29 @@ async fn run_operator(args: OperatorArgs) -> Result<(), Box<dyn std::error::Erro
     controller::run(ctx, args.namespace).await;
     server.abort();
     Ok(())
+}
+
+async fn run_trainer() -> ExitCode {
+    use clap::Parser as _;
+    let args = std::env::args()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, a)| a);
+    let cli = kubetrain_trainer::Cli::parse_from(args);
+    tracing_subscriber_init();
+    let result = match kubetrain_trainer::Config::from_cli(cli) {
+        Ok(config) => kubetrain_trainer::run(config).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kubetrain-trainer: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tracing_subscriber_init() {
+    telemetry::init(LogFormat::Text);
 }

@@ -1,0 +1,274 @@
+//! `kubetrain local` end to end: real trainer processes on loopback, driven by the same
+//! plan and decide functions as the operator.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kubetrain_api::TrainingJob;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn kubetrain() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kubetrain"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run_local(manifest: &Path, run_dir: &Path) -> Output {
+    kubetrain()
+        .args(["local", "-o", "yaml", "--no-progress-bars", "-f"])
+        .arg(manifest)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .output()
+        .expect("kubetrain runs")
+}
+
+fn final_job(output: &Output) -> TrainingJob {
+    serde_yaml::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "-o yaml is not a TrainingJob ({e}); stderr:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+fn true_condition(job: &TrainingJob) -> String {
+    job.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.is_true()))
+        .map(|c| c.type_.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_quickstart_succeeds_with_a_real_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_local(&repo().join("examples/quickstart.yaml"), dir.path());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "kubetrain local failed:\n{stderr}");
+
+    let printed: f64 = stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("test accuracy"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no test accuracy in the report:\n{stderr}"));
+    assert!(
+        printed >= 0.9,
+        "quickstart accuracy {printed} < 0.9\n{stderr}"
+    );
+
+    let job = final_job(&output);
+    assert_eq!(true_condition(&job), "Succeeded");
+    let status = job.status.unwrap();
+    let progress = status.progress.expect("progress in status");
+    assert!(
+        (progress.accuracy.unwrap() - printed).abs() < 1e-3,
+        "status and report agree"
+    );
+    assert_eq!(progress.epoch, 15);
+    assert!(progress.step > 0);
+    assert_eq!(status.replica_statuses.worker.succeeded, 2);
+    assert!(status.start_time.is_some() && status.completion_time.is_some());
+    let run = std::fs::read_dir(dir.path())
+        .unwrap()
+        .next()
+        .expect("a run directory")
+        .unwrap()
+        .path();
+    for pod in [
+        "quickstart-ps-0",
+        "quickstart-worker-0",
+        "quickstart-worker-1",
+    ] {
+        assert!(
+            run.join(format!("{pod}.log")).is_file(),
+            "log of {pod} in {}",
+            run.display()
+        );
+    }
+}
+
+#[test]
+fn an_invalid_spec_exits_with_the_operators_invalid_spec_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("bad.yaml");
+    let text = std::fs::read_to_string(repo().join("examples/quickstart.yaml"))
+        .unwrap()
+        .replace(
+            "    consistency: {kind: Sync}",
+            "    consistency: {kind: Sync}\n    pipeline: {microBatches: 4}",
+        );
+    std::fs::write(&manifest, &text).unwrap();
+    let output = run_local(&manifest, dir.path());
+    assert_eq!(output.status.code(), Some(2));
+    let job: TrainingJob = serde_yaml::from_str(&text).unwrap();
+    // The operator's InvalidSpec condition message is exactly this text.
+    let expected = format!("invalid spec: {}", job.spec.validate().unwrap_err());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&expected),
+        "stderr {stderr:?} lacks {expected:?}"
+    );
+    assert!(stderr.contains("spec.training.pipeline"));
+
+    std::fs::write(
+        &manifest,
+        "apiVersion: kubetrain.io/v1alpha1\nkind: TrainingJob\nspec: [",
+    )
+    .unwrap();
+    let output = run_local(&manifest, dir.path());
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("bad.yaml is not a valid TrainingJob"),
+        "{stderr}"
+    );
+}
+
+/// A job long enough to act on while it runs.
+fn long_job(dir: &Path, epochs: u32, worker_policy: &str) -> PathBuf {
+    let manifest = dir.join("long.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"apiVersion: kubetrain.io/v1alpha1
+kind: TrainingJob
+metadata: {{name: long}}
+spec:
+  replicaSpecs:
+    ps: {{replicas: 1}}
+    worker: {{replicas: 2, restartPolicy: {worker_policy}}}
+  training:
+    model: {{kind: mlp, hidden: [32]}}
+    dataset: {{builtin: digits}}
+    optimizer: {{kind: sgd, learningRate: 0.05}}
+    batchSize: 16
+    epochs: {epochs}
+    consistency: {{kind: Async}}
+  runPolicy: {{backoffLimit: 5}}
+"#
+        ),
+    )
+    .unwrap();
+    manifest
+}
+
+/// Direct children of `pid`, from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // The parent PID is the second field after the parenthesised command name.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if ppid.and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+fn env_of(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', "\n"))
+        .unwrap_or_default()
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether the process still runs (a zombie has exited; only its parent's wait is missing).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next())
+                != Some('Z')
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn sigint_stops_every_process_within_five_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = long_job(dir.path(), 1000, "OnFailure");
+    let mut runner = kubetrain()
+        .args(["local", "--no-progress-bars", "-f"])
+        .arg(&manifest)
+        .arg("--run-dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = runner.id();
+    let kids = wait_for("three trainer processes", Duration::from_secs(30), || {
+        let kids = children(pid);
+        (kids.len() == 3).then_some(kids)
+    });
+
+    let sent = Instant::now();
+    kill(Pid::from_raw(pid as i32), Signal::SIGINT).unwrap();
+    let status = wait_for("the runner to exit", Duration::from_secs(5), || {
+        runner.try_wait().unwrap()
+    });
+    assert!(sent.elapsed() <= Duration::from_secs(5));
+    assert!(!status.success(), "an interrupted job is not a success");
+    for kid in kids {
+        assert!(!alive(kid), "trainer process {kid} outlived the runner");
+    }
+}
+
+#[test]
+fn killing_a_worker_triggers_its_restart_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = long_job(dir.path(), 60, "OnFailure");
+    let runner = kubetrain()
+        .args(["local", "-o", "yaml", "--no-progress-bars", "-f"])
+        .arg(&manifest)
+        .arg("--run-dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = runner.id();
+    let worker1 = wait_for("worker 1", Duration::from_secs(30), || {
+        children(pid).into_iter().find(|&kid| {
+            let env = env_of(kid);
+            env.contains("KUBETRAIN_ROLE=worker") && env.contains("KUBETRAIN_INDEX=1")
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    kill(Pid::from_raw(worker1 as i32), Signal::SIGKILL).unwrap();
+
+    let output = runner.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let job = final_job(&output);
+    let status = job.status.clone().unwrap();
+    assert!(
+        status.replica_statuses.worker.restarts >= 1,
+        "the killed worker was restarted in place: {:?}\n{stderr}",
+        status.replica_statuses
+    );
+    assert_eq!(true_condition(&job), "Succeeded", "{stderr}");
+    assert!(output.status.success());
+}
