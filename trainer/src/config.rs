@@ -1,0 +1,213 @@
+//! The trainer's configuration: the pod contract env (DESIGN.md §5) or the same values as
+//! flags, plus a few tuning flags with defaults.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use kubetrain_api::contract::{
+    ClusterSpec, DEFAULT_PORT, ENV_CLUSTER, ENV_INDEX, ENV_JOB, ENV_MODE, ENV_POD_IP, ENV_ROLE,
+    ENV_TRAINING, Role,
+};
+use kubetrain_api::{ConsistencyKind, Mode, TrainingSpec};
+
+use crate::error::TrainerError;
+use crate::ps::Consistency;
+
+/// Command line; every contract value can also come from its env variable.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "kubetrain-trainer",
+    version,
+    about = "kubetrain's built-in trainer: parameter server or data-parallel worker"
+)]
+pub struct Cli {
+    /// JSON {"ps": ["host:port"], "worker": ["host:port"]}.
+    #[arg(long, env = ENV_CLUSTER)]
+    pub cluster: String,
+    /// `ps` or `worker`.
+    #[arg(long, env = ENV_ROLE)]
+    pub role: Role,
+    /// Index within the role (worker 0 is the chief).
+    #[arg(long, env = ENV_INDEX)]
+    pub index: usize,
+    /// `namespace/name` of the TrainingJob (for logs).
+    #[arg(long, env = ENV_JOB, default_value = "")]
+    pub job: String,
+    /// The TrainingJob's spec.training as JSON.
+    #[arg(long, env = ENV_TRAINING)]
+    pub training: String,
+    /// `DataParallel` or `ModelParallel`.
+    #[arg(long, env = ENV_MODE, default_value = "DataParallel")]
+    pub mode: String,
+    /// Address to bind; 0.0.0.0 when unset.
+    #[arg(long, env = ENV_POD_IP)]
+    pub pod_ip: Option<IpAddr>,
+    /// Serve Prometheus metrics on this port at /metrics (off when unset).
+    #[arg(long, env = "KUBETRAIN_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    /// Chief only: write the final parameters here as little-endian f32.
+    #[arg(long)]
+    pub dump_params: Option<PathBuf>,
+    /// A peer silent this long is dead.
+    #[arg(long, default_value_t = 3000)]
+    pub heartbeat_timeout_ms: u64,
+    /// How often workers heartbeat to every PS.
+    #[arg(long, default_value_t = 500)]
+    pub heartbeat_interval_ms: u64,
+    /// PS: exit non-zero after this long without any worker contact, and give workers this
+    /// long to register at start.
+    #[arg(long, default_value_t = 120)]
+    pub idle_timeout_secs: u64,
+    /// Worker: give up on a PS that makes no progress (down, restarting) for this long.
+    #[arg(long, default_value_t = 60)]
+    pub ps_timeout_secs: u64,
+    /// Stop after this many steps even if the epochs are not done (tests, benchmarks).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cluster: ClusterSpec,
+    pub role: Role,
+    pub index: usize,
+    pub job: String,
+    pub training: TrainingSpec,
+    pub consistency: Consistency,
+    pub bind: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+    pub dump_params: Option<PathBuf>,
+    pub heartbeat_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub idle_timeout: Duration,
+    pub ps_timeout: Duration,
+    pub max_steps: Option<u64>,
+}
+
+impl Config {
+    /// Parses and checks the contract values.
+    pub fn from_cli(cli: Cli) -> Result<Self, TrainerError> {
+        let cluster =
+            ClusterSpec::from_env(&cli.cluster).map_err(|e| TrainerError::Config(e.to_string()))?;
+        let training: TrainingSpec = serde_json::from_str(&cli.training).map_err(|e| {
+            TrainerError::Config(format!("{ENV_TRAINING} is not a valid spec.training: {e}"))
+        })?;
+        let mode: Mode = serde_json::from_value(serde_json::Value::String(cli.mode.clone()))
+            .map_err(|_| {
+                TrainerError::Config(format!(
+                    "{ENV_MODE} {:?} is neither DataParallel nor ModelParallel",
+                    cli.mode
+                ))
+            })?;
+        if mode != Mode::DataParallel {
+            return Err(TrainerError::Config(
+                "this trainer build runs DataParallel jobs only; ModelParallel pipelines are not implemented yet".into(),
+            ));
+        }
+        let own = cluster.role(cli.role).get(cli.index).ok_or_else(|| {
+            TrainerError::Config(format!(
+                "{ENV_INDEX}={} but {ENV_CLUSTER} lists {} {} address(es)",
+                cli.index,
+                cluster.role(cli.role).len(),
+                cli.role
+            ))
+        })?;
+        if cluster.ps.is_empty() || cluster.worker.is_empty() {
+            return Err(TrainerError::Config(format!(
+                "{ENV_CLUSTER} needs at least one ps and one worker for DataParallel training"
+            )));
+        }
+        let port = port_of(own)?;
+        let consistency = match (training.consistency.kind, training.consistency.staleness) {
+            (ConsistencyKind::Sync, _) => Consistency::Sync,
+            (ConsistencyKind::Async, _) => Consistency::Async,
+            (ConsistencyKind::BoundedStaleness, Some(s)) => Consistency::BoundedStaleness(s.into()),
+            (ConsistencyKind::BoundedStaleness, None) => {
+                return Err(TrainerError::Config(
+                    "BoundedStaleness needs consistency.staleness".into(),
+                ));
+            }
+        };
+        if training.batch_size == 0 || training.epochs == 0 {
+            return Err(TrainerError::Config(
+                "batchSize and epochs must be at least 1".into(),
+            ));
+        }
+        let ip = cli.pod_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        Ok(Self {
+            cluster,
+            role: cli.role,
+            index: cli.index,
+            job: cli.job,
+            training,
+            consistency,
+            bind: SocketAddr::new(ip, port),
+            metrics: cli.metrics_port.map(|p| SocketAddr::new(ip, p)),
+            dump_params: cli.dump_params,
+            heartbeat_timeout: Duration::from_millis(cli.heartbeat_timeout_ms),
+            heartbeat_interval: Duration::from_millis(cli.heartbeat_interval_ms),
+            idle_timeout: Duration::from_secs(cli.idle_timeout_secs),
+            ps_timeout: Duration::from_secs(cli.ps_timeout_secs),
+            max_steps: cli.max_steps,
+        })
+    }
+
+    /// Worker 0.
+    pub fn is_chief(&self) -> bool {
+        self.role == Role::Worker && self.index == 0
+    }
+}
+
+fn port_of(address: &str) -> Result<u16, TrainerError> {
+    match address.rsplit_once(':') {
+        None => Ok(DEFAULT_PORT),
+        Some((_, port)) => port.parse().map_err(|_| {
+            TrainerError::Config(format!(
+                "{ENV_CLUSTER} address {address:?} has no valid port"
+            ))
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(role: &str, index: &str, pod_ip: Option<&str>) -> Cli {
+        let cluster = r#"{"ps":["p:7001"],"worker":["w0:7002","w1:7003"]}"#;
+        let training = r#"{"model":{"kind":"softmax"},"dataset":{"builtin":"digits"},"optimizer":{"kind":"sgd"}}"#;
+        let mut args = vec![
+            "t",
+            "--cluster",
+            cluster,
+            "--role",
+            role,
+            "--index",
+            index,
+            "--training",
+            training,
+        ];
+        if let Some(ip) = pod_ip {
+            args.extend(["--pod-ip", ip]);
+        }
+        Cli::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn binds_on_pod_ip_and_own_port() {
+        let config = Config::from_cli(cli("worker", "1", Some("10.0.0.5"))).unwrap();
+        assert_eq!(config.bind, "10.0.0.5:7003".parse().unwrap());
+        let config = Config::from_cli(cli("ps", "0", None)).unwrap();
+        assert_eq!(config.bind, "0.0.0.0:7001".parse().unwrap());
+        assert_eq!(config.training.batch_size, 64);
+    }
+
+    #[test]
+    fn index_outside_cluster_is_a_config_error() {
+        let err = Config::from_cli(cli("worker", "2", None)).unwrap_err();
+        assert!(err.to_string().contains("KUBETRAIN_INDEX=2"), "{err}");
+    }
+}

@@ -1,0 +1,73 @@
+//! The kubetrain trainer: data-parallel training with sharded parameter servers over gRPC.
+//!
+//! Configuration comes only from the pod contract (`kubetrain_api::contract`), as env or
+//! the equivalent flags; see [`config`]. [`run`] is what the binary calls.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod data;
+mod error;
+pub mod local;
+pub mod metrics;
+pub mod model;
+pub mod net;
+pub mod progress;
+pub mod ps;
+pub mod worker;
+
+/// Generated gRPC code for `proto/kubetrain/v1/*.proto`, clients included, so the operator
+/// can poll the chief's `Progress` service
+/// (`proto::progress_client::ProgressClient::get_progress`).
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("kubetrain.v1");
+}
+
+use std::sync::Arc;
+
+use kubetrain_api::contract::Role;
+use prometheus_client::registry::Registry;
+use tracing::info;
+
+pub use config::{Cli, Config};
+pub use error::TrainerError;
+pub use worker::WorkerOutcome;
+
+/// What a trainer process did.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// A parameter server that was shut down by the chief.
+    ParameterServer,
+    /// A worker that ran all its steps.
+    Worker(WorkerOutcome),
+}
+
+/// Runs this process's role to the end. Ok means exit 0.
+pub async fn run(config: Config) -> Result<Outcome, TrainerError> {
+    info!(role = %config.role, index = config.index, job = %config.job, "kubetrain-trainer starting");
+    let mut registry = Registry::default();
+    let ps_metrics = (config.role == Role::Ps).then(|| {
+        let m = metrics::PsMetrics::default();
+        m.register(&mut registry);
+        m
+    });
+    let progress = config
+        .is_chief()
+        .then(|| progress::ProgressState::new(&mut registry));
+    let metrics_task = match config.metrics {
+        Some(addr) => Some(metrics::serve(addr, Arc::new(registry)).await?),
+        None => None,
+    };
+    let outcome = match ps_metrics {
+        Some(m) => ps::run_ps(config, m)
+            .await
+            .map(|()| Outcome::ParameterServer),
+        None => worker::run_worker(config, progress)
+            .await
+            .map(Outcome::Worker),
+    };
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    outcome
+}

@@ -1,0 +1,88 @@
+//! The single-process reference trainer: the same model, data and optimizer, no network.
+//!
+//! With `workers = N` it trains on the union of the N partitions' batches at every step:
+//! one process with an N-times batch. Sync data-parallel training must match it, which is
+//! what the equivalence test checks; the benchmark uses it as the throughput baseline.
+
+use std::time::Instant;
+
+use kubetrain_api::TrainingSpec;
+use kubetrain_api::validation::effective_hidden;
+
+use crate::data::{self, Batcher, Partition, Schedule};
+use crate::error::TrainerError;
+use crate::model::{Evaluation, Network, Optimizer, as_matrix};
+
+/// What a local run produced.
+#[derive(Debug, Clone)]
+pub struct LocalOutcome {
+    pub params: Vec<f32>,
+    pub steps: u64,
+    pub evaluation: Evaluation,
+    pub samples_per_second: f64,
+}
+
+/// Trains in this process as if `workers` Sync workers each took `batchSize` examples.
+pub fn train(
+    training: &TrainingSpec,
+    workers: usize,
+    max_steps: Option<u64>,
+) -> Result<LocalOutcome, TrainerError> {
+    let parts: Vec<_> = (0..workers)
+        .map(|index| {
+            data::load(
+                &training.dataset,
+                training.seed,
+                Partition {
+                    index,
+                    count: workers,
+                },
+                index == 0,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let first = &parts[0];
+    let hidden: Vec<usize> = effective_hidden(&training.model)
+        .iter()
+        .map(|&h| h as usize)
+        .collect();
+    let net = Network::new(first.inputs, &hidden, first.classes);
+    let schedule = Schedule::new(first.train_total, workers, training.batch_size as usize)?;
+    let mut total = training.epochs as u64 * schedule.steps_per_epoch as u64;
+    if let Some(max) = max_steps {
+        total = total.min(max);
+    }
+    let mut params = net.init(training.seed);
+    let mut optimizer = Optimizer::new(&training.optimizer, params.len());
+    let mut batchers: Vec<Batcher> = parts
+        .iter()
+        .enumerate()
+        .map(|(w, p)| Batcher::new(schedule, training.seed, w, p.train.len()))
+        .collect();
+    let started = Instant::now();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for step in 0..total {
+        x.clear();
+        y.clear();
+        for (part, batcher) in parts.iter().zip(&mut batchers) {
+            part.train.gather(batcher.indices(step), &mut x, &mut y);
+        }
+        let (_, grad) = net.loss_and_gradient(&params, as_matrix(&x, net.inputs()), &y)?;
+        optimizer.apply(&mut params, &grad)?;
+    }
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    let evaluation = match &first.test {
+        Some(test) => crate::worker::evaluate_examples(&net, &params, test)?,
+        None => {
+            return Err(TrainerError::Compute(
+                "partition 0 has no test split".into(),
+            ));
+        }
+    };
+    Ok(LocalOutcome {
+        params,
+        steps: total,
+        evaluation,
+        samples_per_second: (total as f64 * (schedule.batch * workers) as f64) / seconds,
+    })
+}

@@ -1,0 +1,227 @@
+//! Shard checkpoints: parameters, optimizer state and version in one file per PS, written
+//! atomically (temp file, fsync, rename, fsync of the directory) so a crash mid-write
+//! leaves the previous checkpoint intact.
+//!
+//! Layout: `KTCKPT01`, u32 LE header length, JSON header, the parameters and then each
+//! optimizer state vector as LE f32, and a trailing u64 LE FNV-1a checksum of all before.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::OptimizerState;
+
+const MAGIC: &[u8; 8] = b"KTCKPT01";
+
+/// A checkpoint could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("writing checkpoint {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading checkpoint {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "reading checkpoint {path}: {reason}; delete the file to start this shard from scratch"
+    )]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// Everything a shard needs to resume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardCheckpoint {
+    pub version: u64,
+    pub start: usize,
+    pub end: usize,
+    pub total_params: usize,
+    pub params: Vec<f32>,
+    pub optimizer: OptimizerState,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    version: u64,
+    start: usize,
+    end: usize,
+    total_params: usize,
+    optimizer: String,
+    adam_step: u64,
+}
+
+/// `ps-<index>-of-<count>.ckpt` in the checkpoint directory.
+pub fn file_name(dir: &Path, index: usize, count: usize) -> PathBuf {
+    dir.join(format!("ps-{index}-of-{count}.ckpt"))
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn encode(ckpt: &ShardCheckpoint) -> Vec<u8> {
+    let (kind, adam_step) = match &ckpt.optimizer {
+        OptimizerState::Sgd { .. } => ("sgd", 0),
+        OptimizerState::Adam { t, .. } => ("adam", *t),
+    };
+    let header = serde_json::to_vec(&Header {
+        version: ckpt.version,
+        start: ckpt.start,
+        end: ckpt.end,
+        total_params: ckpt.total_params,
+        optimizer: kind.into(),
+        adam_step,
+    })
+    .expect("a checkpoint header always serialises");
+    let vectors = ckpt.optimizer.vectors();
+    let mut out =
+        Vec::with_capacity(16 + header.len() + 4 * ckpt.params.len() * (1 + vectors.len()));
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    for v in std::iter::once(ckpt.params.as_slice()).chain(vectors) {
+        for x in v {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    let sum = fnv1a(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out
+}
+
+/// Writes the checkpoint to `path` atomically.
+pub fn write(path: &Path, ckpt: &ShardCheckpoint) -> Result<(), CheckpointError> {
+    let err = |source| CheckpointError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let tmp = path.with_extension("ckpt.tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(err)?;
+    file.write_all(&encode(ckpt)).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(err)?;
+    // The rename itself must survive a crash too.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err)?;
+    Ok(())
+}
+
+/// Reads a checkpoint; `Ok(None)` when there is none yet.
+pub fn read(path: &Path) -> Result<Option<ShardCheckpoint>, CheckpointError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(CheckpointError::Read {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    decode(&bytes)
+        .map(Some)
+        .map_err(|reason| CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        })
+}
+
+fn decode(bytes: &[u8]) -> Result<ShardCheckpoint, String> {
+    if bytes.len() < 20 || &bytes[..8] != MAGIC {
+        return Err("not a kubetrain shard checkpoint (bad magic)".into());
+    }
+    let (body, tail) = bytes.split_at(bytes.len() - 8);
+    let stored = u64::from_le_bytes(tail.try_into().map_err(|_| "short file")?);
+    if fnv1a(body) != stored {
+        return Err("checksum mismatch (truncated or corrupted)".into());
+    }
+    let header_len = u32::from_le_bytes(body[8..12].try_into().map_err(|_| "short file")?) as usize;
+    let header_end = 12usize
+        .checked_add(header_len)
+        .filter(|&e| e <= body.len())
+        .ok_or("header length past end of file")?;
+    let header: Header =
+        serde_json::from_slice(&body[12..header_end]).map_err(|e| format!("bad header: {e}"))?;
+    if header.end < header.start {
+        return Err("shard range is inverted".into());
+    }
+    let len = header.end - header.start;
+    let vectors = match header.optimizer.as_str() {
+        "sgd" => 1,
+        "adam" => 2,
+        other => return Err(format!("unknown optimizer {other:?}")),
+    };
+    let payload = &body[header_end..];
+    if payload.len() != 4 * len * (1 + vectors) {
+        return Err(format!(
+            "payload has {} bytes, expected {}",
+            payload.len(),
+            4 * len * (1 + vectors)
+        ));
+    }
+    let mut floats = payload
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    let mut take = || floats.by_ref().take(len).collect::<Vec<f32>>();
+    let params = take();
+    let optimizer = match vectors {
+        1 => OptimizerState::Sgd { velocity: take() },
+        _ => OptimizerState::Adam {
+            m: take(),
+            v: take(),
+            t: header.adam_step,
+        },
+    };
+    Ok(ShardCheckpoint {
+        version: header.version,
+        start: header.start,
+        end: header.end,
+        total_params: header.total_params,
+        params,
+        optimizer,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_detects_corruption() {
+        let dir = std::env::temp_dir().join(format!("kubetrain-ckpt-{}", std::process::id()));
+        let path = file_name(&dir, 1, 2);
+        assert_eq!(read(&path).unwrap(), None);
+        let ckpt = ShardCheckpoint {
+            version: 7,
+            start: 3,
+            end: 6,
+            total_params: 6,
+            params: vec![1.0, 2.0, 3.0],
+            optimizer: OptimizerState::Adam {
+                m: vec![0.1; 3],
+                v: vec![0.2; 3],
+                t: 7,
+            },
+        };
+        write(&path, &ckpt).unwrap();
+        assert_eq!(read(&path).unwrap(), Some(ckpt));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(bytes.len() - 5);
+        std::fs::write(&path, bytes).unwrap();
+        let err = read(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("checksum") && err.contains("ps-1-of-2.ckpt"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,619 @@
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{error, info, warn};
+
+use super::checkpoint::{self, ShardCheckpoint};
+use super::shard::{PullDecision, PushOutcome, Shard, ShardError};
+use super::shard_ranges;
+use crate::config::Config;
+use crate::error::TrainerError;
+use crate::metrics::PsMetrics;
+use crate::model::{Network, Optimizer};
+use crate::net::{self, Assembler};
+use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServer};
+use crate::proto::*;
+
+/// How long a pull waits server-side before telling the worker to ask again. Bounded so a
+/// blocked call never outlives its deadline; the worker simply re-issues it.
+const PULL_WAIT: Duration = Duration::from_secs(5);
+/// Largest model a PS accepts (4 GiB of f32 across all shards).
+const MAX_PARAMS: usize = 1 << 30;
+/// After giving up on the job, how long the PS keeps answering so workers hear why.
+const FAILURE_GRACE: Duration = Duration::from_secs(2);
+
+struct State {
+    shard: Option<Shard>,
+    widths: Option<Vec<usize>>,
+    total_params: usize,
+    last_contact: Instant,
+}
+
+struct Inner {
+    index: usize,
+    servers: usize,
+    workers: Vec<String>,
+    config: Config,
+    incarnation: u64,
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+    finish: watch::Sender<Option<Result<(), String>>>,
+    metrics: PsMetrics,
+    checkpoint: Option<(PathBuf, u64)>,
+    /// Serialises checkpoint writes; holds the newest version written.
+    written: Arc<Mutex<u64>>,
+}
+
+#[derive(Clone)]
+struct PsService(Arc<Inner>);
+
+fn status_of(e: ShardError) -> Status {
+    match e {
+        ShardError::UnknownWorker { .. }
+        | ShardError::WrongLength { .. }
+        | ShardError::Model(_) => Status::invalid_argument(e.to_string()),
+        ShardError::Stale { .. } => Status::failed_precondition(e.to_string()),
+        ShardError::Failed(_) => Status::aborted(e.to_string()),
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; keep serving rather than cascade.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn check_worker(&self, worker: u32) -> Result<(), Status> {
+        if (worker as usize) < self.workers.len() {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(format!(
+                "unknown worker {worker}: this job has workers 0..{}",
+                self.workers.len()
+            )))
+        }
+    }
+
+    /// Builds the shard on the first registration: from the checkpoint if there is one,
+    /// else from the seed.
+    fn init_shard(&self, widths: Vec<usize>) -> Result<Shard, Status> {
+        let net = Network::new(
+            widths[0],
+            &widths[1..widths.len() - 1],
+            widths[widths.len() - 1],
+        );
+        let total = net.num_params();
+        let range = shard_ranges(total, self.servers)[self.index].clone();
+        let mut optimizer = Optimizer::new(&self.config.training.optimizer, range.len());
+        let mut version = 0;
+        let mut params = None;
+        if let Some((dir, _)) = &self.checkpoint {
+            let path = checkpoint::file_name(dir, self.index, self.servers);
+            match checkpoint::read(&path) {
+                Ok(Some(ckpt))
+                    if ckpt.start == range.start
+                        && ckpt.end == range.end
+                        && ckpt.total_params == total =>
+                {
+                    optimizer.restore(ckpt.optimizer).map_err(|e| {
+                        Status::internal(format!("checkpoint {}: {e}", path.display()))
+                    })?;
+                    version = ckpt.version;
+                    params = Some(ckpt.params);
+                    info!(ps = self.index, version, path = %path.display(), "resumed shard from checkpoint");
+                }
+                Ok(Some(ckpt)) => {
+                    return Err(Status::failed_precondition(format!(
+                        "checkpoint {} holds [{}, {}) of {} parameters but this model needs [{}, {}) of {total}; delete it or point checkpoint.path elsewhere",
+                        path.display(),
+                        ckpt.start,
+                        ckpt.end,
+                        ckpt.total_params,
+                        range.start,
+                        range.end
+                    )));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(Status::failed_precondition(e.to_string())),
+            }
+        }
+        let params =
+            params.unwrap_or_else(|| net.init(self.config.training.seed)[range.clone()].to_vec());
+        info!(
+            ps = self.index,
+            start = range.start,
+            end = range.end,
+            total,
+            version,
+            "shard ready"
+        );
+        Ok(Shard::new(
+            range.start,
+            params,
+            optimizer,
+            version,
+            self.config.consistency,
+            self.workers.len(),
+            Instant::now(),
+        ))
+    }
+
+    fn maybe_checkpoint(&self, shard: &Shard, total_params: usize, force: bool) {
+        let Some((dir, every)) = &self.checkpoint else {
+            return;
+        };
+        let version = shard.version();
+        if !force && (version == 0 || !version.is_multiple_of(*every)) {
+            return;
+        }
+        let ckpt = ShardCheckpoint {
+            version,
+            start: shard.start,
+            end: shard.end,
+            total_params,
+            params: shard.params().to_vec(),
+            optimizer: shard.optimizer().state().clone(),
+        };
+        let path = checkpoint::file_name(dir, self.index, self.servers);
+        let written = self.written.clone();
+        let index = self.index;
+        let write = move || {
+            let mut newest = written.lock().unwrap_or_else(|p| p.into_inner());
+            if *newest >= ckpt.version && ckpt.version != 0 && !force {
+                return;
+            }
+            let started = Instant::now();
+            match checkpoint::write(&path, &ckpt) {
+                Ok(()) => {
+                    *newest = ckpt.version;
+                    info!(
+                        ps = index,
+                        version = ckpt.version,
+                        millis = started.elapsed().as_millis() as u64,
+                        "checkpoint written"
+                    );
+                }
+                Err(e) => warn!(ps = index, "{e}"),
+            }
+        };
+        if force {
+            write();
+        } else {
+            tokio::task::spawn_blocking(write);
+        }
+    }
+}
+
+type PullStream = Pin<Box<dyn Stream<Item = Result<TensorChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ParameterServer for PsService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let inner = &self.0;
+        let req = request.into_inner();
+        inner.check_worker(req.worker_id)?;
+        let widths: Vec<usize> = req.widths.iter().map(|&w| w as usize).collect();
+        if widths.len() < 2 || widths.contains(&0) {
+            return Err(Status::invalid_argument(format!(
+                "layer widths {widths:?} do not describe a model (need input and output widths, all at least 1)"
+            )));
+        }
+        // Counted in u128 so hostile widths cannot overflow, and capped so they cannot make
+        // the PS allocate without bound.
+        let total: u128 = widths
+            .windows(2)
+            .map(|w| w[0] as u128 * w[1] as u128 + w[1] as u128)
+            .sum();
+        if total > MAX_PARAMS as u128 {
+            return Err(Status::invalid_argument(format!(
+                "a model with widths {widths:?} has {total} parameters; this trainer holds at most {MAX_PARAMS}"
+            )));
+        }
+        let total = total as usize;
+        if req.total_params != total as u64 {
+            return Err(Status::invalid_argument(format!(
+                "total_params {} does not match widths {widths:?} ({total})",
+                req.total_params
+            )));
+        }
+        let mut state = inner.lock();
+        match &state.widths {
+            Some(known) if *known != widths => {
+                return Err(Status::failed_precondition(format!(
+                    "worker {} has model widths {widths:?} but this PS serves {known:?}; every worker must run the same spec.training",
+                    req.worker_id
+                )));
+            }
+            Some(_) => {}
+            None => {
+                let shard = inner.init_shard(widths.clone())?;
+                state.shard = Some(shard);
+                state.widths = Some(widths);
+                state.total_params = total;
+            }
+        }
+        state.last_contact = Instant::now();
+        let shard = state
+            .shard
+            .as_mut()
+            .ok_or_else(|| Status::internal("shard missing"))?;
+        let worker_step = shard
+            .register(req.worker_id, Instant::now())
+            .map_err(status_of)?;
+        let response = RegisterResponse {
+            start: shard.start as u64,
+            end: shard.end as u64,
+            version: shard.version(),
+            worker_step,
+            incarnation: inner.incarnation,
+        };
+        drop(state);
+        info!(
+            ps = inner.index,
+            worker = req.worker_id,
+            worker_step,
+            "worker registered"
+        );
+        inner.notify();
+        Ok(Response::new(response))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let inner = &self.0;
+        let req = request.into_inner();
+        inner.check_worker(req.worker_id)?;
+        let mut state = inner.lock();
+        state.last_contact = Instant::now();
+        let Some(shard) = state.shard.as_mut() else {
+            return Ok(Response::new(HeartbeatResponse {
+                incarnation: inner.incarnation,
+                ..Default::default()
+            }));
+        };
+        shard
+            .touch(req.worker_id, Instant::now())
+            .map_err(status_of)?;
+        Ok(Response::new(HeartbeatResponse {
+            version: shard.version(),
+            incarnation: inner.incarnation,
+            done_workers: shard.done_workers(),
+            dead_workers: shard.dead_workers(),
+            failure: shard.failure().unwrap_or_default().to_string(),
+        }))
+    }
+
+    async fn push(
+        &self,
+        request: Request<Streaming<PushChunk>>,
+    ) -> Result<Response<PushResponse>, Status> {
+        let inner = &self.0;
+        let started = Instant::now();
+        let mut stream = request.into_inner();
+        let (limit, buffer) = {
+            let mut state = inner.lock();
+            match state.shard.as_mut() {
+                Some(shard) => (shard.end - shard.start, shard.take_spare()),
+                None => {
+                    return Err(Status::failed_precondition(
+                        "no worker has registered yet; call Register first",
+                    ));
+                }
+            }
+        };
+        let mut assembler = Assembler::with_buffer(buffer);
+        let mut header: Option<(u32, u64, u64)> = None;
+        let mut bytes = 0u64;
+        while let Some(chunk) = stream.message().await? {
+            let key = (chunk.worker_id, chunk.base_version, chunk.step);
+            match header {
+                None => {
+                    inner.check_worker(chunk.worker_id)?;
+                    header = Some(key);
+                }
+                Some(h) if h != key => {
+                    return Err(Status::invalid_argument(
+                        "worker_id, base_version and step must not change within one push",
+                    ));
+                }
+                Some(_) => {}
+            }
+            if chunk.total_len != limit as u64 {
+                return Err(Status::invalid_argument(format!(
+                    "gradient of {} values pushed to a shard of {limit}",
+                    chunk.total_len
+                )));
+            }
+            bytes += chunk.data.len() as u64;
+            assembler
+                .add(chunk.offset, chunk.total_len, &chunk.data, limit)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let Some((worker, base, step)) = header else {
+            return Err(Status::invalid_argument("empty push: no chunks"));
+        };
+        let gradient = assembler
+            .finish()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        inner.metrics.push_bytes.inc_by(bytes);
+        let mut state = inner.lock();
+        state.last_contact = Instant::now();
+        let state = &mut *state;
+        let total_params = state.total_params;
+        let shard = state
+            .shard
+            .as_mut()
+            .ok_or_else(|| Status::internal("shard missing"))?;
+        let outcome = shard
+            .push(worker, base, step, gradient, Instant::now())
+            .map_err(status_of)?;
+        let version = shard.version();
+        if let PushOutcome::Applied { .. } = outcome {
+            inner.metrics.version.set(version as i64);
+            inner.maybe_checkpoint(shard, total_params, false);
+        }
+        inner.notify();
+        inner
+            .metrics
+            .request_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(Response::new(PushResponse { version }))
+    }
+
+    type PullStream = PullStream;
+
+    async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullStream>, Status> {
+        let inner = self.0.clone();
+        let started = Instant::now();
+        let req = request.into_inner();
+        inner.check_worker(req.worker_id)?;
+        let mut changes = inner.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + PULL_WAIT;
+        let (version, payload) = loop {
+            {
+                let mut state = inner.lock();
+                state.last_contact = Instant::now();
+                let state = &mut *state;
+                let shard = state.shard.as_mut().ok_or_else(|| {
+                    Status::failed_precondition("no worker has registered yet; call Register first")
+                })?;
+                match shard
+                    .pull_decision(req.worker_id, req.min_version, req.step, Instant::now())
+                    .map_err(status_of)?
+                {
+                    PullDecision::Ready => {
+                        let version = shard.version();
+                        // Encoded and sent after the lock is released.
+                        break (version, shard.snapshot());
+                    }
+                    PullDecision::Wait => {}
+                    PullDecision::Failed(reason) => {
+                        return Err(Status::aborted(format!("the job has failed: {reason}")));
+                    }
+                    PullDecision::Restarted { version } => {
+                        return Err(Status::failed_precondition(format!(
+                            "worker asks for version {} but this PS is at {version} (restarted from a checkpoint); register again",
+                            req.min_version
+                        )));
+                    }
+                }
+            }
+            // Woken by any push, registration, death or failure; re-check then.
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Status::unavailable("parameter server is shutting down")),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "not ready for worker {} step {} (min version {}) within {:?}; ask again",
+                        req.worker_id, req.step, req.min_version, PULL_WAIT
+                    )));
+                }
+            }
+        };
+        let total_len = payload.len();
+        inner.metrics.pull_bytes.inc_by(total_len as u64 * 4);
+        inner
+            .metrics
+            .request_duration
+            .observe(started.elapsed().as_secs_f64());
+        let chunks = net::encode_chunks(payload, 0..total_len).map(move |(offset, data)| {
+            Ok(TensorChunk {
+                version,
+                offset,
+                total_len: total_len as u64,
+                data,
+            })
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn done(&self, request: Request<DoneRequest>) -> Result<Response<DoneResponse>, Status> {
+        let inner = &self.0;
+        let req = request.into_inner();
+        inner.check_worker(req.worker_id)?;
+        let mut state = inner.lock();
+        state.last_contact = Instant::now();
+        if let Some(shard) = state.shard.as_mut() {
+            shard
+                .mark_done(req.worker_id, Instant::now())
+                .map_err(status_of)?;
+        }
+        drop(state);
+        info!(ps = inner.index, worker = req.worker_id, "worker done");
+        inner.notify();
+        Ok(Response::new(DoneResponse {}))
+    }
+
+    async fn shutdown(
+        &self,
+        request: Request<ShutdownRequest>,
+    ) -> Result<Response<ShutdownResponse>, Status> {
+        let inner = &self.0;
+        let reason = request.into_inner().reason;
+        let state = inner.lock();
+        let version = state.shard.as_ref().map_or(0, Shard::version);
+        if let Some(shard) = &state.shard {
+            inner.maybe_checkpoint(shard, state.total_params, true);
+            let histogram = shard.staleness_histogram();
+            if !histogram.is_empty() {
+                info!(
+                    ps = inner.index,
+                    "staleness histogram (versions behind: updates): {histogram:?}"
+                );
+                println!(
+                    "kubetrain-trainer: ps {} staleness {:?}",
+                    inner.index, histogram
+                );
+            }
+        }
+        drop(state);
+        println!(
+            "kubetrain-trainer: ps {} shutting down at version {version}: {reason}",
+            inner.index
+        );
+        inner.finish.send_replace(Some(Ok(())));
+        Ok(Response::new(ShutdownResponse { version }))
+    }
+}
+
+/// Runs a parameter server until the chief shuts it down (Ok) or it gives up (Err).
+pub async fn run_ps(config: Config, metrics: PsMetrics) -> Result<(), TrainerError> {
+    let incarnation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let checkpoint = config
+        .training
+        .checkpoint
+        .as_ref()
+        .map(|c| (PathBuf::from(&c.path), u64::from(c.every_steps.max(1))));
+    let (finish, finished) = watch::channel(None);
+    let inner = Arc::new(Inner {
+        index: config.index,
+        servers: config.cluster.ps.len(),
+        workers: config.cluster.worker.clone(),
+        incarnation,
+        state: Mutex::new(State {
+            shard: None,
+            widths: None,
+            total_params: 0,
+            last_contact: Instant::now(),
+        }),
+        changed: watch::channel(0).0,
+        finish,
+        metrics,
+        checkpoint,
+        written: Arc::new(Mutex::new(0)),
+        config: config.clone(),
+    });
+
+    let watchdog = tokio::spawn(watchdog(inner.clone()));
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<ParameterServerServer<PsService>>()
+        .await;
+    let service = ParameterServerServer::new(PsService(inner.clone()))
+        .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(net::MAX_MESSAGE_BYTES);
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .map_err(|source| TrainerError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+    info!(ps = config.index, addr = %config.bind, consistency = ?config.consistency, "parameter server listening");
+    let mut signal = finished.clone();
+    let server = net::server()
+        .add_service(health)
+        .add_service(service)
+        .serve_with_incoming_shutdown(net::incoming(listener), async move {
+            signal.wait_for(Option::is_some).await.map(|_| ()).ok();
+        });
+    tokio::pin!(server);
+    let mut waiter = finished.clone();
+    let outcome = tokio::select! {
+        served = &mut server => {
+            served?;
+            finished.borrow().clone().unwrap_or(Ok(()))
+        }
+        _ = async { waiter.wait_for(Option::is_some).await.map(|_| ()) } => {
+            let outcome = finished.borrow().clone().unwrap_or(Ok(()));
+            // Let in-flight answers (the Shutdown reply, failure statuses) go out, but do not
+            // wait on idle client connections.
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
+            outcome
+        }
+    };
+    watchdog.abort();
+    outcome.map_err(TrainerError::PsGaveUp)
+}
+
+/// Marks silent workers dead, fails a Sync job that lost one, and ends a PS nobody talks to.
+async fn watchdog(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut failed_at: Option<Instant> = None;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let mut state = inner.lock();
+        let idle = now.saturating_duration_since(state.last_contact);
+        if let Some(shard) = state.shard.as_mut() {
+            let had_failure = shard.failure().is_some();
+            let dead = shard.check_liveness(
+                now,
+                inner.config.heartbeat_timeout,
+                inner.config.idle_timeout,
+                &inner.workers,
+            );
+            for w in &dead {
+                warn!(ps = inner.index, worker = w, addr = %inner.workers[*w as usize], "worker stopped heartbeating; marked dead");
+            }
+            if let (false, Some(reason)) = (had_failure, shard.failure()) {
+                error!(ps = inner.index, "{reason}");
+                failed_at = Some(now);
+            }
+            if !dead.is_empty() {
+                drop(state);
+                inner.notify();
+                state = inner.lock();
+            }
+        }
+        let failure = state
+            .shard
+            .as_ref()
+            .and_then(|s| s.failure().map(str::to_string));
+        drop(state);
+        if let (Some(at), Some(reason)) = (failed_at, failure) {
+            if now.saturating_duration_since(at) >= FAILURE_GRACE {
+                inner.finish.send_replace(Some(Err(reason)));
+                return;
+            }
+            continue;
+        }
+        if idle > inner.config.idle_timeout {
+            let reason = format!(
+                "no worker contact for {:.0}s (--idle-timeout-secs); the job's workers are gone",
+                idle.as_secs_f64()
+            );
+            error!(ps = inner.index, "{reason}");
+            if let Some(shard) = inner.lock().shard.as_mut() {
+                shard.fail(reason.clone());
+            }
+            inner.finish.send_replace(Some(Err(reason)));
+            return;
+        }
+    }
+}

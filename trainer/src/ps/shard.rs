@@ -1,0 +1,505 @@
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::model::{ModelError, Optimizer};
+
+/// How updates from different workers are combined (from `training.consistency`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// Wait for every worker's gradient for the current version, sum them in rank order,
+    /// apply the mean once.
+    Sync,
+    /// Apply each gradient when it arrives.
+    Async,
+    /// Apply on arrival, but hold back a worker's pull while it is more than `s` steps
+    /// ahead of the slowest live worker.
+    BoundedStaleness(u64),
+}
+
+/// A request the shard refuses. Each maps to a gRPC status; none panics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardError {
+    #[error("unknown worker {worker}: this job has workers 0..{workers}")]
+    UnknownWorker { worker: u32, workers: usize },
+    #[error("gradient has {got} elements but this shard holds {expected}")]
+    WrongLength { expected: usize, got: usize },
+    #[error(
+        "gradient was computed against version {base} but this shard is at {version}; register again and pull"
+    )]
+    Stale { base: u64, version: u64 },
+    #[error("the job has failed: {0}")]
+    Failed(String),
+    #[error("updating the shard: {0}")]
+    Model(#[from] ModelError),
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// The shard moved to a new version.
+    Applied { version: u64 },
+    /// Sync: kept until the other workers' gradients arrive.
+    Pending,
+}
+
+/// Whether a pull may be answered now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullDecision {
+    Ready,
+    Wait,
+    Failed(String),
+    /// The worker asks for a version this shard never reached: the PS restarted from a
+    /// checkpoint behind the worker.
+    Restarted {
+        version: u64,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+struct WorkerState {
+    registered: bool,
+    last_seen: Option<Instant>,
+    /// Steps completed, as far as this shard knows.
+    clock: u64,
+    done: bool,
+    dead: bool,
+    pending: Option<Vec<f32>>,
+}
+
+/// One parameter server's shard: parameters, optimizer state, version, and the per-worker
+/// bookkeeping that the consistency rules need. Pure state: time is passed in.
+#[derive(Debug)]
+pub struct Shard {
+    pub start: usize,
+    pub end: usize,
+    /// Shared with pulls in flight; an update copies only if one still holds the old
+    /// version (copy-on-write), so steady-state pulls cost no copy at all.
+    params: Arc<Vec<f32>>,
+    optimizer: Optimizer,
+    version: u64,
+    consistency: Consistency,
+    workers: Vec<WorkerState>,
+    /// Async/BoundedStaleness: how many versions behind each applied gradient was.
+    staleness: BTreeMap<u64, u64>,
+    failure: Option<String>,
+    started: Instant,
+    /// Gradient buffers already applied, for the next pushes to decode into.
+    spare: Vec<Vec<f32>>,
+}
+
+impl Shard {
+    pub fn new(
+        start: usize,
+        params: Vec<f32>,
+        optimizer: Optimizer,
+        version: u64,
+        consistency: Consistency,
+        workers: usize,
+        now: Instant,
+    ) -> Self {
+        Self {
+            start,
+            end: start + params.len(),
+            params: Arc::new(params),
+            optimizer,
+            version,
+            consistency,
+            workers: vec![WorkerState::default(); workers],
+            staleness: BTreeMap::new(),
+            failure: None,
+            started: now,
+            spare: Vec::new(),
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// This version's parameters, without copying them.
+    pub fn snapshot(&self) -> Arc<Vec<f32>> {
+        self.params.clone()
+    }
+
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    /// A buffer to decode the next gradient into (empty if none is spare).
+    pub fn take_spare(&mut self) -> Vec<f32> {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    fn recycle(&mut self, buffer: Vec<f32>) {
+        // Enough for the pushes in flight at once; more would only hold memory.
+        if self.spare.len() < self.workers.len().min(4) {
+            self.spare.push(buffer);
+        }
+    }
+
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    pub fn staleness_histogram(&self) -> &BTreeMap<u64, u64> {
+        &self.staleness
+    }
+
+    fn worker(&mut self, worker: u32) -> Result<&mut WorkerState, ShardError> {
+        let workers = self.workers.len();
+        self.workers
+            .get_mut(worker as usize)
+            .ok_or(ShardError::UnknownWorker { worker, workers })
+    }
+
+    /// Any contact from a worker proves it alive.
+    pub fn touch(&mut self, worker: u32, now: Instant) -> Result<(), ShardError> {
+        let w = self.worker(worker)?;
+        w.last_seen = Some(now);
+        Ok(())
+    }
+
+    /// A worker (re)announces itself; returns the steps this shard has seen it complete.
+    pub fn register(&mut self, worker: u32, now: Instant) -> Result<u64, ShardError> {
+        let w = self.worker(worker)?;
+        w.registered = true;
+        w.last_seen = Some(now);
+        // A restarted worker is alive again (Async / BoundedStaleness keep going with it).
+        w.dead = false;
+        w.done = false;
+        Ok(w.clock)
+    }
+
+    pub fn mark_done(&mut self, worker: u32, now: Instant) -> Result<(), ShardError> {
+        let w = self.worker(worker)?;
+        w.done = true;
+        w.last_seen = Some(now);
+        // Sync: the remaining workers may now be complete without this one.
+        self.try_apply_sync()?;
+        Ok(())
+    }
+
+    pub fn done_workers(&self) -> Vec<u32> {
+        (0..self.workers.len() as u32)
+            .filter(|&i| self.workers[i as usize].done)
+            .collect()
+    }
+
+    pub fn dead_workers(&self) -> Vec<u32> {
+        (0..self.workers.len() as u32)
+            .filter(|&i| self.workers[i as usize].dead)
+            .collect()
+    }
+
+    /// Every worker has finished or died: nothing more will arrive.
+    pub fn all_finished(&self) -> bool {
+        self.workers.iter().all(|w| w.done || w.dead)
+    }
+
+    /// A worker's gradient for this shard, computed against `base` at its step `step`.
+    pub fn push(
+        &mut self,
+        worker: u32,
+        base: u64,
+        step: u64,
+        gradient: Vec<f32>,
+        now: Instant,
+    ) -> Result<PushOutcome, ShardError> {
+        if let Some(reason) = &self.failure {
+            return Err(ShardError::Failed(reason.clone()));
+        }
+        let expected = self.params.len();
+        if gradient.len() != expected {
+            return Err(ShardError::WrongLength {
+                expected,
+                got: gradient.len(),
+            });
+        }
+        let version = self.version;
+        let consistency = self.consistency;
+        let w = self.worker(worker)?;
+        w.last_seen = Some(now);
+        if base > version || (consistency == Consistency::Sync && base != version) {
+            return Err(ShardError::Stale { base, version });
+        }
+        w.clock = w.clock.max(step + 1);
+        match consistency {
+            Consistency::Sync => {
+                w.pending = Some(gradient);
+                match self.try_apply_sync()? {
+                    true => Ok(PushOutcome::Applied {
+                        version: self.version,
+                    }),
+                    false => Ok(PushOutcome::Pending),
+                }
+            }
+            Consistency::Async | Consistency::BoundedStaleness(_) => {
+                *self.staleness.entry(version - base).or_default() += 1;
+                self.optimizer
+                    .apply(Arc::make_mut(&mut self.params).as_mut_slice(), &gradient)?;
+                self.version += 1;
+                self.recycle(gradient);
+                Ok(PushOutcome::Applied {
+                    version: self.version,
+                })
+            }
+        }
+    }
+
+    /// Sync: once every worker still training has pushed, applies the mean of the pending
+    /// gradients, summed in rank order so the result does not depend on arrival order.
+    fn try_apply_sync(&mut self) -> Result<bool, ShardError> {
+        if self.consistency != Consistency::Sync {
+            return Ok(false);
+        }
+        let waiting = self.workers.iter().any(|w| !w.done && w.pending.is_none());
+        let count = self.workers.iter().filter(|w| w.pending.is_some()).count();
+        if waiting || count == 0 {
+            return Ok(false);
+        }
+        // Sum into the lowest rank's buffer (0 + g == g, so this is the plain rank-order sum).
+        let mut pending = self.workers.iter_mut().filter_map(|w| w.pending.take());
+        let mut sum = pending.next().unwrap_or_default();
+        let mut used = Vec::new();
+        for g in pending {
+            for (s, g) in sum.iter_mut().zip(&g) {
+                *s += g;
+            }
+            used.push(g);
+        }
+        let scale = 1.0 / count as f32;
+        sum.iter_mut().for_each(|s| *s *= scale);
+        self.optimizer
+            .apply(Arc::make_mut(&mut self.params).as_mut_slice(), &sum)?;
+        self.version += 1;
+        for buffer in used.into_iter().chain([sum]) {
+            self.recycle(buffer);
+        }
+        Ok(true)
+    }
+
+    /// May `worker`, about to run step `step`, have parameters of at least `min_version`?
+    pub fn pull_decision(
+        &mut self,
+        worker: u32,
+        min_version: u64,
+        step: u64,
+        now: Instant,
+    ) -> Result<PullDecision, ShardError> {
+        if let Some(reason) = &self.failure {
+            return Ok(PullDecision::Failed(reason.clone()));
+        }
+        let version = self.version;
+        let w = self.worker(worker)?;
+        w.last_seen = Some(now);
+        // Pulling for step t means t steps are done.
+        w.clock = w.clock.max(step);
+        if min_version > version + 1 {
+            return Ok(PullDecision::Restarted { version });
+        }
+        match self.consistency {
+            Consistency::Sync if version < min_version => Ok(PullDecision::Wait),
+            Consistency::Sync | Consistency::Async => Ok(PullDecision::Ready),
+            Consistency::BoundedStaleness(s) => {
+                let slowest = self
+                    .workers
+                    .iter()
+                    .filter(|w| !w.done && !w.dead)
+                    .map(|w| w.clock)
+                    .min();
+                match slowest {
+                    Some(slowest) if step > slowest + s => Ok(PullDecision::Wait),
+                    _ => Ok(PullDecision::Ready),
+                }
+            }
+        }
+    }
+
+    /// Marks workers silent for longer than `timeout` dead (never-registered ones get
+    /// `startup` from the shard's start). Returns the newly dead. In Sync one dead worker
+    /// fails the job, with a message naming it.
+    pub fn check_liveness(
+        &mut self,
+        now: Instant,
+        timeout: Duration,
+        startup: Duration,
+        addresses: &[String],
+    ) -> Vec<u32> {
+        let mut newly_dead = Vec::new();
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            if w.done || w.dead {
+                continue;
+            }
+            let silent = match w.last_seen {
+                Some(seen) => now.saturating_duration_since(seen) > timeout,
+                None => now.saturating_duration_since(self.started) > startup,
+            };
+            if silent {
+                w.dead = true;
+                newly_dead.push(i as u32);
+            }
+        }
+        if self.consistency == Consistency::Sync
+            && self.failure.is_none()
+            && let Some(&first) = newly_dead.first()
+        {
+            let address = addresses.get(first as usize).map_or("?", String::as_str);
+            let registered = self.workers[first as usize].registered;
+            let what = if registered {
+                format!("sent nothing for more than {:.1}s", timeout.as_secs_f64())
+            } else {
+                format!("never registered within {:.0}s", startup.as_secs_f64())
+            };
+            self.failure = Some(format!(
+                "worker {first} ({address}) {what}; Sync training cannot continue without it"
+            ));
+        }
+        newly_dead
+    }
+
+    /// Sets the failure reason (used when the PS itself gives up).
+    pub fn fail(&mut self, reason: String) {
+        self.failure.get_or_insert(reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kubetrain_api::{OptimizerKind, OptimizerSpec};
+
+    use super::*;
+
+    fn shard(consistency: Consistency, workers: usize) -> (Shard, Instant) {
+        let spec = OptimizerSpec {
+            kind: OptimizerKind::Sgd,
+            learning_rate: 1.0,
+            momentum: None,
+            beta1: None,
+            beta2: None,
+            epsilon: None,
+        };
+        let now = Instant::now();
+        let opt = Optimizer::new(&spec, 2);
+        (
+            Shard::new(10, vec![0.0, 0.0], opt, 0, consistency, workers, now),
+            now,
+        )
+    }
+
+    #[test]
+    fn sync_applies_the_rank_ordered_mean_once_all_pushed() {
+        let (mut s, now) = shard(Consistency::Sync, 2);
+        assert_eq!(
+            s.push(1, 0, 0, vec![1.0, 2.0], now),
+            Ok(PushOutcome::Pending)
+        );
+        assert_eq!(s.pull_decision(1, 1, 1, now), Ok(PullDecision::Wait));
+        assert_eq!(
+            s.push(0, 0, 0, vec![3.0, 4.0], now),
+            Ok(PushOutcome::Applied { version: 1 })
+        );
+        assert_eq!(s.params(), &[-2.0, -3.0]);
+        assert_eq!(s.pull_decision(1, 1, 1, now), Ok(PullDecision::Ready));
+        // A gradient for an old version is refused, not silently mixed in.
+        assert_eq!(
+            s.push(0, 0, 0, vec![1.0, 1.0], now),
+            Err(ShardError::Stale {
+                base: 0,
+                version: 1
+            })
+        );
+    }
+
+    #[test]
+    fn sync_continues_without_workers_that_are_done() {
+        let (mut s, now) = shard(Consistency::Sync, 2);
+        s.mark_done(1, now).unwrap();
+        assert_eq!(
+            s.push(0, 0, 0, vec![1.0, 1.0], now),
+            Ok(PushOutcome::Applied { version: 1 })
+        );
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let (mut s, now) = shard(Consistency::Async, 2);
+        assert!(matches!(
+            s.push(0, 0, 0, vec![1.0], now),
+            Err(ShardError::WrongLength { .. })
+        ));
+        assert!(matches!(
+            s.push(5, 0, 0, vec![1.0, 1.0], now),
+            Err(ShardError::UnknownWorker { .. })
+        ));
+        assert!(matches!(
+            s.register(9, now),
+            Err(ShardError::UnknownWorker { .. })
+        ));
+        assert!(matches!(
+            s.push(0, 3, 0, vec![1.0, 1.0], now),
+            Err(ShardError::Stale { .. })
+        ));
+        assert_eq!(
+            s.pull_decision(0, 7, 0, now),
+            Ok(PullDecision::Restarted { version: 0 })
+        );
+    }
+
+    #[test]
+    fn async_records_staleness() {
+        let (mut s, now) = shard(Consistency::Async, 2);
+        s.push(0, 0, 0, vec![1.0, 1.0], now).unwrap();
+        s.push(1, 0, 0, vec![1.0, 1.0], now).unwrap();
+        s.push(0, 2, 1, vec![1.0, 1.0], now).unwrap();
+        assert_eq!(
+            s.staleness_histogram()
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect::<Vec<_>>(),
+            vec![(0, 2), (1, 1)]
+        );
+    }
+
+    #[test]
+    fn bounded_staleness_holds_back_the_fastest() {
+        let (mut s, now) = shard(Consistency::BoundedStaleness(1), 2);
+        for step in 0..2 {
+            assert_eq!(s.pull_decision(0, 0, step, now), Ok(PullDecision::Ready));
+            s.push(0, s.version(), step, vec![0.0, 0.0], now).unwrap();
+        }
+        // Worker 0 has done 2 steps, worker 1 none: step 2 is 2 ahead of the slowest.
+        assert_eq!(s.pull_decision(0, 0, 2, now), Ok(PullDecision::Wait));
+        s.push(1, s.version(), 0, vec![0.0, 0.0], now).unwrap();
+        assert_eq!(s.pull_decision(0, 0, 2, now), Ok(PullDecision::Ready));
+        // A finished worker no longer holds anyone back.
+        s.mark_done(1, now).unwrap();
+        assert_eq!(s.pull_decision(0, 0, 9, now), Ok(PullDecision::Ready));
+    }
+
+    #[test]
+    fn sync_fails_naming_a_silent_worker() {
+        let (mut s, now) = shard(Consistency::Sync, 2);
+        s.register(0, now).unwrap();
+        s.register(1, now).unwrap();
+        s.touch(0, now + Duration::from_secs(4)).unwrap();
+        let addrs = vec!["a:1".to_string(), "b:2".to_string()];
+        let dead = s.check_liveness(
+            now + Duration::from_secs(4),
+            Duration::from_secs(3),
+            Duration::from_secs(60),
+            &addrs,
+        );
+        assert_eq!(dead, vec![1]);
+        let failure = s.failure().unwrap();
+        assert!(failure.contains("worker 1 (b:2)"), "{failure}");
+        assert!(matches!(
+            s.pull_decision(0, 0, 0, now),
+            Ok(PullDecision::Failed(_))
+        ));
+    }
+}

@@ -1,0 +1,495 @@
+//! The worker's connections to every parameter server, with the retry rules: which
+//! failures mean "ask again", which mean "the PS restarted, register again", and which end
+//! the job.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::error::TrainerError;
+use crate::net::{self, Assembler};
+use crate::proto::parameter_server_client::ParameterServerClient;
+use crate::proto::*;
+
+const UNARY_DEADLINE: Duration = Duration::from_secs(5);
+/// A pull may wait up to the PS's own 5 s bound; this covers that plus the transfer.
+const PULL_DEADLINE: Duration = Duration::from_secs(15);
+const PUSH_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Why a step did not complete.
+#[derive(Debug)]
+pub enum StepError {
+    /// Redo the step (after re-registering where needed).
+    Retry(String),
+    /// End the worker.
+    Fatal(TrainerError),
+}
+
+#[derive(Clone)]
+struct Link {
+    index: usize,
+    addr: String,
+    client: ParameterServerClient<Channel>,
+    range: Range<usize>,
+    /// Sync: the version the next pull needs (0: whatever is current).
+    need: u64,
+    /// The version of the parameters last pulled (the base of the next push).
+    base: u64,
+    stale: bool,
+}
+
+pub struct Links {
+    worker: u32,
+    total: usize,
+    widths: Vec<u32>,
+    links: Vec<Link>,
+    ps_timeout: Duration,
+    expected_workers: usize,
+    /// Per-PS receive buffers and the assembled parameter vector, reused every step:
+    /// fresh multi-MiB allocations cost more in page faults than filling them.
+    spare: Vec<Vec<f32>>,
+    spare_params: Vec<f32>,
+}
+
+fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+impl Links {
+    pub fn new(
+        config: &Config,
+        ranges: Vec<Range<usize>>,
+        widths: &[usize],
+    ) -> Result<Self, TrainerError> {
+        let links = config
+            .cluster
+            .ps
+            .iter()
+            .zip(ranges)
+            .enumerate()
+            .map(|(index, (addr, range))| {
+                let channel = net::channel(addr).map_err(|e| TrainerError::Connect {
+                    role: "ps",
+                    index,
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+                Ok(Link {
+                    index,
+                    addr: addr.clone(),
+                    client: ParameterServerClient::new(channel)
+                        .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(net::MAX_MESSAGE_BYTES),
+                    range,
+                    need: 0,
+                    base: 0,
+                    stale: true,
+                })
+            })
+            .collect::<Result<Vec<_>, TrainerError>>()?;
+        Ok(Self {
+            worker: config.index as u32,
+            total: widths.windows(2).map(|w| w[0] * w[1] + w[1]).sum(),
+            widths: widths.iter().map(|&w| w as u32).collect(),
+            links,
+            ps_timeout: config.ps_timeout,
+            expected_workers: config.cluster.worker.len(),
+            spare: vec![Vec::new(); config.cluster.ps.len()],
+            spare_params: Vec::new(),
+        })
+    }
+
+    /// Registers with one PS, retrying while it is unreachable (starting or restarting),
+    /// for at most `--ps-timeout-secs`.
+    async fn register(&mut self, i: usize) -> Result<u64, TrainerError> {
+        let started = Instant::now();
+        let link = &mut self.links[i];
+        loop {
+            let request = RegisterRequest {
+                worker_id: self.worker,
+                total_params: self.total as u64,
+                widths: self.widths.clone(),
+            };
+            let result = tokio::time::timeout(
+                UNARY_DEADLINE,
+                link.client.register(with_deadline(request, UNARY_DEADLINE)),
+            )
+            .await;
+            let status = match result {
+                Ok(Ok(response)) => {
+                    let r = response.into_inner();
+                    if (r.start as usize, r.end as usize) != (link.range.start, link.range.end) {
+                        return Err(TrainerError::Connect {
+                            role: "ps",
+                            index: link.index,
+                            addr: link.addr.clone(),
+                            reason: format!(
+                                "it holds [{}, {}) but this worker expects [{}, {}); are the PS and worker configured with the same cluster?",
+                                r.start, r.end, link.range.start, link.range.end
+                            ),
+                        });
+                    }
+                    link.need = 0;
+                    link.base = r.version;
+                    link.stale = false;
+                    info!(
+                        ps = link.index,
+                        version = r.version,
+                        incarnation = r.incarnation,
+                        "registered"
+                    );
+                    return Ok(r.worker_step);
+                }
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded("register timed out"),
+            };
+            match status.code() {
+                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {}
+                _ => {
+                    return Err(TrainerError::Rpc {
+                        call: "Register",
+                        index: link.index,
+                        addr: link.addr.clone(),
+                        status,
+                    });
+                }
+            }
+            if started.elapsed() > self.ps_timeout {
+                return Err(TrainerError::Connect {
+                    role: "ps",
+                    index: link.index,
+                    addr: link.addr.clone(),
+                    reason: format!(
+                        "unreachable for {:.0}s (--ps-timeout-secs): {}",
+                        started.elapsed().as_secs_f64(),
+                        status.message()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Registers with every PS; returns the step to continue from.
+    pub async fn register_all(&mut self) -> Result<u64, TrainerError> {
+        let mut resume = 0;
+        for i in 0..self.links.len() {
+            resume = resume.max(self.register(i).await?);
+        }
+        Ok(resume)
+    }
+
+    async fn reregister_stale(&mut self) -> Result<(), StepError> {
+        for i in 0..self.links.len() {
+            if self.links[i].stale {
+                self.register(i).await.map_err(StepError::Fatal)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sorts a failed call into retry, re-register, or fatal.
+    fn classify(&mut self, i: usize, call: &'static str, status: Status) -> StepError {
+        let link = &mut self.links[i];
+        match status.code() {
+            Code::Aborted => StepError::Fatal(TrainerError::JobFailed(format!(
+                "ps {} ({}) reports: {}",
+                link.index,
+                link.addr,
+                status.message()
+            ))),
+            Code::DeadlineExceeded => {
+                StepError::Retry(format!("{call} on ps {}: {}", link.index, status.message()))
+            }
+            Code::FailedPrecondition
+            | Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Internal => {
+                if !link.stale {
+                    warn!(ps = link.index, addr = %link.addr, "{call} failed ({}); registering again", status.message());
+                }
+                link.stale = true;
+                StepError::Retry(format!(
+                    "{call} on ps {} ({}): {}",
+                    link.index,
+                    link.addr,
+                    status.message()
+                ))
+            }
+            _ => StepError::Fatal(TrainerError::Rpc {
+                call,
+                index: link.index,
+                addr: link.addr.clone(),
+                status,
+            }),
+        }
+    }
+
+    /// Pulls every shard for step `step` and assembles the full parameter vector.
+    pub async fn pull_all(&mut self, step: u64, sync: bool) -> Result<Vec<f32>, StepError> {
+        self.reregister_stale().await?;
+        let mut tasks = JoinSet::new();
+        for (i, link) in self.links.iter().enumerate() {
+            let mut client = link.client.clone();
+            let request = PullRequest {
+                worker_id: self.worker,
+                min_version: if sync { link.need } else { 0 },
+                step,
+            };
+            let len = link.range.len();
+            let buffer = std::mem::take(&mut self.spare[i]);
+            tasks.spawn(async move {
+                let call = async {
+                    let mut stream = client
+                        .pull(with_deadline(request, PULL_DEADLINE))
+                        .await?
+                        .into_inner();
+                    let mut assembler = Assembler::with_buffer(buffer);
+                    let mut version = None;
+                    while let Some(chunk) = stream.message().await? {
+                        version.get_or_insert(chunk.version);
+                        assembler
+                            .add(chunk.offset, chunk.total_len, &chunk.data, len)
+                            .map_err(|e| Status::internal(format!("bad parameter chunk: {e}")))?;
+                    }
+                    let values = assembler.finish().map_err(|e| {
+                        Status::unavailable(format!("parameter stream ended early: {e}"))
+                    })?;
+                    if values.len() != len {
+                        return Err(Status::internal(format!(
+                            "got {} parameters, expected {len}",
+                            values.len()
+                        )));
+                    }
+                    Ok((version.unwrap_or(0), values))
+                };
+                let result = tokio::time::timeout(PULL_DEADLINE, call)
+                    .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("pull timed out")));
+                (i, result)
+            });
+        }
+        let mut params = std::mem::take(&mut self.spare_params);
+        params.clear();
+        params.resize(self.total, 0.0);
+        let mut failure = None;
+        while let Some(joined) = tasks.join_next().await {
+            let (i, result) =
+                joined.map_err(|e| StepError::Fatal(TrainerError::Compute(e.to_string())))?;
+            match result {
+                Ok((version, values)) => {
+                    let link = &mut self.links[i];
+                    params[link.range.clone()].copy_from_slice(&values);
+                    link.base = version;
+                    self.spare[i] = values;
+                }
+                Err(status) => {
+                    let error = self.classify(i, "Pull", status);
+                    // A fatal error wins over a retry from another shard.
+                    if failure.is_none() || matches!(error, StepError::Fatal(_)) {
+                        failure = Some(error);
+                    }
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(params),
+        }
+    }
+
+    /// Hands a parameter vector from `pull_all` back for reuse.
+    pub fn recycle(&mut self, params: Vec<f32>) {
+        self.spare_params = params;
+    }
+
+    /// Pushes each PS its slice of the gradient, computed on the versions last pulled.
+    pub async fn push_all(&mut self, step: u64, grad: Arc<Vec<f32>>) -> Result<(), StepError> {
+        let mut tasks = JoinSet::new();
+        for (i, link) in self.links.iter().enumerate() {
+            let mut client = link.client.clone();
+            let (worker, base, total_len) = (self.worker, link.base, link.range.len() as u64);
+            let chunks =
+                net::encode_chunks(grad.clone(), link.range.clone()).map(move |(offset, data)| {
+                    PushChunk {
+                        worker_id: worker,
+                        base_version: base,
+                        step,
+                        offset,
+                        total_len,
+                        data,
+                    }
+                });
+            tasks.spawn(async move {
+                let call = client.push(with_deadline(tokio_stream::iter(chunks), PUSH_DEADLINE));
+                let result = match tokio::time::timeout(PUSH_DEADLINE, call).await {
+                    Ok(Ok(response)) => Ok(response.into_inner().version),
+                    Ok(Err(status)) => Err(status),
+                    // Whether it landed is unknown: register again and redo the step.
+                    Err(_) => Err(Status::unavailable("push timed out")),
+                };
+                (i, base, result)
+            });
+        }
+        let mut failure = None;
+        while let Some(joined) = tasks.join_next().await {
+            let (i, base, result) =
+                joined.map_err(|e| StepError::Fatal(TrainerError::Compute(e.to_string())))?;
+            match result {
+                Ok(_) => self.links[i].need = base + 1,
+                Err(status) => {
+                    let error = self.classify(i, "Push", status);
+                    if failure.is_none() || matches!(error, StepError::Fatal(_)) {
+                        failure = Some(error);
+                    }
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells every PS this worker has finished (best effort: a PS that is gone needs no
+    /// telling).
+    pub async fn done_all(&mut self) {
+        for link in &mut self.links {
+            let request = with_deadline(
+                DoneRequest {
+                    worker_id: self.worker,
+                },
+                UNARY_DEADLINE,
+            );
+            if let Err(e) = tokio::time::timeout(UNARY_DEADLINE, link.client.done(request)).await {
+                warn!(
+                    ps = link.index,
+                    "telling the PS this worker is done timed out: {e}"
+                );
+            }
+        }
+    }
+
+    /// Chief: waits until every other worker is done or dead, so the final evaluation sees
+    /// all updates.
+    pub async fn wait_for_workers(
+        &mut self,
+        abort: &watch::Receiver<Option<String>>,
+    ) -> Result<(), TrainerError> {
+        let workers = self.workers_expected();
+        let link = &mut self.links[0];
+        let mut unreachable_since: Option<Instant> = None;
+        loop {
+            if let Some(reason) = abort.borrow().clone() {
+                return Err(TrainerError::JobFailed(reason));
+            }
+            let request = with_deadline(
+                HeartbeatRequest {
+                    worker_id: self.worker,
+                },
+                UNARY_DEADLINE,
+            );
+            match tokio::time::timeout(UNARY_DEADLINE, link.client.heartbeat(request)).await {
+                Ok(Ok(response)) => {
+                    let r = response.into_inner();
+                    if !r.failure.is_empty() {
+                        return Err(TrainerError::JobFailed(r.failure));
+                    }
+                    unreachable_since = None;
+                    let finished = r.done_workers.len()
+                        + r.dead_workers
+                            .iter()
+                            .filter(|d| !r.done_workers.contains(d))
+                            .count();
+                    if finished >= workers {
+                        if !r.dead_workers.is_empty() {
+                            warn!(dead = ?r.dead_workers, "finishing without workers that died");
+                        }
+                        return Ok(());
+                    }
+                }
+                _ => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.ps_timeout {
+                        return Err(TrainerError::Connect {
+                            role: "ps",
+                            index: link.index,
+                            addr: link.addr.clone(),
+                            reason: "unreachable while waiting for the other workers to finish"
+                                .into(),
+                        });
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn workers_expected(&self) -> usize {
+        self.expected_workers
+    }
+
+    /// Chief: ends the job on every PS.
+    pub async fn shutdown_all(&mut self, reason: &str) {
+        for link in &mut self.links {
+            let request = with_deadline(
+                ShutdownRequest {
+                    reason: reason.into(),
+                },
+                UNARY_DEADLINE,
+            );
+            match tokio::time::timeout(UNARY_DEADLINE, link.client.shutdown(request)).await {
+                Ok(Ok(_)) => info!(ps = link.index, "parameter server shut down"),
+                Ok(Err(status)) => warn!(ps = link.index, "shutting down the PS failed: {status}"),
+                Err(_) => warn!(ps = link.index, "shutting down the PS timed out"),
+            }
+        }
+    }
+
+    /// Heartbeats every PS until aborted; reports a job failure any PS announces.
+    pub fn heartbeats(
+        &self,
+        interval: Duration,
+        abort: watch::Sender<Option<String>>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let clients: Vec<ParameterServerClient<Channel>> =
+            self.links.iter().map(|l| l.client.clone()).collect();
+        let worker = self.worker;
+        async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                let mut tasks = JoinSet::new();
+                for client in &clients {
+                    let mut client = client.clone();
+                    tasks.spawn(async move {
+                        let request = with_deadline(
+                            HeartbeatRequest { worker_id: worker },
+                            Duration::from_secs(1),
+                        );
+                        tokio::time::timeout(Duration::from_secs(1), client.heartbeat(request))
+                            .await
+                    });
+                }
+                while let Some(Ok(result)) = tasks.join_next().await {
+                    if let Ok(Ok(response)) = result {
+                        let failure = response.into_inner().failure;
+                        if !failure.is_empty() {
+                            abort.send_replace(Some(failure));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

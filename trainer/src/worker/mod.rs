@@ -1,0 +1,304 @@
+//! The data-parallel worker loop: pull parameters from every PS, compute the gradient of
+//! one batch of this worker's partition, push each PS its slice; the chief (worker 0) also
+//! evaluates, reports progress and ends the job.
+
+mod links;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kubetrain_api::validation::effective_hidden;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::data::{self, Batcher, Examples, Partition, Schedule};
+use crate::error::TrainerError;
+use crate::model::{Evaluation, ModelError, Network, as_matrix};
+use crate::net;
+use crate::progress::{ProgressService, ProgressState};
+use crate::proto::progress_server::ProgressServer;
+use crate::ps::{Consistency, shard_ranges};
+use links::{Links, StepError};
+
+/// What a worker reports when it finishes.
+#[derive(Debug, Clone)]
+pub struct WorkerOutcome {
+    pub steps: u64,
+    /// Chief only: test-set evaluation of the final parameters.
+    pub evaluation: Option<Evaluation>,
+    pub loss: f64,
+    pub samples_per_second: f64,
+}
+
+/// Runs one worker to the end of training.
+/// `progress` is the chief's shared progress (None on other workers).
+pub async fn run_worker(
+    config: Config,
+    progress: Option<ProgressState>,
+) -> Result<WorkerOutcome, TrainerError> {
+    let chief = config.is_chief();
+    let workers = config.cluster.worker.len();
+    let training = config.training.clone();
+
+    // Serve health (and the chief's progress) before anything slow, so readiness reflects
+    // that the process is up.
+    let server = serve(&config, progress.clone()).await?;
+
+    let (dataset, seed, index) = (training.dataset.clone(), training.seed, config.index);
+    let data = tokio::task::spawn_blocking(move || {
+        data::load(
+            &dataset,
+            seed,
+            Partition {
+                index,
+                count: workers,
+            },
+            chief,
+        )
+    })
+    .await
+    .map_err(|e| TrainerError::Compute(e.to_string()))??;
+    let hidden: Vec<usize> = effective_hidden(&training.model)
+        .iter()
+        .map(|&h| h as usize)
+        .collect();
+    let net = Arc::new(Network::new(data.inputs, &hidden, data.classes));
+    let schedule = Schedule::new(data.train_total, workers, training.batch_size as usize)?;
+    let mut total_steps = u64::from(training.epochs) * schedule.steps_per_epoch as u64;
+    if let Some(max) = config.max_steps {
+        total_steps = total_steps.min(max);
+    }
+    info!(
+        worker = index,
+        examples = data.train.len(),
+        feature_bytes = data.train.feature_bytes(),
+        params = net.num_params(),
+        batch = schedule.batch,
+        steps_per_epoch = schedule.steps_per_epoch,
+        total_steps,
+        "worker ready"
+    );
+    let ranges = shard_ranges(net.num_params(), config.cluster.ps.len());
+    let mut links = Links::new(&config, ranges, net.widths())?;
+    let resume = links.register_all().await?;
+    if resume > 0 {
+        info!(
+            worker = index,
+            step = resume,
+            "continuing from the step the parameter servers last saw"
+        );
+    }
+
+    let (abort_tx, abort) = watch::channel(None::<String>);
+    let heartbeat = tokio::spawn(links.heartbeats(config.heartbeat_interval, abort_tx));
+
+    let test = data.test.map(Arc::new);
+    let mut batcher = Batcher::new(schedule, seed, index, data.train.len());
+    let train = Arc::new(data.train);
+    let sync = config.consistency == Consistency::Sync;
+    let started = Instant::now();
+    let mut last_line = Instant::now();
+    let mut loss_avg: Option<f64> = None;
+    let mut last_progress = Instant::now();
+    let mut step = resume;
+    let global_batch = (schedule.batch * workers) as f64;
+    let mut steps_done = 0u64;
+
+    while step < total_steps {
+        if let Some(reason) = abort.borrow().clone() {
+            return Err(TrainerError::JobFailed(reason));
+        }
+        let attempt = async {
+            let params = links.pull_all(step, sync).await?;
+            let epoch = schedule.epoch_of(step);
+            if let (Some(progress), Some(test)) = (&progress, &test)
+                && step > 0
+                && step % schedule.steps_per_epoch as u64 == 0
+            {
+                let eval = evaluate(net.clone(), params.clone(), test.clone()).await?;
+                progress.update(|r| r.accuracy = eval.accuracy);
+                println!(
+                    "kubetrain-trainer: epoch {} done step={step} test_accuracy={:.4} test_loss={:.4}",
+                    epoch, eval.accuracy, eval.loss
+                );
+            }
+            let indices = batcher.indices(step).to_vec();
+            let (net2, train2) = (net.clone(), train.clone());
+            let (result, params) = tokio::task::spawn_blocking(move || {
+                let (mut x, mut y) = (Vec::new(), Vec::new());
+                train2.gather(&indices, &mut x, &mut y);
+                let result = net2.loss_and_gradient(&params, as_matrix(&x, net2.inputs()), &y);
+                (result, params)
+            })
+            .await
+            .map_err(|e| StepError::Fatal(TrainerError::Compute(e.to_string())))?;
+            links.recycle(params);
+            let (loss, grad) = result.map_err(|e| StepError::Fatal(e.into()))?;
+            links.push_all(step, Arc::new(grad)).await?;
+            Ok::<f64, StepError>(loss)
+        };
+        match attempt.await {
+            Ok(loss) => {
+                step += 1;
+                steps_done += 1;
+                last_progress = Instant::now();
+                loss_avg = Some(loss_avg.map_or(loss, |a| 0.9 * a + 0.1 * loss));
+                let rate =
+                    steps_done as f64 * global_batch / started.elapsed().as_secs_f64().max(1e-9);
+                if let Some(progress) = &progress {
+                    let epoch = schedule.epoch_of(step.saturating_sub(1)) as u32;
+                    progress.update(|r| {
+                        r.step = step;
+                        r.total_steps = total_steps;
+                        r.epoch = epoch;
+                        r.loss = loss_avg.unwrap_or_default();
+                        r.samples_per_second = rate;
+                    });
+                }
+                if last_line.elapsed() >= Duration::from_secs(2) {
+                    last_line = Instant::now();
+                    println!(
+                        "kubetrain-trainer: worker {index} step={step}/{total_steps} epoch={} loss={:.4} samples_per_second={rate:.1}",
+                        schedule.epoch_of(step.saturating_sub(1)),
+                        loss_avg.unwrap_or_default()
+                    );
+                }
+            }
+            Err(StepError::Retry(why)) => {
+                if last_progress.elapsed() > config.ps_timeout {
+                    return Err(TrainerError::JobFailed(format!(
+                        "no training progress for {:.0}s (--ps-timeout-secs): {why}",
+                        last_progress.elapsed().as_secs_f64()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(StepError::Fatal(e)) => return Err(e),
+        }
+    }
+    links.done_all().await;
+    let rate = steps_done as f64 * global_batch / started.elapsed().as_secs_f64().max(1e-9);
+    let loss = loss_avg.unwrap_or_default();
+
+    let mut evaluation = None;
+    if let (Some(progress), Some(test)) = (&progress, test) {
+        links.wait_for_workers(&abort).await?;
+        let params = loop {
+            match links.pull_all(total_steps, false).await {
+                Ok(params) => break params,
+                Err(StepError::Retry(_)) if last_progress.elapsed() <= config.ps_timeout => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(StepError::Retry(why)) => return Err(TrainerError::JobFailed(why)),
+                Err(StepError::Fatal(e)) => return Err(e),
+            }
+        };
+        let eval = evaluate(net.clone(), params.clone(), test)
+            .await
+            .map_err(|e| match e {
+                StepError::Fatal(e) => e,
+                StepError::Retry(why) => TrainerError::Compute(why),
+            })?;
+        if let Some(path) = &config.dump_params {
+            dump(path, &params)?;
+        }
+        links.shutdown_all("training finished").await;
+        progress.update(|r| {
+            r.finished = true;
+            r.final_accuracy = eval.accuracy;
+            r.accuracy = eval.accuracy;
+            r.step = total_steps;
+        });
+        println!(
+            "kubetrain-trainer: final test_accuracy={:.4} test_loss={:.4} loss={loss:.4} steps={total_steps} samples_per_second={rate:.1}",
+            eval.accuracy, eval.loss
+        );
+        evaluation = Some(eval);
+    } else {
+        println!(
+            "kubetrain-trainer: worker {index} finished steps={step} loss={loss:.4} samples_per_second={rate:.1}"
+        );
+    }
+    heartbeat.abort();
+    server.abort();
+    Ok(WorkerOutcome {
+        steps: step,
+        evaluation,
+        loss,
+        samples_per_second: rate,
+    })
+}
+
+/// Loss and accuracy over a set of examples, widened to f32 one slice at a time so a test
+/// split stored as bytes never exists as f32 in full.
+pub fn evaluate_examples(
+    net: &Network,
+    params: &[f32],
+    examples: &Examples,
+) -> Result<Evaluation, ModelError> {
+    const SLICE: usize = 1024;
+    let (mut loss, mut correct) = (0.0f64, 0.0f64);
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let indices: Vec<usize> = (0..examples.len()).collect();
+    for slice in indices.chunks(SLICE) {
+        x.clear();
+        y.clear();
+        examples.gather(slice, &mut x, &mut y);
+        let part = net.evaluate(params, as_matrix(&x, net.inputs()), &y)?;
+        loss += part.loss * part.examples as f64;
+        correct += part.accuracy * part.examples as f64;
+    }
+    let n = examples.len().max(1) as f64;
+    Ok(Evaluation {
+        loss: loss / n,
+        accuracy: correct / n,
+        examples: examples.len(),
+    })
+}
+
+async fn evaluate(
+    net: Arc<Network>,
+    params: Vec<f32>,
+    test: Arc<Examples>,
+) -> Result<Evaluation, StepError> {
+    tokio::task::spawn_blocking(move || evaluate_examples(&net, &params, &test))
+        .await
+        .map_err(|e| StepError::Fatal(TrainerError::Compute(e.to_string())))?
+        .map_err(|e| StepError::Fatal(e.into()))
+}
+
+fn dump(path: &Path, params: &[f32]) -> Result<(), TrainerError> {
+    std::fs::write(path, net::to_bytes(params)).map_err(|source| TrainerError::DumpParams {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The worker's own gRPC server: health for everyone, Progress on the chief.
+async fn serve(
+    config: &Config,
+    progress: Option<ProgressState>,
+) -> Result<tokio::task::JoinHandle<()>, TrainerError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .map_err(|source| TrainerError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+    let mut router = net::server().add_service(health);
+    if let Some(progress) = progress {
+        reporter
+            .set_serving::<ProgressServer<ProgressService>>()
+            .await;
+        router = router.add_service(ProgressServer::new(ProgressService(progress)));
+    }
+    info!(addr = %config.bind, chief = config.is_chief(), "worker listening");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = router.serve_with_incoming(net::incoming(listener)).await {
+            warn!("worker gRPC server stopped: {e}");
+        }
+    }))
+}

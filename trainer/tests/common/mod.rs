@@ -1,0 +1,216 @@
+//! Runs real `kubetrain-trainer` processes on loopback. Every wait has a timeout and every
+//! child is killed when its handle drops, so a broken trainer fails a test instead of
+//! hanging it.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The trainers time heartbeats; tests running side by side on 2 cores would starve them.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kubetrain-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Addresses of a job on loopback, each on its own free port.
+#[derive(Clone)]
+pub struct Cluster {
+    pub ps: Vec<String>,
+    pub worker: Vec<String>,
+    pub dir: PathBuf,
+}
+
+impl Cluster {
+    pub fn new(name: &str, ps: usize, workers: usize) -> Self {
+        let addr = |_| format!("127.0.0.1:{}", free_port());
+        Self {
+            ps: (0..ps).map(addr).collect(),
+            worker: (0..workers).map(addr).collect(),
+            dir: temp_dir(name),
+        }
+    }
+
+    pub fn json(&self) -> String {
+        serde_json::json!({"ps": self.ps, "worker": self.worker}).to_string()
+    }
+
+    /// Starts one process; `extra` are additional flags.
+    pub fn spawn(
+        &self,
+        role: &str,
+        index: usize,
+        training: &serde_json::Value,
+        extra: &[&str],
+    ) -> Proc {
+        let name = format!("{role}-{index}");
+        // A restarted process appends to the same logs.
+        let open = |ext: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join(format!("{name}.{ext}")))
+                .unwrap()
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_kubetrain-trainer"))
+            .env("KUBETRAIN_CLUSTER", self.json())
+            .env("KUBETRAIN_ROLE", role)
+            .env("KUBETRAIN_INDEX", index.to_string())
+            .env("KUBETRAIN_JOB", "test/job")
+            .env("KUBETRAIN_TRAINING", training.to_string())
+            .env("POD_IP", "127.0.0.1")
+            .env("RUST_LOG", "info")
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(open("out"))
+            .stderr(open("err"))
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            name,
+            dir: self.dir.clone(),
+        }
+    }
+}
+
+pub struct Proc {
+    child: Child,
+    pub name: String,
+    dir: PathBuf,
+}
+
+impl Proc {
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.out", self.name))).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.err", self.name))).unwrap_or_default()
+    }
+
+    pub fn logs(&self) -> String {
+        format!(
+            "--- {} stdout\n{}\n--- {} stderr\n{}",
+            self.name,
+            self.stdout(),
+            self.name,
+            self.stderr()
+        )
+    }
+
+    /// Waits for exit; panics (after killing) past the timeout.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "{} did not exit within {timeout:?}\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Polls stdout until `pred` holds; panics past the timeout.
+    pub fn wait_for_output(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !pred(&self.stdout()) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited ({status}) before the expected output\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} did not print the expected output within {timeout:?}\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `key=value` from the chief's final line.
+pub fn final_value(stdout: &str, key: &str) -> Option<f64> {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("kubetrain-trainer: final "))?;
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The largest `step=N` a worker has printed.
+pub fn last_step(stdout: &str) -> u64 {
+    stdout
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("step="))
+        .filter_map(|v| v.split('/').next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+pub fn read_params(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+pub fn digits_training(
+    model: serde_json::Value,
+    consistency: serde_json::Value,
+    epochs: u32,
+) -> serde_json::Value {
+    serde_json::json!({
+        "model": model,
+        "dataset": {"builtin": "digits"},
+        "optimizer": {"kind": "sgd", "learningRate": 0.05, "momentum": 0.9},
+        "batchSize": 32,
+        "epochs": epochs,
+        "seed": 7,
+        "consistency": consistency,
+    })
+}
