@@ -110,8 +110,9 @@ pub enum Mode {
 pub struct ReplicaSpecs {
     /// Parameter servers. Each holds a contiguous shard of the flattened parameters and the
     /// optimizer state for it. Required (at least 1) for a DataParallel job with the built-in
-    /// trainer; leave it out or set `replicas: 0` for ModelParallel. PS pods never exit by
-    /// themselves: the operator removes them when the job finishes.
+    /// trainer; leave it out or set `replicas: 0` for ModelParallel. The chief tells the
+    /// parameter servers to exit when training ends, and the operator removes PS pods when
+    /// the job finishes (unless cleanPodPolicy is None).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ps: Option<ReplicaSpec>,
 

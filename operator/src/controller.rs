@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
 use crate::plan::{self, PlanSettings};
+use crate::progress::{self, ChiefReport};
 use crate::status::{self, Action, JobEvent};
 
 /// Everything a reconcile needs, shared by all reconciles.
@@ -254,7 +255,21 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
         })?
         .items;
 
-    let decision = status::decide(job, &pods, Timestamp::now());
+    let now = Timestamp::now();
+    let mut decision = status::decide(job, &pods, now);
+    if let Some(endpoint) =
+        progress::chief_to_ask(job, &decision.status, &pods, ctx.settings.port, now)
+    {
+        // A chief that does not answer yet (starting, or between restarts) is not an error:
+        // the next ask comes with the next requeue.
+        match ask_chief(&endpoint).await {
+            Ok(report) => decision.status.progress = Some(progress::to_status(&report, now)),
+            Err(error) => debug!(%endpoint, %error, "chief progress not available"),
+        }
+    }
+    if let Some(next) = progress::next_ask(job, &decision.status) {
+        decision.requeue_after = Some(decision.requeue_after.map_or(next, |r| r.min(next)));
+    }
     ctx.metrics.observe_job(job, &decision.status);
 
     let current = job.status.clone().unwrap_or_default();
@@ -378,12 +393,19 @@ async fn report_undecodable(
     error: &str,
     ctx: &Context,
 ) -> Result<Requeue, Error> {
+    use kube::api::{ApiResource, DynamicObject};
     let message = format!("invalid spec: the TrainingJob cannot be read: {error}");
-    let api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), namespace);
+    // By definition this object does not decode as a TrainingJob: read and write it untyped.
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        namespace,
+        &ApiResource::erase::<TrainingJob>(&()),
+    );
     let current = api.get_status(name).await.ok();
     let already = current
         .as_ref()
-        .and_then(|j| j.status.as_ref())
+        .and_then(|j| j.data.get("status"))
+        .and_then(|s| serde_json::from_value::<TrainingJobStatus>(s.clone()).ok())
         .is_some_and(|s| {
             s.conditions
                 .iter()
@@ -403,7 +425,12 @@ async fn report_undecodable(
                 .unwrap_or_else(|_| Timestamp::now()),
         )),
     });
-    patch_status(&api, name, &status)
+    let body = json!({
+        "apiVersion": "kubetrain.io/v1alpha1",
+        "kind": "TrainingJob",
+        "status": status,
+    });
+    api.patch_status(name, &apply_params(), &Patch::Apply(&body))
         .await
         .map_err(|source| Error::PatchStatus {
             job: format!("{namespace}/{name}"),
@@ -429,6 +456,31 @@ async fn report_undecodable(
     )
     .await;
     Ok(Requeue::await_change())
+}
+
+/// Asks the chief's Progress service once, within [`progress::ASK_TIMEOUT`].
+async fn ask_chief(
+    endpoint: &str,
+) -> Result<ChiefReport, Box<dyn std::error::Error + Send + Sync>> {
+    use kubetrain_trainer::proto::{GetProgressRequest, progress_client::ProgressClient};
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+        .connect_timeout(progress::ASK_TIMEOUT)
+        .timeout(progress::ASK_TIMEOUT)
+        .connect()
+        .await?;
+    let report = ProgressClient::new(channel)
+        .get_progress(GetProgressRequest {})
+        .await?
+        .into_inner();
+    Ok(ChiefReport {
+        step: report.step,
+        epoch: report.epoch,
+        loss: report.loss,
+        accuracy: report.accuracy,
+        samples_per_second: report.samples_per_second,
+        finished: report.finished,
+        final_accuracy: report.final_accuracy,
+    })
 }
 
 fn apply_params() -> PatchParams {

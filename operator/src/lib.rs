@@ -4,9 +4,12 @@
 //! `local` (one machine) are thin shells that carry the decisions out.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod controller;
+pub mod leader;
 pub mod local;
 pub mod metrics;
 pub mod plan;
+pub mod progress;
 pub mod status;
 pub mod telemetry;

@@ -1,57 +1,19 @@
-//! `kubetrain`: the operator (`kubetrain operator`), the local runner (`kubetrain local`)
-//! and the CRD printer (`kubetrain crd`).
+//! `kubetrain`: the operator (`kubetrain operator`), the local runner (`kubetrain local`),
+//! the CRD printer (`kubetrain crd`), and the built-in trainer (`kubetrain trainer`).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use kubetrain_operator::cli::{Cli, Command, OperatorArgs};
 use kubetrain_operator::controller::{self, Context};
+use kubetrain_operator::leader::{Elector, Timing};
 use kubetrain_operator::local;
 use kubetrain_operator::metrics::{self, Metrics};
-use kubetrain_operator::plan::{DEFAULT_TRAINER_IMAGE, PlanSettings};
+use kubetrain_operator::plan::PlanSettings;
 use kubetrain_operator::telemetry::{self, LogFormat};
-
-#[derive(Parser)]
-#[command(
-    name = "kubetrain",
-    version,
-    about = "Distributed training jobs on Kubernetes"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the controller against the cluster in KUBECONFIG or the in-cluster config.
-    Operator(OperatorArgs),
-    /// Run a TrainingJob on this machine as local processes, no cluster needed.
-    Local(local::LocalArgs),
-    /// Print the TrainingJob CustomResourceDefinition as YAML.
-    Crd,
-}
-
-#[derive(clap::Args)]
-struct OperatorArgs {
-    /// Image for pods whose replica spec has no template.
-    #[arg(long, env = "KUBETRAIN_TRAINER_IMAGE", default_value = DEFAULT_TRAINER_IMAGE)]
-    trainer_image: String,
-    /// Port of /metrics, /healthz and /readyz.
-    #[arg(long, env = "KUBETRAIN_METRICS_PORT", default_value_t = 8080)]
-    metrics_port: u16,
-    /// Log format.
-    #[arg(long, env = "KUBETRAIN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "KUBETRAIN_NAMESPACE")]
-    namespace: Option<String>,
-    /// Name of this operator instance in Events (the pod name in a cluster).
-    #[arg(long, env = "POD_NAME")]
-    instance: Option<String>,
-}
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -85,29 +47,71 @@ async fn run_operator(args: OperatorArgs) -> Result<(), Box<dyn std::error::Erro
     let server = tokio::spawn(metrics::serve(addr, metrics.clone()));
     let settings = PlanSettings {
         trainer_image: args.trainer_image,
+        gang_scheduler_name: args.gang_scheduler.map(|g| g.scheduler_name().to_string()),
         ..PlanSettings::default()
     };
+    let identity = args.instance.clone().unwrap_or_else(|| {
+        format!(
+            "kubetrain-{}-{}",
+            std::process::id(),
+            k8s_openapi::jiff::Timestamp::now().as_millisecond()
+        )
+    });
     let ctx = Arc::new(Context::new(
-        client,
+        client.clone(),
         settings,
-        args.instance,
+        Some(identity.clone()),
         metrics.clone(),
     ));
+    // Standbys are healthy and ready: they serve metrics and wait for the lease.
     metrics.set_ready(true);
-    tracing::info!(%addr, "kubetrain operator started");
-    controller::run(ctx, args.namespace).await;
+    tracing::info!(%addr, leader_elect = args.leader_elect, "kubetrain operator started");
+
+    let result = if args.leader_elect {
+        let elector = Elector::new(
+            client,
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            Timing::default(),
+        );
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = shutdown_signal() => { server.abort(); return Ok(()) }
+        }
+        let outcome = tokio::select! {
+            // The controller ends on SIGTERM/SIGINT (shutdown_on_signal).
+            _ = controller::run(ctx, args.namespace) => Ok(()),
+            lost = elector.hold() => Err(lost.into()),
+        };
+        if outcome.is_ok() {
+            elector.release().await;
+        }
+        outcome
+    } else {
+        controller::run(ctx, args.namespace).await;
+        Ok(())
+    };
     server.abort();
-    Ok(())
+    result
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler can be installed");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 async fn run_trainer() -> ExitCode {
-    use clap::Parser as _;
     let args = std::env::args()
         .enumerate()
         .filter(|(i, _)| *i != 1)
         .map(|(_, a)| a);
     let cli = kubetrain_trainer::Cli::parse_from(args);
-    tracing_subscriber_init();
+    telemetry::init(LogFormat::Text);
     let result = match kubetrain_trainer::Config::from_cli(cli) {
         Ok(config) => kubetrain_trainer::run(config).await.map(|_| ()),
         Err(e) => Err(e),
@@ -119,8 +123,4 @@ async fn run_trainer() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn tracing_subscriber_init() {
-    telemetry::init(LogFormat::Text);
 }

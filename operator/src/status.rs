@@ -275,6 +275,10 @@ impl Decider<'_> {
                     }
                 }
                 "Succeeded" => started += 1,
+                // A recreated pod that has not started yet is still part of the restart.
+                _ if self.status.recreated_pods.contains_key(&name) => {
+                    restarting.push(format!("{name} was recreated and is starting"));
+                }
                 _ => {}
             }
         }
@@ -554,9 +558,12 @@ impl Decider<'_> {
         let mut kept_failed = Vec::new();
         for pod in pods.iter().filter(|p| !is_terminating(p)) {
             let finished = matches!(phase(pod), "Succeeded" | "Failed");
+            // Parameter servers only serve the workers: once the job is over they go, even
+            // when the chief already told them to exit.
+            let ps = ReplicaId::from_pod(pod).is_some_and(|r| r.role == Role::Ps);
             let remove = match policy {
                 CleanPodPolicy::All => true,
-                CleanPodPolicy::Running => !finished,
+                CleanPodPolicy::Running => !finished || ps,
                 CleanPodPolicy::None => false,
             };
             if remove {

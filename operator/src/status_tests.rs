@@ -437,6 +437,28 @@ fn clean_pod_policy_all_and_none() {
 }
 
 #[test]
+fn parameter_servers_that_already_exited_are_removed_too() {
+    let job = job();
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let pods = vec![
+        exited(pod(&job, Role::Ps, 0), 0),
+        exited(pod(&job, Role::Worker, 0), 0),
+        exited(pod(&job, Role::Worker, 1), 0),
+    ];
+    let d = decide(&job, &pods, t(20));
+    assert_eq!(
+        d.actions
+            .iter()
+            .filter(|a| matches!(a, Action::DeletePod { .. }))
+            .collect::<Vec<_>>(),
+        vec![&Action::DeletePod {
+            name: "j-ps-0".into(),
+            uid: Some("j-ps-0-uid".into())
+        }]
+    );
+}
+
+#[test]
 fn failed_pods_kept_for_logs_are_named() {
     let job = job_with("Never");
     let job = after(&job, &decide(&job, &[], t(0)));

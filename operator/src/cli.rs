@@ -1,0 +1,87 @@
+//! The `kubetrain` command line. In the library so tests can check that the shipped
+//! manifests pass arguments the binary really accepts.
+
+use clap::{Parser, Subcommand};
+
+use crate::local::LocalArgs;
+use crate::plan::DEFAULT_TRAINER_IMAGE;
+use crate::telemetry::LogFormat;
+
+/// `kubetrain`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "kubetrain",
+    version,
+    about = "Distributed training jobs on Kubernetes"
+)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the controller against the cluster in KUBECONFIG or the in-cluster config.
+    Operator(OperatorArgs),
+    /// Run a TrainingJob on this machine as local processes, no cluster needed.
+    Local(LocalArgs),
+    /// Print the TrainingJob CustomResourceDefinition as YAML.
+    Crd,
+}
+
+/// Gang schedulers the operator can create PodGroups for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GangScheduler {
+    /// Volcano (`scheduling.volcano.sh/v1beta1` PodGroups, scheduler `volcano`).
+    Volcano,
+    /// scheduler-plugins coscheduling (`scheduling.x-k8s.io/v1alpha1` PodGroups).
+    SchedulerPlugins,
+}
+
+impl GangScheduler {
+    /// The `schedulerName` pods of gang-scheduled jobs get.
+    pub fn scheduler_name(self) -> &'static str {
+        match self {
+            GangScheduler::Volcano => "volcano",
+            GangScheduler::SchedulerPlugins => "scheduler-plugins-scheduler",
+        }
+    }
+}
+
+/// `kubetrain operator` options; each has an environment variable too.
+#[derive(clap::Args, Debug)]
+pub struct OperatorArgs {
+    /// Image for pods whose replica spec has no template.
+    #[arg(long, env = "KUBETRAIN_TRAINER_IMAGE", default_value = DEFAULT_TRAINER_IMAGE)]
+    pub trainer_image: String,
+    /// Port of /metrics, /healthz and /readyz.
+    #[arg(long, env = "KUBETRAIN_METRICS_PORT", default_value_t = 8080)]
+    pub metrics_port: u16,
+    /// Log format.
+    #[arg(long, env = "KUBETRAIN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "KUBETRAIN_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Name of this operator instance in Events and in the leader Lease (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub instance: Option<String>,
+    /// Run only while holding the leader Lease, so several replicas can run safely.
+    #[arg(long, env = "KUBETRAIN_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the leader Lease (default: the operator's own, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kubetrain-system")]
+    pub lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "KUBETRAIN_LEASE_NAME",
+        default_value = "kubetrain-operator"
+    )]
+    pub lease_name: String,
+    /// Create PodGroups for this gang scheduler for jobs with schedulingPolicy.gang.
+    #[arg(long, env = "KUBETRAIN_GANG_SCHEDULER", value_enum)]
+    pub gang_scheduler: Option<GangScheduler>,
+}

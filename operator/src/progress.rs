@@ -1,0 +1,208 @@
+//! Live training progress: when to ask the chief, and how its report becomes
+//! `status.progress`. The asking itself (gRPC) is the controller's; the rules are here.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kubetrain_api::condition::types;
+use kubetrain_api::contract::Role;
+use kubetrain_api::{TrainingJob, TrainingJobStatus, TrainingProgress};
+
+use crate::plan::ReplicaId;
+use crate::status::phase;
+
+/// At most one progress write per this interval per job.
+pub const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long one ask of the chief may take.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The chief's progress as it reported it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChiefReport {
+    /// Global step.
+    pub step: u64,
+    /// Epoch.
+    pub epoch: u32,
+    /// Training loss.
+    pub loss: f64,
+    /// Latest test accuracy (0 before the first evaluation).
+    pub accuracy: f64,
+    /// Throughput.
+    pub samples_per_second: f64,
+    /// Training finished.
+    pub finished: bool,
+    /// Test accuracy after the last step, once finished.
+    pub final_accuracy: f64,
+}
+
+/// Where to ask, if the job is running the built-in trainer and its chief is up, and it is
+/// time to ask again (the last write is at least [`MIN_WRITE_INTERVAL`] old).
+pub fn chief_to_ask(
+    job: &TrainingJob,
+    status: &TrainingJobStatus,
+    pods: &[Pod],
+    port: u16,
+    now: Timestamp,
+) -> Option<String> {
+    job.spec.training.as_ref()?;
+    let active = status.conditions.iter().any(|c| {
+        c.is_true()
+            && [types::CREATED, types::RUNNING, types::RESTARTING].contains(&c.type_.as_str())
+    });
+    if !active {
+        return None;
+    }
+    let last = status.progress.as_ref().and_then(|p| p.updated_at.as_ref());
+    if let Some(last) = last
+        && now.duration_since(last.0).as_secs_f64() < MIN_WRITE_INTERVAL.as_secs_f64()
+    {
+        return None;
+    }
+    let chief = pods.iter().find(|p| {
+        ReplicaId::from_pod(p)
+            == Some(ReplicaId {
+                role: Role::Worker,
+                index: 0,
+            })
+    })?;
+    if phase(chief) != "Running" {
+        return None;
+    }
+    let ip = chief.status.as_ref()?.pod_ip.as_ref()?;
+    Some(format!("http://{ip}:{port}"))
+}
+
+/// How long until progress is due again, while the job runs the built-in trainer.
+pub fn next_ask(job: &TrainingJob, status: &TrainingJobStatus) -> Option<Duration> {
+    job.spec.training.as_ref()?;
+    let active = status.conditions.iter().any(|c| {
+        c.is_true()
+            && [types::CREATED, types::RUNNING, types::RESTARTING].contains(&c.type_.as_str())
+    });
+    active.then_some(MIN_WRITE_INTERVAL)
+}
+
+/// The status progress for a chief's report.
+pub fn to_status(report: &ChiefReport, now: Timestamp) -> TrainingProgress {
+    let accuracy = if report.finished {
+        report.final_accuracy
+    } else {
+        report.accuracy
+    };
+    TrainingProgress {
+        step: i64::try_from(report.step).unwrap_or(i64::MAX),
+        epoch: i64::from(report.epoch),
+        loss: report.loss.is_finite().then_some(round(report.loss)),
+        // 0 means "not evaluated yet", not "0 % accurate".
+        accuracy: (accuracy > 0.0).then_some(round(accuracy)),
+        samples_per_second: report
+            .samples_per_second
+            .is_finite()
+            .then_some(report.samples_per_second.round()),
+        updated_at: Some(Time(Timestamp::from_second(now.as_second()).unwrap_or(now))),
+    }
+}
+
+/// Four decimals are what a person reads, and keep the status from changing on noise.
+fn round(v: f64) -> f64 {
+    (v * 1e4).round() / 1e4
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{self, PlanSettings};
+    use crate::status::decide;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn job() -> TrainingJob {
+        let mut job: TrainingJob =
+            serde_yaml::from_str(include_str!("../../examples/quickstart.yaml")).unwrap();
+        job.metadata.namespace = Some("ns".into());
+        job
+    }
+
+    fn running_chief(job: &TrainingJob) -> Pod {
+        let mut pod = plan::pod(
+            job,
+            ReplicaId {
+                role: Role::Worker,
+                index: 0,
+            },
+            &PlanSettings::default(),
+        );
+        pod.status = Some(
+            serde_json::from_value(serde_json::json!({"phase": "Running", "podIP": "10.1.2.3"}))
+                .unwrap(),
+        );
+        pod
+    }
+
+    #[test]
+    fn asks_the_running_chief_by_pod_ip_at_most_every_ten_seconds() {
+        let job = job();
+        let mut status = decide(&job, &[], t(0)).status;
+        let pods = vec![running_chief(&job)];
+        assert_eq!(
+            chief_to_ask(&job, &status, &pods, 2222, t(1)).as_deref(),
+            Some("http://10.1.2.3:2222")
+        );
+        status.progress = Some(to_status(
+            &ChiefReport {
+                step: 5,
+                ..Default::default()
+            },
+            t(1),
+        ));
+        assert_eq!(chief_to_ask(&job, &status, &pods, 2222, t(10)), None);
+        assert!(chief_to_ask(&job, &status, &pods, 2222, t(11)).is_some());
+    }
+
+    #[test]
+    fn never_asks_a_finished_job_or_one_without_the_built_in_trainer() {
+        let mut job = job();
+        let pods = vec![running_chief(&job)];
+        let mut status = decide(&job, &[], t(0)).status;
+        status
+            .conditions
+            .iter_mut()
+            .for_each(|c| c.status = "False".into());
+        assert_eq!(chief_to_ask(&job, &status, &pods, 2222, t(1)), None);
+        let status = decide(&job, &[], t(0)).status;
+        job.spec.training = None;
+        assert_eq!(chief_to_ask(&job, &status, &pods, 2222, t(1)), None);
+    }
+
+    #[test]
+    fn a_report_becomes_rounded_status_progress() {
+        let report = ChiefReport {
+            step: 120,
+            epoch: 3,
+            loss: 0.123456,
+            accuracy: 0.0,
+            samples_per_second: 1234.56,
+            finished: false,
+            final_accuracy: 0.0,
+        };
+        let p = to_status(&report, t(5));
+        assert_eq!(p.step, 120);
+        assert_eq!(p.loss, Some(0.1235));
+        assert_eq!(p.accuracy, None, "not evaluated yet");
+        assert_eq!(p.samples_per_second, Some(1235.0));
+        let done = to_status(
+            &ChiefReport {
+                finished: true,
+                final_accuracy: 0.96123,
+                accuracy: 0.9,
+                ..report
+            },
+            t(6),
+        );
+        assert_eq!(done.accuracy, Some(0.9612));
+    }
+}
