@@ -11,6 +11,7 @@
 
 pub mod envtest;
 pub mod kubelet;
+pub mod operator;
 pub mod process;
 
 pub use envtest::{ApiServer, Binaries, EnvtestError, TestNamespace, shared};

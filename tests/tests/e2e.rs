@@ -1,0 +1,122 @@
+//! End to end (DESIGN.md §6 tier 4): `kubectl apply` of an example on the real API server,
+//! the operator in-process, the test kubelet running every pod's trainer as a local
+//! process, and the TrainingJob reaching Succeeded with progress in its status.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kubetrain_api::contract::Role;
+use kubetrain_e2e::envtest::{self, TestNamespace};
+use kubetrain_e2e::kubelet::{Kubelet, KubeletConfig};
+use kubetrain_e2e::operator::{JobWatch, OperatorTask, wait_until};
+
+/// The workspace's trainer binary, built on demand so `cargo test -p kubetrain-e2e` alone
+/// works too (cargo only builds other packages' binaries for `--workspace` runs).
+fn trainer_binary() -> PathBuf {
+    let root = envtest::workspace_root();
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "kubetrain-trainer",
+            "--bin",
+            "kubetrain-trainer",
+        ])
+        .current_dir(&root)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building kubetrain-trainer failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let binary = target.join("debug").join("kubetrain-trainer");
+    assert!(
+        binary.is_file(),
+        "no trainer binary at {}",
+        binary.display()
+    );
+    binary
+}
+
+async fn namespace(prefix: &str) -> TestNamespace {
+    let server = envtest::shared()
+        .await
+        .unwrap_or_else(|e| panic!("test API server unavailable: {e}"));
+    server.install_crd().await.unwrap_or_else(|e| panic!("{e}"));
+    server
+        .namespace(prefix)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quickstart_trains_to_succeeded_on_the_real_api_server() {
+    let trainer = tokio::task::spawn_blocking(trainer_binary).await.unwrap();
+    let ns = namespace("e2e").await;
+    let logs = tempfile::tempdir().unwrap();
+    let kubelet = Kubelet::start(
+        ns.client.clone(),
+        KubeletConfig::new(&ns.name, logs.path()).trainer(&trainer),
+    );
+    let _operator = OperatorTask::start(&ns);
+    let mut watch = JobWatch::new(&ns, "quickstart");
+
+    let server = envtest::shared().await.unwrap();
+    let applied = server
+        .kubectl()
+        .args(["apply", "-n", &ns.name, "-f"])
+        .arg(envtest::workspace_root().join("examples/quickstart.yaml"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+
+    // The trainer runs for a few seconds; the default 30 s wait covers it.
+    let done = watch.until_state("Succeeded").await;
+    let status = done.status.clone().unwrap();
+    assert!(status.completion_time.is_some());
+    assert_eq!(status.replica_statuses.worker.succeeded, 2, "{status:?}");
+    // The chief's progress reached the status through its gRPC endpoint.
+    let history = watch.history().join(" -> ");
+    let progress = status.progress.clone();
+    let chief_log = kubelet.logs(&ns.name, "quickstart-worker-0");
+    assert!(
+        progress.as_ref().is_some_and(|p| p.step > 0),
+        "no progress in status ({history}); chief log:\n{chief_log}"
+    );
+
+    // cleanPodPolicy Running: the parameter server is removed, finished workers stay.
+    let pods: kube::Api<Pod> = ns.api();
+    wait_until("the parameter server pod to be deleted", || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let names: Vec<String> = list
+                .items
+                .iter()
+                .filter_map(|p| p.metadata.name.clone())
+                .collect();
+            if names.iter().any(|n| n.contains(&format!("-{}-", Role::Ps))) {
+                Err(format!("pods: {names:?}"))
+            } else {
+                Ok(names)
+            }
+        }
+    })
+    .await;
+    assert!(
+        chief_log.contains("kubetrain-trainer: final test_accuracy="),
+        "{chief_log}"
+    );
+    kubelet.shutdown().await;
+}
