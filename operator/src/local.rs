@@ -836,10 +836,10 @@ impl View {
                         bar.set_length(total.max(1));
                     }
                     bar.set_position(field(fields, "step").unwrap_or(0));
+                    let epochs = job.spec.training.as_ref().map_or(0, |t| t.epochs);
                     bar.set_message(format!(
-                        "epoch {}/{}",
+                        "epoch {}/{epochs}",
                         fields.get("epoch").map_or("-", String::as_str),
-                        fields.get("epochs").map_or("-", String::as_str)
                     ));
                 }
             }
