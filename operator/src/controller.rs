@@ -171,7 +171,14 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     Controller::new(jobs, watcher::Config::default().any_semantic())
         .owns(pods, children.clone())
         .owns(services, children)
-        .with_config(ControllerConfig::default().concurrency(32))
+        // Trailing-edge debounce: pods of a job start within moments of each other, and
+        // one look after the burst writes one status instead of one per pod. Jobs are
+        // not updated continuously, so a second cannot hide an update for long.
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(32)
+                .debounce(Duration::from_secs(1)),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
