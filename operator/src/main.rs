@@ -112,15 +112,5 @@ async fn run_trainer() -> ExitCode {
         .map(|(_, a)| a);
     let cli = kubetrain_trainer::Cli::parse_from(args);
     telemetry::init(LogFormat::Text);
-    let result = match kubetrain_trainer::Config::from_cli(cli) {
-        Ok(config) => kubetrain_trainer::run(config).await.map(|_| ()),
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("kubetrain-trainer: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    kubetrain_trainer::main_with(cli).await
 }

@@ -71,3 +71,20 @@ pub async fn run(config: Config) -> Result<Outcome, TrainerError> {
     }
     outcome
 }
+
+/// The whole command: configuration from `cli` (and the contract env), then [`run`]; a
+/// failure is printed as one `kubetrain-trainer: error: ...` line and exits 1. Shared by
+/// the `kubetrain-trainer` binary and `kubetrain trainer`.
+pub async fn main_with(cli: Cli) -> std::process::ExitCode {
+    let result = match Config::from_cli(cli) {
+        Ok(config) => run(config).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kubetrain-trainer: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
