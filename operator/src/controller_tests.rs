@@ -84,6 +84,28 @@ async fn expect(handle: &mut Handle, e: Expect<'_>) -> Value {
 
 const APPLY_QUERY: &str = "?&force=true&fieldManager=kubetrain.io%2Foperator";
 
+/// The reconcile's first call: listing the job's pods by label.
+async fn expect_pod_list(handle: &mut Handle, pods: &[Pod]) {
+    expect(handle, Expect {
+        method: Method::GET,
+        path_and_query: "/api/v1/namespaces/ns/pods?&labelSelector=kubetrain.io%2Fjob-name%3Dquickstart",
+        respond: pod_list(pods),
+        status: 200,
+    })
+    .await;
+}
+
+/// A server-side apply of the job's status; returns the body sent.
+async fn expect_status_patch(handle: &mut Handle, job_json: &Value) -> Value {
+    expect(handle, Expect {
+        method: Method::PATCH,
+        path_and_query: &format!("/apis/kubetrain.io/v1alpha1/namespaces/ns/trainingjobs/quickstart/status{APPLY_QUERY}"),
+        respond: job_json.clone(),
+        status: 200,
+    })
+    .await
+}
+
 /// A minimal valid object for responses whose content the reconcile does not use.
 fn any_object(api_version: &str, kind: &str, name: &str) -> Value {
     json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": "ns"}})
@@ -119,20 +141,8 @@ async fn a_new_job_gets_its_status_service_and_pods_by_server_side_apply() {
     let (ctx, mut handle) = context();
     let job_json = serde_json::to_value(&job).unwrap();
     let scenario = tokio::spawn(async move {
-        expect(&mut handle, Expect {
-            method: Method::GET,
-            path_and_query: "/api/v1/namespaces/ns/pods?&labelSelector=kubetrain.io%2Fjob-name%3Dquickstart",
-            respond: pod_list(&[]),
-            status: 200,
-        })
-        .await;
-        let status = expect(&mut handle, Expect {
-            method: Method::PATCH,
-            path_and_query: &format!("/apis/kubetrain.io/v1alpha1/namespaces/ns/trainingjobs/quickstart/status{APPLY_QUERY}"),
-            respond: job_json.clone(),
-            status: 200,
-        })
-        .await;
+        expect_pod_list(&mut handle, &[]).await;
+        let status = expect_status_patch(&mut handle, &job_json).await;
         assert_eq!(status["kind"], "TrainingJob");
         assert_eq!(status["status"]["conditions"][0]["type"], "Created");
         assert_eq!(status["status"]["conditions"][0]["status"], "True");
@@ -226,13 +236,7 @@ async fn a_reconcile_with_nothing_to_change_writes_nothing() {
     let (ctx, mut handle) = context();
     let listed = pods.clone();
     let scenario = tokio::spawn(async move {
-        expect(&mut handle, Expect {
-            method: Method::GET,
-            path_and_query: "/api/v1/namespaces/ns/pods?&labelSelector=kubetrain.io%2Fjob-name%3Dquickstart",
-            respond: pod_list(&listed),
-            status: 200,
-        })
-        .await;
+        expect_pod_list(&mut handle, &listed).await;
         handle
     });
     reconcile(guard(job), ctx)
@@ -253,20 +257,8 @@ async fn a_status_change_is_one_status_patch_and_nothing_else() {
     let listed = pods.clone();
     let job_json = serde_json::to_value(&job).unwrap();
     let scenario = tokio::spawn(async move {
-        expect(&mut handle, Expect {
-            method: Method::GET,
-            path_and_query: "/api/v1/namespaces/ns/pods?&labelSelector=kubetrain.io%2Fjob-name%3Dquickstart",
-            respond: pod_list(&listed),
-            status: 200,
-        })
-        .await;
-        let patch = expect(&mut handle, Expect {
-            method: Method::PATCH,
-            path_and_query: &format!("/apis/kubetrain.io/v1alpha1/namespaces/ns/trainingjobs/quickstart/status{APPLY_QUERY}"),
-            respond: job_json.clone(),
-            status: 200,
-        })
-        .await;
+        expect_pod_list(&mut handle, &listed).await;
+        let patch = expect_status_patch(&mut handle, &job_json).await;
         let running = patch["status"]["conditions"]
             .as_array()
             .unwrap()
@@ -311,20 +303,8 @@ async fn an_exit_code_137_deletes_the_pod_with_a_uid_precondition() {
     let listed = pods.clone();
     let job_json = serde_json::to_value(&job).unwrap();
     let scenario = tokio::spawn(async move {
-        expect(&mut handle, Expect {
-            method: Method::GET,
-            path_and_query: "/api/v1/namespaces/ns/pods?&labelSelector=kubetrain.io%2Fjob-name%3Dquickstart",
-            respond: pod_list(&listed),
-            status: 200,
-        })
-        .await;
-        let patch = expect(&mut handle, Expect {
-            method: Method::PATCH,
-            path_and_query: &format!("/apis/kubetrain.io/v1alpha1/namespaces/ns/trainingjobs/quickstart/status{APPLY_QUERY}"),
-            respond: job_json.clone(),
-            status: 200,
-        })
-        .await;
+        expect_pod_list(&mut handle, &listed).await;
+        let patch = expect_status_patch(&mut handle, &job_json).await;
         assert_eq!(
             patch["status"]["recreatedPods"]["quickstart-worker-1"]["count"],
             1
