@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/kubetrain/v1/ps.proto",
                 "proto/kubetrain/v1/progress.proto",
+                "proto/kubetrain/v1/pipeline.proto",
             ],
             &["proto"],
         )?;

@@ -20,7 +20,7 @@ use crate::ps::Consistency;
 #[command(
     name = "kubetrain-trainer",
     version,
-    about = "kubetrain's built-in trainer: parameter server or data-parallel worker"
+    about = "kubetrain's built-in trainer: parameter server, data-parallel worker or pipeline stage"
 )]
 pub struct Cli {
     /// JSON {"ps": ["host:port"], "worker": ["host:port"]}.
@@ -57,10 +57,12 @@ pub struct Cli {
     #[arg(long, default_value_t = 500)]
     pub heartbeat_interval_ms: u64,
     /// PS: exit non-zero after this long without any worker contact, and give workers this
-    /// long to register at start.
+    /// long to register at start. Pipeline stages: how long to wait for every stage to come
+    /// up and, after the last step, for the chief to finish.
     #[arg(long, default_value_t = 120)]
     pub idle_timeout_secs: u64,
     /// Worker: give up on a PS that makes no progress (down, restarting) for this long.
+    /// Pipeline stage: give up on a neighbour whose tensor has not come for this long.
     #[arg(long, default_value_t = 60)]
     pub ps_timeout_secs: u64,
     /// Stop after this many steps even if the epochs are not done (tests, benchmarks).
@@ -72,6 +74,8 @@ pub struct Cli {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub cluster: ClusterSpec,
+    /// DataParallel (parameter servers and workers) or ModelParallel (pipeline stages).
+    pub mode: Mode,
     pub role: Role,
     pub index: usize,
     pub job: String,
@@ -102,11 +106,6 @@ impl Config {
                     cli.mode
                 ))
             })?;
-        if mode != Mode::DataParallel {
-            return Err(TrainerError::Config(
-                "this trainer build runs DataParallel jobs only; ModelParallel pipelines are not implemented yet".into(),
-            ));
-        }
         let own = cluster.role(cli.role).get(cli.index).ok_or_else(|| {
             TrainerError::Config(format!(
                 "{ENV_INDEX}={} but {ENV_CLUSTER} lists {} {} address(es)",
@@ -115,10 +114,33 @@ impl Config {
                 cli.role
             ))
         })?;
-        if cluster.ps.is_empty() || cluster.worker.is_empty() {
-            return Err(TrainerError::Config(format!(
-                "{ENV_CLUSTER} needs at least one ps and one worker for DataParallel training"
-            )));
+        match mode {
+            Mode::DataParallel => {
+                if cluster.ps.is_empty() || cluster.worker.is_empty() {
+                    return Err(TrainerError::Config(format!(
+                        "{ENV_CLUSTER} needs at least one ps and one worker for DataParallel training"
+                    )));
+                }
+            }
+            Mode::ModelParallel => {
+                if cli.role == Role::Ps {
+                    return Err(TrainerError::Config(
+                        "a ModelParallel job has no parameter servers: every stage is a worker"
+                            .into(),
+                    ));
+                }
+                if cluster.worker.len() < 2 {
+                    return Err(TrainerError::Config(format!(
+                        "{ENV_CLUSTER} lists {} worker(s); a ModelParallel pipeline needs at least 2 stages",
+                        cluster.worker.len()
+                    )));
+                }
+                if training.consistency.kind != ConsistencyKind::Sync {
+                    return Err(TrainerError::Config(
+                        "a ModelParallel pipeline always updates synchronously; use consistency kind Sync".into(),
+                    ));
+                }
+            }
         }
         let port = port_of(own)?;
         let consistency = match (training.consistency.kind, training.consistency.staleness) {
@@ -139,6 +161,7 @@ impl Config {
         let ip = cli.pod_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         Ok(Self {
             cluster,
+            mode,
             role: cli.role,
             index: cli.index,
             job: cli.job,

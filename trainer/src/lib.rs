@@ -1,4 +1,5 @@
-//! The kubetrain trainer: data-parallel training with sharded parameter servers over gRPC.
+//! The kubetrain trainer: data-parallel training with sharded parameter servers, or
+//! model-parallel training as a pipeline of stages, over gRPC.
 //!
 //! Configuration comes only from the pod contract (`kubetrain_api::contract`), as env or
 //! the equivalent flags; see [`config`]. [`run`] is what the binary calls.
@@ -11,6 +12,7 @@ pub mod local;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod pipeline;
 pub mod progress;
 pub mod ps;
 pub mod worker;
@@ -25,6 +27,7 @@ pub mod proto {
 
 use std::sync::Arc;
 
+use kubetrain_api::Mode;
 use kubetrain_api::contract::Role;
 use prometheus_client::registry::Registry;
 use tracing::info;
@@ -38,7 +41,7 @@ pub use worker::WorkerOutcome;
 pub enum Outcome {
     /// A parameter server that was shut down by the chief.
     ParameterServer,
-    /// A worker that ran all its steps.
+    /// A worker (or, in ModelParallel mode, a pipeline stage) that ran all its steps.
     Worker(WorkerOutcome),
 }
 
@@ -62,6 +65,9 @@ pub async fn run(config: Config) -> Result<Outcome, TrainerError> {
         Some(m) => ps::run_ps(config, m)
             .await
             .map(|()| Outcome::ParameterServer),
+        None if config.mode == Mode::ModelParallel => pipeline::run_stage(config, progress)
+            .await
+            .map(Outcome::Worker),
         None => worker::run_worker(config, progress)
             .await
             .map(Outcome::Worker),

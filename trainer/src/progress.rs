@@ -38,7 +38,10 @@ impl ProgressState {
     }
 
     pub fn snapshot(&self) -> ProgressReport {
-        *self.report.lock().unwrap_or_else(|p| p.into_inner())
+        self.report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

@@ -5,9 +5,11 @@
 
 mod network;
 mod optimizer;
+mod stage;
 
 pub use network::{Evaluation, Network, as_matrix};
 pub use optimizer::{Optimizer, OptimizerState};
+pub use stage::{StageModel, Stash};
 
 /// A model call was given inputs of the wrong shape.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,4 +26,7 @@ pub enum ModelError {
     /// An optimizer was handed a gradient that does not match its parameters.
     #[error("applying the optimizer: gradient has {got} elements, parameters have {expected}")]
     GradientLength { expected: usize, got: usize },
+    /// A pipeline stage was cut or fed inconsistently.
+    #[error("computing a pipeline stage: {0}")]
+    Stage(String),
 }
