@@ -58,12 +58,33 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
 
 /// Little-endian bytes of a tensor.
 pub fn to_bytes(values: &[f32]) -> Bytes {
-    // Written as a zip over fixed 4-byte chunks so the compiler turns it into a plain copy.
-    let mut out = vec![0u8; values.len() * 4];
-    for (dst, v) in out.chunks_exact_mut(4).zip(values) {
-        dst.copy_from_slice(&v.to_le_bytes());
+    #[cfg(target_endian = "little")]
+    {
+        Bytes::copy_from_slice(bytemuck::cast_slice(values))
     }
-    Bytes::from(out)
+    #[cfg(not(target_endian = "little"))]
+    {
+        let mut out = vec![0u8; values.len() * 4];
+        for (dst, v) in out.chunks_exact_mut(4).zip(values) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+        Bytes::from(out)
+    }
+}
+
+/// A range of a shared tensor seen as its bytes, so a chunk can be sent without copying:
+/// on little-endian targets the in-memory f32s already are the wire format.
+#[cfg(target_endian = "little")]
+struct TensorBytes {
+    values: Arc<Vec<f32>>,
+    range: Range<usize>,
+}
+
+#[cfg(target_endian = "little")]
+impl AsRef<[u8]> for TensorBytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.values[self.range.clone()])
+    }
 }
 
 /// Cuts a tensor's bytes into `(offset in f32 elements, chunk)` pieces sharing one buffer.
@@ -75,8 +96,9 @@ pub fn chunks(bytes: &Bytes) -> impl Iterator<Item = (u64, Bytes)> + '_ {
     })
 }
 
-/// Encodes `values[range]` chunk by chunk as the stream is polled, so encoding one chunk
-/// overlaps with sending the previous one instead of serialising the whole tensor first.
+/// Cuts `values[range]` into chunks as the stream is polled. On little-endian targets each
+/// chunk borrows the tensor (zero copy: the `Arc` keeps it alive until sent); elsewhere a
+/// chunk is encoded when polled, so encoding overlaps with sending the previous one.
 /// Yields `(offset within the range in f32 elements, bytes)`.
 pub fn encode_chunks(
     values: Arc<Vec<f32>>,
@@ -87,11 +109,38 @@ pub fn encode_chunks(
     (0..len.div_ceil(per).max(1)).map(move |i| {
         let start = i * per;
         let end = (start + per).min(len);
-        (
-            start as u64,
-            to_bytes(&values[range.start + start..range.start + end]),
-        )
+        let piece = range.start + start..range.start + end;
+        #[cfg(target_endian = "little")]
+        let data = Bytes::from_owner(TensorBytes {
+            values: values.clone(),
+            range: piece,
+        });
+        #[cfg(not(target_endian = "little"))]
+        let data = to_bytes(&values[piece]);
+        (start as u64, data)
     })
+}
+
+/// Appends little-endian f32 `data` (a whole number of values) to `values`.
+pub fn extend_from_le(values: &mut Vec<f32>, data: &[u8]) {
+    #[cfg(target_endian = "little")]
+    {
+        // A plain memcpy. The chunk's bytes need not be 4-aligned inside the receive
+        // buffer; then copy into the (aligned) f32 storage viewed as bytes instead.
+        match bytemuck::try_cast_slice::<u8, f32>(data) {
+            Ok(floats) => values.extend_from_slice(floats),
+            Err(_) => {
+                let old = values.len();
+                values.resize(old + data.len() / 4, 0.0);
+                bytemuck::cast_slice_mut::<f32, u8>(&mut values[old..]).copy_from_slice(data);
+            }
+        }
+    }
+    #[cfg(not(target_endian = "little"))]
+    values.extend(
+        data.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+    );
 }
 
 /// A chunk of a tensor that does not fit where it claims to go.
@@ -113,11 +162,104 @@ pub enum ChunkError {
     LengthChanged { first: usize, now: usize },
 }
 
+/// The checks every received tensor passes, without keeping the values: chunks in order,
+/// whole f32s, within a length that stays the same and is capped by the caller.
+#[derive(Debug, Default, Clone)]
+pub struct ChunkOrder {
+    next: usize,
+    total: Option<usize>,
+}
+
+impl ChunkOrder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Checks one chunk of `data_len` bytes; returns its length in f32 values. `limit` caps
+    /// `total` so a hostile length cannot make the receiver allocate.
+    pub fn check(
+        &mut self,
+        offset: u64,
+        total: u64,
+        data_len: usize,
+        limit: usize,
+    ) -> Result<usize, ChunkError> {
+        let total_usize = usize::try_from(total).unwrap_or(usize::MAX);
+        match self.total {
+            None => {
+                if total_usize > limit {
+                    return Err(ChunkError::OutOfRange {
+                        offset,
+                        len: 0,
+                        total: limit,
+                    });
+                }
+                self.total = Some(total_usize);
+            }
+            Some(first) if first != total_usize => {
+                return Err(ChunkError::LengthChanged {
+                    first,
+                    now: total_usize,
+                });
+            }
+            Some(_) => {}
+        }
+        if !data_len.is_multiple_of(4) {
+            return Err(ChunkError::Ragged(data_len));
+        }
+        let len = data_len / 4;
+        if offset != self.next as u64 {
+            return Err(ChunkError::OutOfOrder {
+                offset,
+                expected: self.next,
+            });
+        }
+        if self.next + len > total_usize {
+            return Err(ChunkError::OutOfRange {
+                offset,
+                len,
+                total: total_usize,
+            });
+        }
+        self.next += len;
+        Ok(len)
+    }
+
+    /// The announced length, once a chunk has been seen.
+    pub fn total(&self) -> Option<usize> {
+        self.total
+    }
+
+    /// Ok when every value has arrived.
+    pub fn finish(&self) -> Result<(), ChunkError> {
+        let total = self.total.unwrap_or(0);
+        if self.next != total {
+            return Err(ChunkError::Truncated {
+                got: self.next,
+                total,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads a chunk's little-endian f32s: borrowed when the bytes happen to be 4-aligned in
+/// memory (the usual case on little-endian targets), else decoded into `scratch`.
+pub fn floats<'a>(data: &'a [u8], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    #[cfg(target_endian = "little")]
+    if let Ok(floats) = bytemuck::try_cast_slice::<u8, f32>(data) {
+        return floats;
+    }
+    scratch.clear();
+    extend_from_le(scratch, data);
+    scratch
+}
+
 /// Reassembles a tensor from in-order chunks, validating every piece.
 #[derive(Debug)]
 pub struct Assembler {
     values: Vec<f32>,
-    total: Option<usize>,
+    order: ChunkOrder,
 }
 
 impl Assembler {
@@ -131,7 +273,7 @@ impl Assembler {
         buffer.clear();
         Self {
             values: buffer,
-            total: None,
+            order: ChunkOrder::new(),
         }
     }
 
@@ -143,60 +285,23 @@ impl Assembler {
         data: &[u8],
         limit: usize,
     ) -> Result<(), ChunkError> {
-        let total_usize = usize::try_from(total).unwrap_or(usize::MAX);
-        match self.total {
-            None => {
-                if total_usize > limit {
-                    return Err(ChunkError::OutOfRange {
-                        offset,
-                        len: 0,
-                        total: limit,
-                    });
-                }
-                self.total = Some(total_usize);
-                self.values.reserve_exact(total_usize);
-            }
-            Some(first) if first != total_usize => {
-                return Err(ChunkError::LengthChanged {
-                    first,
-                    now: total_usize,
-                });
-            }
-            Some(_) => {}
+        let first = self.order.total().is_none();
+        self.order.check(offset, total, data.len(), limit)?;
+        if first {
+            self.values.reserve_exact(
+                self.order
+                    .total()
+                    .unwrap_or(0)
+                    .saturating_sub(self.values.len()),
+            );
         }
-        if !data.len().is_multiple_of(4) {
-            return Err(ChunkError::Ragged(data.len()));
-        }
-        let len = data.len() / 4;
-        if offset != self.values.len() as u64 {
-            return Err(ChunkError::OutOfOrder {
-                offset,
-                expected: self.values.len(),
-            });
-        }
-        if self.values.len() + len > total_usize {
-            return Err(ChunkError::OutOfRange {
-                offset,
-                len,
-                total: total_usize,
-            });
-        }
-        self.values.extend(
-            data.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        );
+        extend_from_le(&mut self.values, data);
         Ok(())
     }
 
     /// The whole tensor, or an error when chunks are missing.
     pub fn finish(self) -> Result<Vec<f32>, ChunkError> {
-        let total = self.total.unwrap_or(0);
-        if self.values.len() != total {
-            return Err(ChunkError::Truncated {
-                got: self.values.len(),
-                total,
-            });
-        }
+        self.order.finish()?;
         Ok(self.values)
     }
 }

@@ -12,31 +12,50 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use kubetrain_api::contract::{ClusterSpec, Role};
+use kubetrain_api::contract::ClusterSpec;
 use kubetrain_api::{
     BuiltinDataset, ConsistencySpec, DatasetSpec, ModelKind, ModelSpec, OptimizerKind,
     OptimizerSpec, TrainingSpec,
 };
-use kubetrain_trainer::config::Config;
-use kubetrain_trainer::metrics::PsMetrics;
+use kubetrain_trainer::local;
 use kubetrain_trainer::model::OptimizerState;
 use kubetrain_trainer::net;
 use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
 use kubetrain_trainer::proto::*;
 use kubetrain_trainer::ps::checkpoint::{self, ShardCheckpoint};
-use kubetrain_trainer::{local, ps};
 
 #[derive(Parser)]
 struct Args {
     /// Directory with Fashion-MNIST's gzipped IDX files.
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
     fashion_dir: String,
-    /// Epochs per Fashion-MNIST run.
-    #[arg(long, default_value_t = 3)]
-    epochs: u32,
-    /// Repetitions of the 16 MiB round trip.
-    #[arg(long, default_value_t = 10)]
+    /// Comma-separated sections to run.
+    #[arg(long, default_value = "transport,checkpoint,throughput,accuracy")]
+    sections: String,
+    /// Rounds of the 16 MiB push+pull per repeat (after one warm-up round).
+    #[arg(long, default_value_t = 20)]
     rounds: usize,
+    /// Repeats of the transport measurement (a fresh PS process each).
+    #[arg(long, default_value_t = 5)]
+    transport_repeats: usize,
+    /// Accuracy runs: epochs.
+    #[arg(long, default_value_t = 10)]
+    epochs: u32,
+    /// Accuracy runs: batch per worker (the one-process baseline takes 4x this).
+    #[arg(long, default_value_t = 64)]
+    batch: u32,
+    /// Accuracy runs: learning rate.
+    #[arg(long, default_value_t = 0.05)]
+    lr: f64,
+    /// Throughput runs: batch per process.
+    #[arg(long, default_value_t = 256)]
+    throughput_batch: u32,
+    /// Throughput runs: epochs.
+    #[arg(long, default_value_t = 2)]
+    throughput_epochs: u32,
+    /// Throughput runs: repeats.
+    #[arg(long, default_value_t = 3)]
+    throughput_repeats: usize,
 }
 
 fn free_port() -> u16 {
@@ -82,7 +101,16 @@ fn training(
     }
 }
 
-/// Raw TCP: send `bytes`, read them back, `rounds` times; seconds per round.
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
+}
+
+/// Raw TCP: send `bytes`, read them back, `rounds` times; median seconds per round.
 fn raw_tcp_round_trip(bytes: usize, rounds: usize) -> f64 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -90,7 +118,7 @@ fn raw_tcp_round_trip(bytes: usize, rounds: usize) -> f64 {
         let (mut s, _) = listener.accept().unwrap();
         s.set_nodelay(true).unwrap();
         let mut buf = vec![0u8; bytes];
-        for _ in 0..rounds {
+        for _ in 0..=rounds {
             s.read_exact(&mut buf).unwrap();
             s.write_all(&buf).unwrap();
         }
@@ -99,18 +127,31 @@ fn raw_tcp_round_trip(bytes: usize, rounds: usize) -> f64 {
     c.set_nodelay(true).unwrap();
     let out = vec![1u8; bytes];
     let mut back = vec![0u8; bytes];
-    let started = Instant::now();
-    for _ in 0..rounds {
+    let mut times = Vec::new();
+    // Round 0 warms up the socket buffers and the pages of both buffers.
+    for round in 0..=rounds {
+        let started = Instant::now();
         c.write_all(&out).unwrap();
         c.read_exact(&mut back).unwrap();
+        if round > 0 {
+            times.push(started.elapsed().as_secs_f64());
+        }
     }
-    let t = started.elapsed().as_secs_f64() / rounds as f64;
     server.join().unwrap();
-    t
+    median(times)
 }
 
-/// gRPC: push a 16 MiB gradient to an in-process PS and pull the parameters back.
-fn grpc_round_trip(rounds: usize) -> (f64, usize) {
+/// Median seconds per push+pull, per push and per pull, and the payload size.
+struct GrpcTimes {
+    round: f64,
+    push: f64,
+    pull: f64,
+    bytes: usize,
+}
+
+/// gRPC: push a 16 MiB gradient to a PS in its own process (the real `kubetrain-trainer`
+/// binary) and pull the parameters back, as a worker does.
+fn grpc_round_trip(bin: &Path, rounds: usize, dir: &Path) -> GrpcTimes {
     // 2048 -> 2047 softmax: 4,194,303 parameters, one value short of 16 MiB.
     let widths = [2048usize, 2047];
     let params = widths[0] * widths[1] + widths[1];
@@ -133,35 +174,27 @@ fn grpc_round_trip(rounds: usize) -> (f64, usize) {
         0.01,
     );
     spec.consistency.kind = kubetrain_api::ConsistencyKind::Async;
-    let config = Config {
-        cluster,
-        role: Role::Ps,
-        index: 0,
-        job: "bench".into(),
-        training: spec,
-        consistency: ps::Consistency::Async,
-        bind: format!("127.0.0.1:{port}").parse().unwrap(),
-        metrics: None,
-        dump_params: None,
-        heartbeat_timeout: Duration::from_secs(600),
-        heartbeat_interval: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(600),
-        ps_timeout: Duration::from_secs(60),
-        max_steps: None,
-    };
-    // The PS gets its own runtime (2 threads), like a separate process would.
-    let ps_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
+    let mut ps = Command::new(bin)
+        .env("KUBETRAIN_CLUSTER", cluster.to_env())
+        .env("KUBETRAIN_ROLE", "ps")
+        .env("KUBETRAIN_INDEX", "0")
+        .env("KUBETRAIN_TRAINING", serde_json::to_string(&spec).unwrap())
+        .env("POD_IP", "127.0.0.1")
+        .env("RUST_LOG", "warn")
+        // This client sends no heartbeats; Async does not need them.
+        .args(["--heartbeat-timeout-ms", "600000"])
+        .stdout(std::fs::File::create(dir.join("transport-ps.out")).unwrap())
+        .stderr(std::fs::File::create(dir.join("transport-ps.err")).unwrap())
+        .stdin(Stdio::null())
+        .spawn()
         .unwrap();
-    let ps_task = ps_runtime.spawn(ps::run_ps(config, PsMetrics::default()));
     let client_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let per_round = client_runtime.block_on(async {
+    let times = client_runtime.block_on(async {
+        let started = Instant::now();
         let mut client = loop {
             let channel = net::channel(&format!("127.0.0.1:{port}")).unwrap();
             let mut c = ParameterServerClient::new(channel)
@@ -175,13 +208,17 @@ fn grpc_round_trip(rounds: usize) -> (f64, usize) {
             if c.register(req).await.is_ok() {
                 break c;
             }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the PS did not come up; logs in {}",
+                dir.display()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let grad = std::sync::Arc::new(vec![0.001f32; params]);
         let mut version = 0;
-        let mut total = 0.0;
         let mut buffer = Vec::new();
-        let (mut push_total, mut pull_total) = (0.0, 0.0);
+        let (mut rounds_t, mut pushes, mut pulls) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..=rounds {
             let started = Instant::now();
             let chunks =
@@ -218,11 +255,11 @@ fn grpc_round_trip(rounds: usize) -> (f64, usize) {
             buffer = asm.finish().unwrap();
             assert_eq!(buffer.len(), params);
             let t = started.elapsed().as_secs_f64();
-            // Round 0 warms up the connection and windows.
+            // Round 0 warms up the connection, the windows and both sides' buffers.
             if round > 0 {
-                total += t;
-                push_total += pushed;
-                pull_total += t - pushed;
+                rounds_t.push(t);
+                pushes.push(pushed);
+                pulls.push(t - pushed);
             }
         }
         let _ = client
@@ -230,28 +267,39 @@ fn grpc_round_trip(rounds: usize) -> (f64, usize) {
                 reason: "bench over".into(),
             })
             .await;
-        eprintln!(
-            "push {:.1} ms, pull {:.1} ms per round",
-            push_total * 1e3 / rounds as f64,
-            pull_total * 1e3 / rounds as f64
-        );
-        total / rounds as f64
+        GrpcTimes {
+            round: median(rounds_t),
+            push: median(pushes),
+            pull: median(pulls),
+            bytes: params * 4,
+        }
     });
-    let _ = ps_runtime.block_on(ps_task);
-    (per_round, params * 4)
+    let status = ps.wait().unwrap();
+    assert!(status.success(), "the PS failed; logs in {}", dir.display());
+    times
 }
 
 struct RunResult {
+    /// The chief's mean time per step in pull, compute and push.
+    timing: String,
     accuracy: f64,
     samples_per_second: f64,
     seconds: f64,
     peak_rss_kib: Vec<(String, u64)>,
 }
 
-/// 1 PS + `workers` workers as separate processes of the real binary.
-fn distributed(bin: &Path, spec: &TrainingSpec, workers: usize, dir: &Path) -> RunResult {
+/// `servers` PS + `workers` workers as separate processes of the real binary.
+fn distributed(
+    bin: &Path,
+    spec: &TrainingSpec,
+    servers: usize,
+    workers: usize,
+    dir: &Path,
+) -> RunResult {
     let cluster = ClusterSpec {
-        ps: vec![format!("127.0.0.1:{}", free_port())],
+        ps: (0..servers)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect(),
         worker: (0..workers)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect(),
@@ -273,7 +321,9 @@ fn distributed(bin: &Path, spec: &TrainingSpec, workers: usize, dir: &Path) -> R
             .unwrap()
     };
     let started = Instant::now();
-    let mut children = vec![("ps-0".to_string(), spawn("ps", 0))];
+    let mut children: Vec<_> = (0..servers)
+        .map(|p| (format!("ps-{p}"), spawn("ps", p)))
+        .collect();
     for w in (0..workers).rev() {
         children.push((format!("worker-{w}"), spawn("worker", w)));
     }
@@ -313,6 +363,12 @@ fn distributed(bin: &Path, spec: &TrainingSpec, workers: usize, dir: &Path) -> R
             .unwrap()
     };
     RunResult {
+        timing: format!(
+            "pull {:.1} / compute {:.1} / push {:.1} ms",
+            value("pull_ms"),
+            value("compute_ms"),
+            value("push_ms")
+        ),
         accuracy: value("test_accuracy"),
         samples_per_second: value("samples_per_second"),
         seconds,
@@ -349,6 +405,20 @@ fn checkpoint_time(dir: &Path) -> (f64, f64, usize) {
     (write, read, size)
 }
 
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn rss_cell(run: &RunResult) -> String {
+    run.peak_rss_kib
+        .iter()
+        .map(|(n, k)| format!("{n} {:.1}", *k as f64 / 1024.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn main() {
     let args = Args::parse();
     let bin = std::env::current_exe()
@@ -361,35 +431,90 @@ fn main() {
     );
     let dir = std::env::temp_dir().join(format!("kubetrain-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let wants = |section: &str| args.sections.split(',').any(|s| s.trim() == section);
     println!(
-        "# kubetrain-trainer benchmarks ({} cores)\n",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "# kubetrain-trainer benchmarks ({} cores, load average {} at start)\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average()
     );
 
-    // 1. Transport.
-    let (grpc, bytes) = grpc_round_trip(args.rounds);
-    let raw = raw_tcp_round_trip(bytes, args.rounds);
-    let mib = bytes as f64 / (1 << 20) as f64;
-    println!("## Push + pull of {mib:.1} MiB over loopback\n");
-    println!("| path | time per push+pull | throughput (both directions) |\n|---|---|---|");
+    if wants("transport") {
+        transport(&args, &bin, &dir);
+    }
+    if wants("checkpoint") {
+        let (write, read, size) = checkpoint_time(&dir);
+        println!(
+            "## Checkpoint of 1M parameters with Adam state ({:.1} MiB)\n",
+            size as f64 / (1 << 20) as f64
+        );
+        println!(
+            "write (temp + fsync + rename + dir fsync): {:.1} ms (target <= 100 ms: {:.2}x of the budget); read + verify: {:.1} ms\n",
+            write * 1e3,
+            write * 1e3 / 100.0,
+            read * 1e3
+        );
+    }
+    let fashion = DatasetSpec {
+        builtin: Some(BuiltinDataset::FashionMnist),
+        path: Some(args.fashion_dir.clone()),
+        ..Default::default()
+    };
+    let mlp = ModelSpec {
+        kind: ModelKind::Mlp,
+        hidden: vec![256],
+    };
+    if wants("throughput") {
+        throughput(&args, &bin, &dir, &fashion, &mlp);
+    }
+    if wants("accuracy") {
+        accuracy(&args, &bin, &dir, &fashion, &mlp);
+    }
+    println!("load average at end: {}", load_average());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn transport(args: &Args, bin: &Path, dir: &Path) {
+    let mut pairs = Vec::new();
+    for _ in 0..args.transport_repeats {
+        let grpc = grpc_round_trip(bin, args.rounds, dir);
+        let raw = raw_tcp_round_trip(grpc.bytes, args.rounds);
+        pairs.push((grpc, raw));
+    }
+    let mib = pairs[0].0.bytes as f64 / (1 << 20) as f64;
     println!(
-        "| raw TCP (baseline: write, echo back) | {:.1} ms | {:.0} MiB/s |",
+        "## Push + pull of {mib:.1} MiB over loopback, PS in its own process ({} repeats x {} rounds, median per round)\n",
+        args.transport_repeats, args.rounds
+    );
+    println!(
+        "| repeat | raw TCP write + echo | gRPC push + pull | of which push | of which pull | ratio raw / gRPC |\n|---|---|---|---|---|---|"
+    );
+    let mut ratios = Vec::new();
+    for (i, (grpc, raw)) in pairs.iter().enumerate() {
+        let ratio = raw / grpc.round;
+        ratios.push(ratio);
+        println!(
+            "| {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {ratio:.2}x |",
+            i + 1,
+            raw * 1e3,
+            grpc.round * 1e3,
+            grpc.push * 1e3,
+            grpc.pull * 1e3
+        );
+    }
+    let raw = median(pairs.iter().map(|p| p.1).collect());
+    let grpc = median(pairs.iter().map(|p| p.0.round).collect());
+    println!(
+        "\nmedian: raw TCP {:.1} ms ({:.0} MiB/s both ways), gRPC {:.1} ms ({:.0} MiB/s); median ratio gRPC / raw TCP throughput: **{:.2}x** (target >= 0.6x)\n",
         raw * 1e3,
-        2.0 * mib / raw
-    );
-    println!(
-        "| gRPC Push + Pull to a PS (incl. SGD update of 4.2M params) | {:.1} ms | {:.0} MiB/s |",
+        2.0 * mib / raw,
         grpc * 1e3,
-        2.0 * mib / grpc
-    );
-    println!(
-        "\nratio gRPC / raw TCP throughput: **{:.2}x** (target >= 0.6x)\n",
-        raw / grpc
+        2.0 * mib / grpc,
+        median(ratios)
     );
 
     // Where the gRPC time goes: the conversions and the optimizer alone, in this process,
     // best of 5 (the first pass over fresh memory pays page faults).
-    let values = vec![0.5f32; bytes / 4];
+    let values = vec![0.5f32; pairs[0].0.bytes / 4];
     let mut opt = kubetrain_trainer::model::Optimizer::new(
         &OptimizerSpec {
             kind: OptimizerKind::Sgd,
@@ -424,106 +549,119 @@ fn main() {
         recv = decoded;
     }
     println!(
-        "CPU work inside one round trip, measured alone: f32->bytes {:.1} ms (x2: push and pull), bytes->f32 {:.1} ms (x2), SGD-momentum update {:.1} ms\n",
+        "CPU work inside one round trip, measured alone: f32->bytes {:.2} ms (x2: push and pull), bytes->f32 {:.2} ms (x2), SGD-momentum update {:.2} ms\n",
         encode * 1e3,
         decode * 1e3,
         apply * 1e3
     );
+}
 
-    // 2. Checkpoint.
-    let (write, read, size) = checkpoint_time(&dir);
+/// 1 PS + 2 workers against one process, same model, per-worker batch and samples.
+fn throughput(args: &Args, bin: &Path, dir: &Path, fashion: &DatasetSpec, mlp: &ModelSpec) {
+    let batch = args.throughput_batch;
+    let epochs = args.throughput_epochs;
     println!(
-        "## Checkpoint of 1M parameters with Adam state ({:.1} MiB)\n",
-        size as f64 / (1 << 20) as f64
+        "## Throughput: Fashion-MNIST mlp 784-256-10, batch {batch} per process, {epochs} epoch(s), {} repeats\n",
+        args.throughput_repeats
     );
     println!(
-        "write (temp + fsync + rename + dir fsync): {:.1} ms; read + verify: {:.1} ms\n",
-        write * 1e3,
-        read * 1e3
+        "| repeat | 1 process, batch {batch} (baseline) | 1 PS + 2 workers Sync | ratio | 1 PS + 2 workers Async | ratio | load average |\n|---|---|---|---|---|---|---|"
     );
-
-    // 3. Throughput: 2 workers + 1 PS vs one process with the same global batch.
-    let digits = DatasetSpec {
-        builtin: Some(BuiltinDataset::Digits),
-        ..Default::default()
-    };
-    let mlp = |hidden: Vec<u32>| ModelSpec {
-        kind: ModelKind::Mlp,
-        hidden,
-    };
-    let spec = training(mlp(vec![128]), digits.clone(), 32, 20, 0.05);
-    let one = local::train(&spec, 2, None).unwrap();
-    let run = distributed(&bin, &spec, 2, &dir.join("digits"));
-    println!("## Throughput, digits mlp [128], batch 32 per worker, 20 epochs\n");
-    println!("| setup | samples/s | test accuracy |\n|---|---|---|");
-    println!(
-        "| 1 process, batch 64 (baseline) | {:.0} | {:.4} |",
-        one.samples_per_second, one.evaluation.accuracy
-    );
-    println!(
-        "| 1 PS + 2 workers, Sync, batch 32 each | {:.0} | {:.4} |",
-        run.samples_per_second, run.accuracy
-    );
-    println!(
-        "\nratio distributed / one process: {:.2}x\n",
-        run.samples_per_second / one.samples_per_second
-    );
-
-    // 4. Fashion-MNIST.
-    let fashion = DatasetSpec {
-        builtin: Some(BuiltinDataset::FashionMnist),
-        path: Some(args.fashion_dir.clone()),
-        ..Default::default()
-    };
-    println!(
-        "## Fashion-MNIST ({} epochs, sgd momentum 0.9, batch 64 per worker)\n",
-        args.epochs
-    );
-    println!(
-        "| model | setup | test accuracy | samples/s | wall time | peak RSS |\n|---|---|---|---|---|---|"
-    );
-    for (name, model, lr) in [
-        (
-            "softmax",
-            ModelSpec {
-                kind: ModelKind::Softmax,
-                hidden: vec![],
-            },
-            0.01,
-        ),
-        ("mlp [256]", mlp(vec![256]), 0.05),
-    ] {
-        let spec = training(model, fashion.clone(), 64, args.epochs, lr);
-        let started = Instant::now();
-        match local::train(&spec, 1, None) {
-            Ok(one) => println!(
-                "| {name} | 1 process | {:.4} | {:.0} | {:.1} s | {} MiB (bench process) |",
-                one.evaluation.accuracy,
-                one.samples_per_second,
-                started.elapsed().as_secs_f64(),
-                peak_rss_kib(std::process::id()).unwrap_or(0) / 1024
-            ),
+    let (mut sync_ratios, mut async_ratios) = (Vec::new(), Vec::new());
+    for repeat in 0..args.throughput_repeats {
+        let spec = training(mlp.clone(), fashion.clone(), batch, epochs, 0.05);
+        let one = match local::train(&spec, 1, None) {
+            Ok(one) => one,
             Err(e) => {
-                println!("| {name} | skipped: {e} | | | | |");
-                continue;
+                println!("skipped: {e}\n");
+                return;
             }
-        }
-        let sub = dir.join(format!("fashion-{}", name.replace([' ', '[', ']'], "")));
-        std::fs::create_dir_all(&sub).unwrap();
-        let run = distributed(&bin, &spec, 2, &sub);
-        let rss: Vec<String> = run
-            .peak_rss_kib
-            .iter()
-            .map(|(n, k)| format!("{n} {} MiB", k / 1024))
-            .collect();
+        };
+        let sync = distributed(bin, &spec, 1, 2, &dir.join(format!("tp-sync-{repeat}")));
+        let mut async_spec = spec.clone();
+        async_spec.consistency.kind = kubetrain_api::ConsistencyKind::Async;
+        let asy = distributed(
+            bin,
+            &async_spec,
+            1,
+            2,
+            &dir.join(format!("tp-async-{repeat}")),
+        );
+        let (rs, ra) = (
+            sync.samples_per_second / one.samples_per_second,
+            asy.samples_per_second / one.samples_per_second,
+        );
+        sync_ratios.push(rs);
+        async_ratios.push(ra);
         println!(
-            "| {name} | 1 PS + 2 workers, Sync | {:.4} | {:.0} | {:.1} s | {} |",
-            run.accuracy,
-            run.samples_per_second,
-            run.seconds,
-            rss.join(", ")
+            "| {} | {:.0} samples/s | {:.0} samples/s ({}) | {rs:.2}x | {:.0} samples/s ({}) | {ra:.2}x | {} |",
+            repeat + 1,
+            one.samples_per_second,
+            sync.samples_per_second,
+            sync.timing,
+            asy.samples_per_second,
+            asy.timing,
+            load_average()
         );
     }
-    println!();
-    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "\nmedian ratio, 2 workers / 1 process: Sync **{:.2}x**, Async **{:.2}x** (target >= 1.2x)\n",
+        median(sync_ratios),
+        median(async_ratios)
+    );
+}
+
+/// Test accuracy of one process, 4 Sync workers and 4 Async workers (2 PS each) at the
+/// same epochs; peak RSS of every process of the distributed runs.
+fn accuracy(args: &Args, bin: &Path, dir: &Path, fashion: &DatasetSpec, mlp: &ModelSpec) {
+    let (batch, epochs, lr) = (args.batch, args.epochs, args.lr);
+    let global = batch * 4;
+    println!(
+        "## Fashion-MNIST mlp 784-256-10: {epochs} epochs, SGD lr {lr} momentum 0.9, batch {batch} per worker\n"
+    );
+    println!(
+        "| setup | test accuracy | vs 1 process | samples/s | wall time | peak RSS (MiB) |\n|---|---|---|---|---|---|"
+    );
+    let spec = training(mlp.clone(), fashion.clone(), global, epochs, lr);
+    let started = Instant::now();
+    let one = match local::train(&spec, 1, None) {
+        Ok(one) => one,
+        Err(e) => {
+            println!("skipped: {e}\n");
+            return;
+        }
+    };
+    let base = one.evaluation.accuracy;
+    println!(
+        "| 1 process, batch {global} (baseline) | {base:.4} | | {:.0} | {:.1} s | bench process {:.1} |",
+        one.samples_per_second,
+        started.elapsed().as_secs_f64(),
+        peak_rss_kib(std::process::id()).unwrap_or(0) as f64 / 1024.0
+    );
+    let mut spec = training(mlp.clone(), fashion.clone(), batch, epochs, lr);
+    let sync = distributed(bin, &spec, 2, 4, &dir.join("acc-sync"));
+    spec.consistency.kind = kubetrain_api::ConsistencyKind::Async;
+    let asy = distributed(bin, &spec, 2, 4, &dir.join("acc-async"));
+    for (name, run) in [("Sync", &sync), ("Async", &asy)] {
+        println!(
+            "| 2 PS + 4 workers, {name}, batch {batch} each | {:.4} | {:+.2} pp | {:.0} | {:.1} s | {} |",
+            run.accuracy,
+            (run.accuracy - base) * 100.0,
+            run.samples_per_second,
+            run.seconds,
+            rss_cell(run)
+        );
+    }
+    let peak = [&sync, &asy]
+        .iter()
+        .flat_map(|r| r.peak_rss_kib.iter().map(|(_, k)| *k))
+        .max()
+        .unwrap_or(0);
+    println!(
+        "\n1 process >= 0.88: {}; Sync within 0.5 pp: {}; Async within 1 pp: {}; largest peak RSS {:.1} MiB (target <= 64 MiB)\n",
+        base >= 0.88,
+        (sync.accuracy - base).abs() <= 0.005,
+        (asy.accuracy - base).abs() <= 0.01,
+        peak as f64 / 1024.0
+    );
 }

@@ -8,7 +8,7 @@ mod optimizer;
 mod stage;
 
 pub use network::{Evaluation, Network, as_matrix};
-pub use optimizer::{Optimizer, OptimizerState};
+pub use optimizer::{Optimizer, OptimizerState, StagedUpdate};
 pub use stage::{StageModel, Stash};
 
 /// A model call was given inputs of the wrong shape.

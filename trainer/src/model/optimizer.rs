@@ -136,6 +136,157 @@ impl Optimizer {
     }
 }
 
+/// One update computed piece by piece into buffers of its own, leaving the optimizer and
+/// the parameters untouched until [`Optimizer::commit_staged`]. A parameter server uses it
+/// to apply a gradient while the gradient is still arriving; if the rest never comes the
+/// staged update is simply dropped, and nothing was corrupted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StagedUpdate {
+    params: Vec<f32>,
+    /// The optimizer's state vectors after the update, in [`OptimizerState::vectors`] order
+    /// (none for SGD without momentum, whose velocity is unused).
+    state: Vec<Vec<f32>>,
+    done: usize,
+}
+
+impl StagedUpdate {
+    /// Elements staged so far (always a prefix).
+    pub fn staged(&self) -> usize {
+        self.done
+    }
+
+    /// Hands over a spare buffer (say, parameters no longer in use) for the next update's
+    /// parameters, so staging does not allocate.
+    pub fn reuse_params(&mut self, buffer: Vec<f32>) {
+        self.params = buffer;
+    }
+}
+
+impl Optimizer {
+    fn stages_state(&self) -> usize {
+        match (&self.state, self.momentum == 0.0) {
+            (OptimizerState::Sgd { .. }, true) => 0,
+            (OptimizerState::Sgd { .. }, false) => 1,
+            (OptimizerState::Adam { .. }, _) => 2,
+        }
+    }
+
+    /// Prepares `scratch` (any earlier staged update, for its buffers) to stage an update of
+    /// all `len` parameters.
+    pub fn begin_staged(&self, mut scratch: StagedUpdate, len: usize) -> StagedUpdate {
+        scratch.params.resize(len, 0.0);
+        scratch.state.resize_with(self.stages_state(), Vec::new);
+        for v in &mut scratch.state {
+            v.resize(len, 0.0);
+        }
+        scratch.done = 0;
+        scratch
+    }
+
+    /// Stages the update of `params[offset..offset + grad.len()]`, which must follow the
+    /// part staged before. Bit for bit what [`Optimizer::apply`] computes.
+    pub fn stage(
+        &self,
+        staged: &mut StagedUpdate,
+        params: &[f32],
+        offset: usize,
+        grad: &[f32],
+    ) -> Result<(), ModelError> {
+        let end = offset + grad.len();
+        let len = staged.params.len();
+        if offset != staged.done
+            || end > len
+            || params.len() != len
+            || self.state.vectors()[0].len() != len
+            || staged.state.len() != self.stages_state()
+        {
+            return Err(ModelError::GradientLength {
+                expected: len.saturating_sub(staged.done),
+                got: grad.len(),
+            });
+        }
+        let lr = self.learning_rate;
+        let p_in = &params[offset..end];
+        let p_out = &mut staged.params[offset..end];
+        match (&self.state, staged.state.as_mut_slice()) {
+            (OptimizerState::Sgd { .. }, []) => {
+                for ((out, p), g) in p_out.iter_mut().zip(p_in).zip(grad) {
+                    *out = *p - lr * g;
+                }
+            }
+            (OptimizerState::Sgd { velocity }, [v_out]) => {
+                let mu = self.momentum;
+                for ((((out, p), g), v), v_out) in p_out
+                    .iter_mut()
+                    .zip(p_in)
+                    .zip(grad)
+                    .zip(&velocity[offset..end])
+                    .zip(&mut v_out[offset..end])
+                {
+                    *v_out = mu * *v + g;
+                    *out = *p - lr * *v_out;
+                }
+            }
+            (OptimizerState::Adam { m, v, t }, [m_out, v_out]) => {
+                let t = *t + 1;
+                let (b1, b2, eps) = (self.beta1, self.beta2, self.epsilon);
+                let c1 = 1.0 - b1.powi(t as i32);
+                let c2 = 1.0 - b2.powi(t as i32);
+                for (((((out, p), g), (m, m_out)), v), v_out) in p_out
+                    .iter_mut()
+                    .zip(p_in)
+                    .zip(grad)
+                    .zip(m[offset..end].iter().zip(&mut m_out[offset..end]))
+                    .zip(&v[offset..end])
+                    .zip(&mut v_out[offset..end])
+                {
+                    *m_out = b1 * *m + (1.0 - b1) * g;
+                    *v_out = b2 * *v + (1.0 - b2) * g * g;
+                    let m_hat = *m_out / c1;
+                    let v_hat = *v_out / c2;
+                    *out = *p - lr * m_hat / (v_hat.sqrt() + eps);
+                }
+            }
+            _ => unreachable!("begin_staged sized the state for this optimizer"),
+        }
+        staged.done = end;
+        Ok(())
+    }
+
+    /// Takes a fully staged update: the optimizer moves to its new state and the new
+    /// parameters are returned, with the old state's buffers as scratch for the next one.
+    pub fn commit_staged(
+        &mut self,
+        mut staged: StagedUpdate,
+    ) -> Result<(Vec<f32>, StagedUpdate), ModelError> {
+        let len = self.state.vectors()[0].len();
+        if staged.done != len || staged.params.len() != len {
+            return Err(ModelError::GradientLength {
+                expected: len,
+                got: staged.done,
+            });
+        }
+        match (&mut self.state, staged.state.as_mut_slice()) {
+            (OptimizerState::Sgd { .. }, []) => {}
+            (OptimizerState::Sgd { velocity }, [v]) => std::mem::swap(velocity, v),
+            (OptimizerState::Adam { m, v, t }, [m2, v2]) => {
+                std::mem::swap(m, m2);
+                std::mem::swap(v, v2);
+                *t += 1;
+            }
+            _ => {
+                return Err(ModelError::GradientLength {
+                    expected: len,
+                    got: staged.done,
+                });
+            }
+        }
+        let params = std::mem::take(&mut staged.params);
+        staged.done = 0;
+        Ok((params, staged))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +332,48 @@ mod tests {
             "{p:?}"
         );
         assert_eq!(opt.state().step(), 1);
+    }
+
+    #[test]
+    fn staged_updates_equal_applied_ones() {
+        let mut sgd0 = spec(OptimizerKind::Sgd);
+        sgd0.momentum = None;
+        for spec in [spec(OptimizerKind::Sgd), spec(OptimizerKind::Adam), sgd0] {
+            let mut applied = Optimizer::new(&spec, 7);
+            let mut staged_opt = applied.clone();
+            let mut p: Vec<f32> = (0..7).map(|i| i as f32 * 0.25 - 1.0).collect();
+            let mut q = p.clone();
+            let mut scratch = StagedUpdate::default();
+            for step in 0..4 {
+                let g: Vec<f32> = (0..7).map(|i| (i as f32 - step as f32) * 0.3).collect();
+                applied.apply(&mut p, &g).unwrap();
+                let mut staged = staged_opt.begin_staged(scratch, 7);
+                for (offset, piece) in [(0, 0..3), (3, 3..3), (3, 3..7)] {
+                    staged_opt
+                        .stage(&mut staged, &q, offset, &g[piece])
+                        .unwrap();
+                }
+                // Nothing moves before the commit.
+                assert_ne!(q, p);
+                let (next, rest) = staged_opt.commit_staged(staged).unwrap();
+                q = next;
+                scratch = rest;
+            }
+            assert_eq!(p, q, "{spec:?}");
+            assert_eq!(applied, staged_opt, "{spec:?}");
+        }
+    }
+
+    #[test]
+    fn incomplete_or_out_of_order_staging_is_refused() {
+        let opt = Optimizer::new(&spec(OptimizerKind::Sgd), 4);
+        let params = vec![0.0; 4];
+        let mut staged = opt.begin_staged(StagedUpdate::default(), 4);
+        assert!(opt.stage(&mut staged, &params, 2, &[1.0]).is_err());
+        opt.stage(&mut staged, &params, 0, &[1.0, 1.0]).unwrap();
+        assert!(opt.stage(&mut staged, &params, 2, &[1.0; 3]).is_err());
+        let mut opt = opt;
+        assert!(opt.commit_staged(staged).is_err());
     }
 
     #[test]

@@ -9,13 +9,13 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{error, info, warn};
 
 use super::checkpoint::{self, ShardCheckpoint};
-use super::shard::{PullDecision, PushOutcome, Shard, ShardError};
+use super::shard::{PullDecision, PushOutcome, Shard, ShardError, StagedPush};
 use super::shard_ranges;
 use crate::config::Config;
 use crate::error::TrainerError;
 use crate::metrics::PsMetrics;
 use crate::model::{Network, Optimizer};
-use crate::net::{self, Assembler};
+use crate::net::{self, Assembler, ChunkOrder};
 use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServer};
 use crate::proto::*;
 
@@ -315,7 +315,15 @@ impl ParameterServer for PsService {
                 }
             }
         };
-        let mut assembler = Assembler::with_buffer(buffer);
+        // Async and BoundedStaleness apply each chunk as it arrives (staged, so a push that
+        // breaks off changes nothing) and keep the chunks only in case another push is
+        // applied meanwhile; Sync needs every worker's whole gradient and assembles it.
+        let mut staged: Option<StagedPush> = None;
+        let mut kept: Vec<bytes::Bytes> = Vec::new();
+        let mut buffer = Some(buffer);
+        let mut assembler = None;
+        let mut order = ChunkOrder::new();
+        let mut scratch = Vec::new();
         let mut header: Option<(u32, u64, u64)> = None;
         let mut bytes = 0u64;
         while let Some(chunk) = stream.message().await? {
@@ -324,6 +332,12 @@ impl ParameterServer for PsService {
                 None => {
                     inner.check_worker(chunk.worker_id)?;
                     header = Some(key);
+                    if let Some(shard) = inner.lock().shard.as_mut() {
+                        staged = shard.begin_staged(chunk.base_version);
+                    }
+                    if staged.is_none() {
+                        assembler = buffer.take().map(Assembler::with_buffer);
+                    }
                 }
                 Some(h) if h != key => {
                     return Err(Status::invalid_argument(
@@ -339,16 +353,40 @@ impl ParameterServer for PsService {
                 )));
             }
             bytes += chunk.data.len() as u64;
-            assembler
-                .add(chunk.offset, chunk.total_len, &chunk.data, limit)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            match &mut staged {
+                Some(push) => {
+                    order
+                        .check(chunk.offset, chunk.total_len, chunk.data.len(), limit)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    let gradient = net::floats(&chunk.data, &mut scratch);
+                    if let Some(shard) = inner.lock().shard.as_ref() {
+                        shard.stage(push, chunk.offset as usize, gradient);
+                    }
+                    kept.push(chunk.data);
+                }
+                None => assembler
+                    .get_or_insert_with(Assembler::new)
+                    .add(chunk.offset, chunk.total_len, &chunk.data, limit)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            }
         }
         let Some((worker, base, step)) = header else {
             return Err(Status::invalid_argument("empty push: no chunks"));
         };
-        let gradient = assembler
-            .finish()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let gradient = match staged {
+            Some(_) => {
+                order
+                    .finish()
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                None
+            }
+            None => Some(
+                assembler
+                    .unwrap_or_default()
+                    .finish()
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            ),
+        };
         inner.metrics.push_bytes.inc_by(bytes);
         let mut state = inner.lock();
         state.last_contact = Instant::now();
@@ -358,9 +396,25 @@ impl ParameterServer for PsService {
             .shard
             .as_mut()
             .ok_or_else(|| Status::internal("shard missing"))?;
-        let outcome = shard
-            .push(worker, base, step, gradient, Instant::now())
-            .map_err(status_of)?;
+        let outcome = match (staged, gradient) {
+            (Some(push), _) => {
+                let unstaged = || {
+                    let mut values = buffer.unwrap_or_default();
+                    values.clear();
+                    for data in &kept {
+                        net::extend_from_le(&mut values, data);
+                    }
+                    values
+                };
+                shard.push_staged(worker, base, step, push, unstaged, Instant::now())
+            }
+            (None, Some(gradient)) => shard.push(worker, base, step, gradient, Instant::now()),
+            (None, None) => Err(ShardError::WrongLength {
+                expected: limit,
+                got: 0,
+            }),
+        }
+        .map_err(status_of)?;
         let version = shard.version();
         if let PushOutcome::Applied { .. } = outcome {
             inner.metrics.version.set(version as i64);

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::model::{ModelError, Optimizer};
+use crate::model::{ModelError, Optimizer, StagedUpdate};
 
 /// How updates from different workers are combined (from `training.consistency`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +56,16 @@ pub enum PullDecision {
     },
 }
 
+/// A push being applied while it arrives (Async and BoundedStaleness): the update is
+/// staged against the version current at its start and replaces the parameters only when
+/// the whole gradient is in and no other push was applied meanwhile.
+#[derive(Debug)]
+pub struct StagedPush {
+    version: u64,
+    update: StagedUpdate,
+    live: bool,
+}
+
 #[derive(Debug, Clone, Default)]
 struct WorkerState {
     registered: bool,
@@ -86,6 +96,8 @@ pub struct Shard {
     started: Instant,
     /// Gradient buffers already applied, for the next pushes to decode into.
     spare: Vec<Vec<f32>>,
+    /// Buffers of earlier staged updates, for the next ones.
+    spare_staged: Vec<StagedUpdate>,
 }
 
 impl Shard {
@@ -110,6 +122,7 @@ impl Shard {
             failure: None,
             started: now,
             spare: Vec::new(),
+            spare_staged: Vec::new(),
         }
     }
 
@@ -201,6 +214,19 @@ impl Shard {
         self.workers.iter().all(|w| w.done || w.dead)
     }
 
+    /// Bookkeeping and checks every push passes: a known worker, a usable base version.
+    fn admit(&mut self, worker: u32, base: u64, step: u64, now: Instant) -> Result<(), ShardError> {
+        let version = self.version;
+        let consistency = self.consistency;
+        let w = self.worker(worker)?;
+        w.last_seen = Some(now);
+        if base > version || (consistency == Consistency::Sync && base != version) {
+            return Err(ShardError::Stale { base, version });
+        }
+        w.clock = w.clock.max(step + 1);
+        Ok(())
+    }
+
     /// A worker's gradient for this shard, computed against `base` at its step `step`.
     pub fn push(
         &mut self,
@@ -220,17 +246,13 @@ impl Shard {
                 got: gradient.len(),
             });
         }
+        self.admit(worker, base, step, now)?;
         let version = self.version;
-        let consistency = self.consistency;
-        let w = self.worker(worker)?;
-        w.last_seen = Some(now);
-        if base > version || (consistency == Consistency::Sync && base != version) {
-            return Err(ShardError::Stale { base, version });
-        }
-        w.clock = w.clock.max(step + 1);
-        match consistency {
+        match self.consistency {
             Consistency::Sync => {
-                w.pending = Some(gradient);
+                if let Some(w) = self.workers.get_mut(worker as usize) {
+                    w.pending = Some(gradient);
+                }
                 match self.try_apply_sync()? {
                     true => Ok(PushOutcome::Applied {
                         version: self.version,
@@ -248,6 +270,80 @@ impl Shard {
                     version: self.version,
                 })
             }
+        }
+    }
+
+    /// Starts applying a push chunk by chunk as it arrives, when the consistency model
+    /// applies pushes on arrival (not Sync) and this one is not refused outright. `None`
+    /// means: assemble the whole gradient and [`Shard::push`] it.
+    pub fn begin_staged(&mut self, base: u64) -> Option<StagedPush> {
+        if self.consistency == Consistency::Sync || self.failure.is_some() || base > self.version {
+            return None;
+        }
+        let scratch = self.spare_staged.pop().unwrap_or_default();
+        Some(StagedPush {
+            version: self.version,
+            update: self.optimizer.begin_staged(scratch, self.params.len()),
+            live: true,
+        })
+    }
+
+    /// Stages the next piece of the gradient. Once another push has been applied the staged
+    /// update is stale and staging stops; the push then falls back to a plain apply.
+    pub fn stage(&self, push: &mut StagedPush, offset: usize, gradient: &[f32]) {
+        if push.live
+            && (push.version != self.version
+                || self
+                    .optimizer
+                    .stage(&mut push.update, &self.params, offset, gradient)
+                    .is_err())
+        {
+            push.live = false;
+        }
+    }
+
+    /// Ends a staged push whose every chunk arrived. Commits the staged update when it is
+    /// still current; otherwise applies `gradient()` as [`Shard::push`] would. Either way
+    /// the result equals applying the gradient at this moment.
+    pub fn push_staged(
+        &mut self,
+        worker: u32,
+        base: u64,
+        step: u64,
+        staged: StagedPush,
+        gradient: impl FnOnce() -> Vec<f32>,
+        now: Instant,
+    ) -> Result<PushOutcome, ShardError> {
+        let StagedPush {
+            version,
+            update,
+            live,
+        } = staged;
+        if !live || version != self.version || update.staged() != self.params.len() {
+            self.recycle_staged(update);
+            return self.push(worker, base, step, gradient(), now);
+        }
+        if let Some(reason) = &self.failure {
+            return Err(ShardError::Failed(reason.clone()));
+        }
+        self.admit(worker, base, step, now)?;
+        *self.staleness.entry(version - base).or_default() += 1;
+        let (params, mut scratch) = self.optimizer.commit_staged(update)?;
+        let old = std::mem::replace(&mut self.params, Arc::new(params));
+        // The old parameters are the next update's buffer, unless a pull still sends them.
+        if let Ok(old) = Arc::try_unwrap(old) {
+            scratch.reuse_params(old);
+        }
+        self.recycle_staged(scratch);
+        self.version += 1;
+        Ok(PushOutcome::Applied {
+            version: self.version,
+        })
+    }
+
+    fn recycle_staged(&mut self, update: StagedUpdate) {
+        if self.spare_staged.len() < self.workers.len().min(2) {
+            self.spare_staged.push(update);
         }
     }
 
@@ -448,6 +544,75 @@ mod tests {
             s.pull_decision(0, 7, 0, now),
             Ok(PullDecision::Restarted { version: 0 })
         );
+    }
+
+    fn momentum_shard(workers: usize) -> Shard {
+        let spec = OptimizerSpec {
+            kind: OptimizerKind::Sgd,
+            learning_rate: 0.5,
+            momentum: Some(0.9),
+            beta1: None,
+            beta2: None,
+            epsilon: None,
+        };
+        Shard::new(
+            0,
+            vec![1.0, 2.0, 3.0],
+            Optimizer::new(&spec, 3),
+            0,
+            Consistency::Async,
+            workers,
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn staged_pushes_equal_plain_ones_even_when_overtaken() {
+        let now = Instant::now();
+        let (g1, g2) = (vec![1.0, -1.0, 0.5], vec![0.25, 2.0, -3.0]);
+        let mut s = momentum_shard(2);
+        let mut a = s.begin_staged(0).unwrap();
+        let mut b = s.begin_staged(0).unwrap();
+        s.stage(&mut a, 0, &g1[..1]);
+        s.stage(&mut b, 0, &g2);
+        // Nothing changes before a push is complete.
+        assert_eq!(s.params(), &[1.0, 2.0, 3.0]);
+        assert_eq!(
+            s.push_staged(1, 0, 0, b, || unreachable!(), now),
+            Ok(PushOutcome::Applied { version: 1 })
+        );
+        // `a` was staged against version 0: it must fall back to the whole gradient.
+        s.stage(&mut a, 1, &g1[1..]);
+        assert_eq!(
+            s.push_staged(0, 0, 0, a, || g1.clone(), now),
+            Ok(PushOutcome::Applied { version: 2 })
+        );
+        // The same as plain pushes in the order they completed.
+        let mut reordered = momentum_shard(2);
+        reordered.push(1, 0, 0, g2.clone(), now).unwrap();
+        reordered.push(0, 0, 0, g1.clone(), now).unwrap();
+        assert_eq!(s.params(), reordered.params());
+        assert_eq!(s.optimizer(), reordered.optimizer());
+    }
+
+    #[test]
+    fn an_unfinished_staged_push_changes_nothing() {
+        let now = Instant::now();
+        let mut s = momentum_shard(1);
+        let mut a = s.begin_staged(0).unwrap();
+        s.stage(&mut a, 0, &[5.0, 5.0]);
+        drop(a);
+        assert_eq!((s.params(), s.version()), (&[1.0, 2.0, 3.0][..], 0));
+        assert!(s.begin_staged(4).is_none());
+        let (mut sync, _) = shard(Consistency::Sync, 1);
+        assert!(sync.begin_staged(0).is_none());
+        let b = s.begin_staged(0).unwrap();
+        // Incomplete: falls back to the (whole) gradient handed in.
+        assert_eq!(
+            s.push_staged(0, 0, 0, b, || vec![1.0; 3], now),
+            Ok(PushOutcome::Applied { version: 1 })
+        );
+        assert_eq!(s.params(), &[0.5, 1.5, 2.5]);
     }
 
     #[test]

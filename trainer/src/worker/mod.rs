@@ -105,13 +105,18 @@ pub async fn run_worker(
     let mut step = resume;
     let global_batch = (schedule.batch * workers) as f64;
     let mut steps_done = 0u64;
+    // Time spent pulling, computing (data + gradient) and pushing, for the final line: where
+    // a step's time goes decides what to optimise.
+    let mut timing = [Duration::ZERO; 3];
 
     while step < total_steps {
         if let Some(reason) = abort.borrow().clone() {
             return Err(TrainerError::JobFailed(reason));
         }
         let attempt = async {
+            let t0 = Instant::now();
             let params = links.pull_all(step, sync).await?;
+            let t1 = Instant::now();
             let epoch = schedule.epoch_of(step);
             if let (Some(progress), Some(test)) = (&progress, &test)
                 && step > 0
@@ -136,11 +141,15 @@ pub async fn run_worker(
             .map_err(|e| StepError::Fatal(TrainerError::Compute(e.to_string())))?;
             links.recycle(params);
             let (loss, grad) = result.map_err(|e| StepError::Fatal(e.into()))?;
+            let t2 = Instant::now();
             links.push_all(step, Arc::new(grad)).await?;
-            Ok::<f64, StepError>(loss)
+            Ok::<_, StepError>((loss, [t1 - t0, t2 - t1, t2.elapsed()]))
         };
         match attempt.await {
-            Ok(loss) => {
+            Ok((loss, times)) => {
+                for (total, t) in timing.iter_mut().zip(times) {
+                    *total += t;
+                }
                 step += 1;
                 steps_done += 1;
                 last_progress = Instant::now();
@@ -181,6 +190,13 @@ pub async fn run_worker(
     links.done_all().await;
     let rate = steps_done as f64 * global_batch / started.elapsed().as_secs_f64().max(1e-9);
     let loss = loss_avg.unwrap_or_default();
+    let per_step = |t: Duration| t.as_secs_f64() * 1e3 / steps_done.max(1) as f64;
+    let timing = format!(
+        "pull_ms={:.2} compute_ms={:.2} push_ms={:.2}",
+        per_step(timing[0]),
+        per_step(timing[1]),
+        per_step(timing[2])
+    );
 
     let mut evaluation = None;
     if let (Some(progress), Some(test)) = (&progress, test) {
@@ -212,13 +228,13 @@ pub async fn run_worker(
             r.step = total_steps;
         });
         println!(
-            "kubetrain-trainer: final test_accuracy={:.4} test_loss={:.4} loss={loss:.4} steps={total_steps} samples_per_second={rate:.1}",
+            "kubetrain-trainer: final test_accuracy={:.4} test_loss={:.4} loss={loss:.4} steps={total_steps} samples_per_second={rate:.1} {timing}",
             eval.accuracy, eval.loss
         );
         evaluation = Some(eval);
     } else {
         println!(
-            "kubetrain-trainer: worker {index} finished steps={step} loss={loss:.4} samples_per_second={rate:.1}"
+            "kubetrain-trainer: worker {index} finished steps={step} loss={loss:.4} samples_per_second={rate:.1} {timing}"
         );
     }
     heartbeat.abort();
