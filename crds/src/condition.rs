@@ -51,6 +51,16 @@ pub mod reasons {
     pub const JOB_SUSPENDED: &str = "JobSuspended";
     /// runPolicy.suspend went back to false.
     pub const JOB_RESUMED: &str = "JobResumed";
+    /// The gang scheduler admitted the PodGroup (or every pod is placed).
+    pub const GANG_ADMITTED: &str = "GangAdmitted";
+    /// The PodGroup waits for the scheduler; the message counts the pending pods.
+    pub const POD_GROUP_PENDING: &str = "PodGroupPending";
+    /// The scheduler says the gang cannot be placed; the message carries its reason.
+    pub const GANG_UNSCHEDULABLE: &str = "GangUnschedulable";
+    /// The configured gang scheduler's PodGroup CRD is not installed.
+    pub const POD_GROUP_CRD_MISSING: &str = "PodGroupCRDMissing";
+    /// The job asks for gang scheduling but the operator has no `--gang-scheduler`.
+    pub const GANG_SCHEDULER_NOT_CONFIGURED: &str = "GangSchedulerNotConfigured";
     /// The lifecycle has moved on to another state.
     pub const SUPERSEDED: &str = "Superseded";
 }

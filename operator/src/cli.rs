@@ -31,24 +31,7 @@ pub enum Command {
     Crd,
 }
 
-/// Gang schedulers the operator can create PodGroups for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum GangScheduler {
-    /// Volcano (`scheduling.volcano.sh/v1beta1` PodGroups, scheduler `volcano`).
-    Volcano,
-    /// scheduler-plugins coscheduling (`scheduling.x-k8s.io/v1alpha1` PodGroups).
-    SchedulerPlugins,
-}
-
-impl GangScheduler {
-    /// The `schedulerName` pods of gang-scheduled jobs get.
-    pub fn scheduler_name(self) -> &'static str {
-        match self {
-            GangScheduler::Volcano => "volcano",
-            GangScheduler::SchedulerPlugins => "scheduler-plugins-scheduler",
-        }
-    }
-}
+pub use crate::gang::GangScheduler;
 
 /// `kubetrain operator` options; each has an environment variable too.
 #[derive(clap::Args, Debug)]

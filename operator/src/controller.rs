@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -22,6 +22,7 @@ use kubetrain_api::{MANAGER, TrainingJob, TrainingJobStatus};
 use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::gang::{self, GangObservation, PodGroupState};
 use crate::metrics::Metrics;
 use crate::plan::{self, PlanSettings};
 use crate::progress::{self, ChiefReport};
@@ -114,6 +115,22 @@ pub enum Error {
         /// The API error.
         source: kube::Error,
     },
+    /// Reading the job's PodGroup failed.
+    #[error("reading podgroup {name}: {source}")]
+    GetPodGroup {
+        /// PodGroup name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Applying the job's PodGroup failed.
+    #[error("applying podgroup {name}: {source}")]
+    ApplyPodGroup {
+        /// PodGroup name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
     /// Writing the job's status failed.
     #[error("patching status of {job}: {source}")]
     PatchStatus {
@@ -142,6 +159,8 @@ impl Error {
             Error::DeletePod { .. } => "delete_pod",
             Error::ApplyService { .. } => "apply_service",
             Error::DeleteService { .. } => "delete_service",
+            Error::GetPodGroup { .. } => "get_pod_group",
+            Error::ApplyPodGroup { .. } => "apply_pod_group",
             Error::PatchStatus { .. } => "patch_status",
             Error::DeleteJob { .. } => "delete_job",
         }
@@ -262,8 +281,9 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
         })?
         .items;
 
+    let gang = observe_gang(job, ctx).await?;
     let now = Timestamp::now();
-    let mut decision = status::decide(job, &pods, now);
+    let mut decision = status::decide_with_gang(job, &pods, &gang, now);
     if let Some(endpoint) =
         progress::chief_to_ask(job, &decision.status, &pods, ctx.settings.port, now)
     {
@@ -392,6 +412,61 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
         .map_or_else(Requeue::await_change, Requeue::requeue))
 }
 
+/// Makes sure a gang-scheduled job's PodGroup exists (before any of its pods, so the
+/// scheduler never sees a pod without its group) and reads its state.
+async fn observe_gang(job: &TrainingJob, ctx: &Context) -> Result<GangObservation, Error> {
+    // A finished job needs no gang, except one failed for InvalidSpec that has been fixed:
+    // that one starts over.
+    let restarting = job.spec.validate().is_ok() && status::failed_for_invalid_spec(job);
+    if !gang::wanted(job) || (status::is_finished(job) && !restarting) {
+        return Ok(GangObservation::Off);
+    }
+    let Some(scheduler) = ctx.settings.gang_scheduler else {
+        return Ok(GangObservation::NotConfigured);
+    };
+    let name = job.name_any();
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &job.namespace().unwrap_or_default(),
+        &scheduler.api_resource(),
+    );
+    let desired = gang::pod_group(job, scheduler);
+    let crd_missing = |status: &kube::core::Status| GangObservation::CrdMissing {
+        scheduler,
+        detail: format!("{} {}", status.code, status.message),
+    };
+    // get_opt answers None for a missing object; a path the server does not serve at all
+    // (no CRD) comes back as a 404 without a Status body, which kube reports as an error.
+    let existing = match api.get_opt(&name).await {
+        Ok(existing) => existing,
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(crd_missing(&status)),
+        Err(source) => {
+            return Err(Error::GetPodGroup {
+                name: name.clone(),
+                source,
+            });
+        }
+    };
+    let group = match existing {
+        Some(group) if gang::matches(&group, &desired) => group,
+        _ => match api
+            .patch(&name, &apply_params(), &Patch::Apply(&desired))
+            .await
+        {
+            Ok(group) => group,
+            // Server-side apply creates missing objects, so a 404 means the type itself
+            // is not served.
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                return Ok(crd_missing(&status));
+            }
+            Err(source) => return Err(Error::ApplyPodGroup { name, source }),
+        },
+    };
+    Ok(GangObservation::Group(PodGroupState::from_object(
+        scheduler, &group,
+    )))
+}
+
 /// A TrainingJob that does not even decode (a wrong type somewhere the schema could not
 /// catch) is failed with InvalidSpec instead of breaking the watch for every other job.
 async fn report_undecodable(
@@ -400,7 +475,7 @@ async fn report_undecodable(
     error: &str,
     ctx: &Context,
 ) -> Result<Requeue, Error> {
-    use kube::api::{ApiResource, DynamicObject};
+    use kube::api::ApiResource;
     let message = format!("invalid spec: the TrainingJob cannot be read: {error}");
     // By definition this object does not decode as a TrainingJob: read and write it untyped.
     let api: Api<DynamicObject> = Api::namespaced_with(

@@ -47,7 +47,7 @@ async fn run_operator(args: OperatorArgs) -> Result<(), Box<dyn std::error::Erro
     let server = tokio::spawn(metrics::serve(addr, metrics.clone()));
     let settings = PlanSettings {
         trainer_image: args.trainer_image,
-        gang_scheduler_name: args.gang_scheduler.map(|g| g.scheduler_name().to_string()),
+        gang_scheduler: args.gang_scheduler,
         ..PlanSettings::default()
     };
     let identity = args.instance.clone().unwrap_or_else(|| {

@@ -16,6 +16,8 @@ use kube::{Resource, ResourceExt};
 use kubetrain_api::contract::{self, ClusterSpec, Role};
 use kubetrain_api::{ReplicaSpec, RestartPolicy, TrainingJob};
 
+use crate::gang::{self, GangScheduler};
+
 /// What the plan needs besides the job itself: operator settings.
 #[derive(Clone, Debug)]
 pub struct PlanSettings {
@@ -23,8 +25,8 @@ pub struct PlanSettings {
     pub trainer_image: String,
     /// The gRPC port every replica listens on.
     pub port: u16,
-    /// `schedulerName` for pods of gang-scheduled jobs (the gang scheduler's name).
-    pub gang_scheduler_name: Option<String>,
+    /// The gang scheduler that gets a PodGroup for jobs with `schedulingPolicy.gang`.
+    pub gang_scheduler: Option<GangScheduler>,
 }
 
 impl Default for PlanSettings {
@@ -32,7 +34,7 @@ impl Default for PlanSettings {
         Self {
             trainer_image: DEFAULT_TRAINER_IMAGE.to_string(),
             port: contract::DEFAULT_PORT,
-            gang_scheduler_name: None,
+            gang_scheduler: None,
         }
     }
 }
@@ -294,16 +296,6 @@ pub fn pod(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettings) -> Po
     pod_spec.hostname = Some(replica.pod_name(&name));
     pod_spec.subdomain = Some(name.clone());
     pod_spec.restart_policy = Some(pod_restart_policy(spec.restart_policy).to_string());
-    if let Some(scheduler) = &settings.gang_scheduler_name
-        && job
-            .spec
-            .run_policy
-            .scheduling_policy
-            .as_ref()
-            .is_some_and(|p| p.gang)
-    {
-        pod_spec.scheduler_name = Some(scheduler.clone());
-    }
     if let Some(priority) = job
         .spec
         .run_policy
@@ -345,11 +337,15 @@ pub fn pod(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettings) -> Po
         }
     }
 
-    Pod {
+    let mut pod = Pod {
         metadata,
         spec: Some(pod_spec),
         status: None,
+    };
+    if let Some(scheduler) = gang::active(job, settings.gang_scheduler) {
+        gang::join(&mut pod, job, scheduler);
     }
+    pod
 }
 
 /// Every pod the job should have, PS first.

@@ -19,6 +19,7 @@ use kubetrain_api::{
     TrainingJob, TrainingJobStatus,
 };
 
+use crate::gang::{self, GangObservation};
 use crate::plan::{self, ReplicaId};
 
 /// Something the job needs done to the world.
@@ -96,11 +97,32 @@ pub const STALLED_REASONS: [&str; 4] = [
 
 /// Decides the next status and actions of `job`, given its pods as observed `now`.
 pub fn decide(job: &TrainingJob, pods: &[Pod], now: Timestamp) -> Decision {
+    decide_with_gang(job, pods, &GangObservation::Off, now)
+}
+
+/// How often a job whose gang scheduler's CRD is missing looks again: the CRD may be
+/// installed later, and a calm recheck is no error loop.
+pub const GANG_CRD_RECHECK: Duration = Duration::from_secs(60);
+
+/// How often a job whose gang waits for admission rereads its PodGroup: the operator does
+/// not watch PodGroups (their CRD may not exist), and the condition must not go stale.
+pub const GANG_PENDING_RECHECK: Duration = Duration::from_secs(10);
+
+/// [`decide`] for a job whose gang scheduling the controller has looked at: the PodGroup's
+/// state becomes the `GangPending` condition, and without the scheduler's CRD no pod is
+/// created (it would wait forever for a scheduler that is not there).
+pub fn decide_with_gang(
+    job: &TrainingJob,
+    pods: &[Pod],
+    gang: &GangObservation,
+    now: Timestamp,
+) -> Decision {
     // The API server keeps whole seconds; deciding with nanoseconds would make every
     // written status differ from the one read back, and reconcile forever.
     let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
     let mut d = Decider {
         job,
+        gang,
         now,
         status: job.status.clone().unwrap_or_default(),
         actions: Vec::new(),
@@ -128,6 +150,7 @@ pub fn decide(job: &TrainingJob, pods: &[Pod], now: Timestamp) -> Decision {
 
 struct Decider<'a> {
     job: &'a TrainingJob,
+    gang: &'a GangObservation,
     now: Timestamp,
     status: TrainingJobStatus,
     actions: Vec<Action>,
@@ -318,6 +341,9 @@ impl Decider<'_> {
         if self.startup_deadline_passed(pods) {
             return;
         }
+        if !self.gang_allows_pods(by_replica) {
+            to_create.clear();
+        }
 
         if !to_create.is_empty() {
             if self.status.start_time.is_none() {
@@ -353,6 +379,117 @@ impl Decider<'_> {
                 reasons::PODS_CREATED,
                 format!("{} of {} pods started", started, wanted.len()),
             );
+        }
+    }
+
+    /// Sets `GangPending` from what the controller saw of the gang; false when pods must
+    /// not be created (the PodGroup CRD is missing).
+    fn gang_allows_pods(&mut self, by_replica: &BTreeMap<ReplicaId, &Pod>) -> bool {
+        let was = |reason: &str| {
+            self.status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == types::GANG_PENDING && c.reason == reason)
+        };
+        match self.gang {
+            GangObservation::Off => true,
+            GangObservation::NotConfigured => {
+                let message = "runPolicy.schedulingPolicy.gang is true, but the operator runs \
+                    without --gang-scheduler: pods are scheduled one by one by the default \
+                    scheduler. Start the operator with --gang-scheduler volcano or \
+                    scheduler-plugins (Helm value gangScheduler)"
+                    .to_string();
+                if !was(reasons::GANG_SCHEDULER_NOT_CONFIGURED) {
+                    self.events.push(JobEvent::warning(
+                        reasons::GANG_SCHEDULER_NOT_CONFIGURED,
+                        "ScheduleGang",
+                        message.clone(),
+                    ));
+                }
+                // Shown although False: it is the one place the user learns why the
+                // gang they asked for is not there.
+                upsert(
+                    &mut self.status.conditions,
+                    types::GANG_PENDING,
+                    false,
+                    reasons::GANG_SCHEDULER_NOT_CONFIGURED,
+                    message,
+                    self.now,
+                );
+                true
+            }
+            GangObservation::CrdMissing { scheduler, detail } => {
+                let resource = scheduler.api_resource();
+                let message = format!(
+                    "gang scheduling needs the PodGroup CRD {} ({}), which this cluster does \
+                     not serve ({detail}); no pods are created until it is installed. Install \
+                     {scheduler:?}, or set runPolicy.schedulingPolicy.gang to false",
+                    resource.api_version, resource.plural,
+                );
+                if !was(reasons::POD_GROUP_CRD_MISSING) {
+                    self.events.push(JobEvent::warning(
+                        reasons::POD_GROUP_CRD_MISSING,
+                        "ScheduleGang",
+                        message.clone(),
+                    ));
+                }
+                self.set_detail(
+                    types::GANG_PENDING,
+                    true,
+                    reasons::POD_GROUP_CRD_MISSING,
+                    message,
+                );
+                self.wake_in(GANG_CRD_RECHECK);
+                false
+            }
+            GangObservation::Group(group) => {
+                let wanted = plan::replica_ids(self.job);
+                let pending = wanted
+                    .iter()
+                    .filter(|r| !by_replica.get(r).is_some_and(|p| gang::is_scheduled(p)))
+                    .count();
+                if group.admitted() || pending == 0 {
+                    self.set_detail(
+                        types::GANG_PENDING,
+                        false,
+                        reasons::GANG_ADMITTED,
+                        format!(
+                            "PodGroup {} admitted the gang of {} pods",
+                            group.name,
+                            wanted.len()
+                        ),
+                    );
+                } else {
+                    let phase = if group.phase.is_empty() {
+                        "not yet seen by the scheduler".to_string()
+                    } else {
+                        format!("phase {}", group.phase)
+                    };
+                    let why = group
+                        .unschedulable
+                        .as_ref()
+                        .map_or(String::new(), |u| format!("; scheduler: {u}"));
+                    self.wake_in(GANG_PENDING_RECHECK);
+                    let reason = if group.unschedulable.is_some() {
+                        reasons::GANG_UNSCHEDULABLE
+                    } else {
+                        reasons::POD_GROUP_PENDING
+                    };
+                    self.set_detail(
+                        types::GANG_PENDING,
+                        true,
+                        reason,
+                        format!(
+                            "PodGroup {} ({phase}) has not admitted the gang: {pending} of {} \
+                             pods still pending, minMember {}{why}",
+                            group.name,
+                            wanted.len(),
+                            gang::min_member(self.job),
+                        ),
+                    );
+                }
+                true
+            }
         }
     }
 
@@ -540,12 +677,9 @@ impl Decider<'_> {
     /// Moves the job to a final state and cleans up.
     fn finish(&mut self, type_: &'static str, reason: &'static str, message: String, pods: &[Pod]) {
         self.set_lifecycle(type_, reason, message);
-        self.set_detail(
-            types::PODS_STALLED,
-            false,
-            "JobFinished",
-            "the job has finished".into(),
-        );
+        for detail in [types::PODS_STALLED, types::GANG_PENDING] {
+            self.set_detail(detail, false, "JobFinished", "the job has finished".into());
+        }
         if self.status.completion_time.is_none() {
             self.status.completion_time = Some(Time(self.now));
         }
@@ -723,6 +857,24 @@ fn replica_status(
         failed: count(&|p| phase(p) == "Failed"),
         restarts: recreated + ours.iter().map(|p| restart_count(p)).sum::<i32>(),
     }
+}
+
+/// Whether the job has reached Succeeded or Failed.
+pub fn is_finished(job: &TrainingJob) -> bool {
+    job.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| (c.type_ == types::SUCCEEDED || c.type_ == types::FAILED) && c.is_true())
+    })
+}
+
+/// Whether the job has failed with InvalidSpec.
+pub fn failed_for_invalid_spec(job: &TrainingJob) -> bool {
+    job.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == types::FAILED && c.is_true() && c.reason == reasons::INVALID_SPEC)
+    })
 }
 
 /// The pod's phase, or "" before the kubelet reported one.

@@ -50,9 +50,14 @@ impl OperatorTask {
     /// Starts `controller::run` for `ns` only, with default plan settings, reporting
     /// events as instance `test`.
     pub fn start(ns: &TestNamespace) -> Self {
+        Self::start_with(ns, PlanSettings::default())
+    }
+
+    /// [`OperatorTask::start`] with other plan settings (gang scheduler, port).
+    pub fn start_with(ns: &TestNamespace, settings: PlanSettings) -> Self {
         let context = Arc::new(Context::new(
             ns.client.clone(),
-            PlanSettings::default(),
+            settings,
             Some("test".into()),
             Arc::new(Metrics::new()),
         ));
@@ -440,6 +445,62 @@ pub async fn set_pod_running(pods: &Api<Pod>, name: &str) -> kube::Result<Pod> {
         ..ContainerState::default()
     };
     write_pod_status(pods, name, pod_status(&pod, "Running", true, state)).await
+}
+
+/// Reports pod `name` as Running with pod IP `ip` (where the operator asks the chief for
+/// progress).
+pub async fn set_pod_running_at(pods: &Api<Pod>, name: &str, ip: &str) -> kube::Result<Pod> {
+    let pod = pods.get(name).await?;
+    let state = ContainerState {
+        running: Some(ContainerStateRunning {
+            started_at: Some(Time(Timestamp::now())),
+        }),
+        ..ContainerState::default()
+    };
+    let mut status = pod_status(&pod, "Running", true, state);
+    status.pod_ip = Some(ip.to_string());
+    write_pod_status(pods, name, status).await
+}
+
+/// Reports pod `name` as Pending with its main container waiting for `reason` (for
+/// example `ImagePullBackOff`), as a kubelet does when it cannot start it.
+pub async fn set_pod_waiting(
+    pods: &Api<Pod>,
+    name: &str,
+    reason: &str,
+    message: &str,
+) -> kube::Result<Pod> {
+    let pod = pods.get(name).await?;
+    let state = ContainerState {
+        waiting: Some(k8s_openapi::api::core::v1::ContainerStateWaiting {
+            reason: Some(reason.to_string()),
+            message: Some(message.to_string()),
+        }),
+        ..ContainerState::default()
+    };
+    write_pod_status(pods, name, pod_status(&pod, "Pending", false, state)).await
+}
+
+/// Reports pod `name` as a scheduler does when no node fits it: Pending, PodScheduled
+/// False with reason Unschedulable.
+pub async fn set_pod_unschedulable(
+    pods: &Api<Pod>,
+    name: &str,
+    message: &str,
+) -> kube::Result<Pod> {
+    let status = PodStatus {
+        phase: Some("Pending".to_string()),
+        conditions: Some(vec![PodCondition {
+            type_: "PodScheduled".to_string(),
+            status: "False".to_string(),
+            reason: Some("Unschedulable".to_string()),
+            message: Some(message.to_string()),
+            last_transition_time: Some(Time(Timestamp::now())),
+            ..PodCondition::default()
+        }]),
+        ..PodStatus::default()
+    };
+    write_pod_status(pods, name, status).await
 }
 
 /// Reports pod `name`'s main container as terminated with `exit_code`: phase Succeeded
