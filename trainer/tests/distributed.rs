@@ -17,7 +17,10 @@ fn http_get(port: u16, path: &str) -> String {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // One write: the metrics server answers after its first read, so a request split
+    // over several writes could be answered (and the socket closed) half-sent.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
     let mut body = String::new();
     let _ = stream.read_to_string(&mut body);
     body
@@ -27,8 +30,8 @@ fn http_get(port: u16, path: &str) -> String {
 fn sync_two_workers_converge_on_digits_and_report_progress() {
     let _serial = serial();
     let cluster = Cluster::new("sync", 1, 2);
-    // Enough epochs that the chief is still training while this test reads its progress
-    // and metrics after epoch 1 (with 8 it could finish first: ~0.5 s of training).
+    // Enough epochs that the chief is surely still training while this test reads its
+    // progress and metrics after epoch 1.
     let training = digits_training(
         json!({"kind": "mlp", "hidden": [64]}),
         json!({"kind": "Sync"}),

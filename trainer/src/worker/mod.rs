@@ -106,8 +106,11 @@ pub async fn run_worker(
     let global_batch = (schedule.batch * workers) as f64;
     let mut steps_done = 0u64;
     // Time spent pulling, computing (data + gradient) and pushing, for the final line: where
-    // a step's time goes decides what to optimise.
+    // a step's time goes decides what to optimise. (Sync pulls the next step's parameters
+    // during the push, so there the push time includes waiting for the other workers.)
     let mut timing = [Duration::ZERO; 3];
+    // Sync: the next step's parameters, pulled while this step's push was under way.
+    let mut prefetched: Option<Vec<f32>> = None;
 
     while step < total_steps {
         if let Some(reason) = abort.borrow().clone() {
@@ -115,7 +118,10 @@ pub async fn run_worker(
         }
         let attempt = async {
             let t0 = Instant::now();
-            let params = links.pull_all(step, sync).await?;
+            let params = match prefetched.take() {
+                Some(params) => params,
+                None => links.pull_all(step, sync).await?,
+            };
             let t1 = Instant::now();
             let epoch = schedule.epoch_of(step);
             if let (Some(progress), Some(test)) = (&progress, &test)
@@ -142,11 +148,19 @@ pub async fn run_worker(
             links.recycle(params);
             let (loss, grad) = result.map_err(|e| StepError::Fatal(e.into()))?;
             let t2 = Instant::now();
-            links.push_all(step, Arc::new(grad)).await?;
-            Ok::<_, StepError>((loss, [t1 - t0, t2 - t1, t2.elapsed()]))
+            let mut next = None;
+            if sync && step + 1 < total_steps {
+                // A failed pull only means the next step pulls again (its error has already
+                // marked the PS for re-registration where needed).
+                next = links.push_and_pull(step, Arc::new(grad)).await?.ok();
+            } else {
+                links.push_all(step, Arc::new(grad)).await?;
+            }
+            Ok::<_, StepError>((loss, [t1 - t0, t2 - t1, t2.elapsed()], next))
         };
         match attempt.await {
-            Ok((loss, times)) => {
+            Ok((loss, times, next)) => {
+                prefetched = next;
                 for (total, t) in timing.iter_mut().zip(times) {
                     *total += t;
                 }
