@@ -229,6 +229,35 @@ mod tests {
     }
 
     #[test]
+    fn model_parallel_needs_two_workers_and_no_parameter_server_role() {
+        let training = r#"{"model":{"kind":"mlp","hidden":[8]},"dataset":{"builtin":"digits"},"optimizer":{"kind":"sgd"}}"#;
+        let parse = |cluster: &str, role: &str| {
+            Config::from_cli(
+                Cli::try_parse_from([
+                    "t",
+                    "--cluster",
+                    cluster,
+                    "--role",
+                    role,
+                    "--index",
+                    "0",
+                    "--training",
+                    training,
+                    "--mode",
+                    "ModelParallel",
+                ])
+                .unwrap(),
+            )
+        };
+        let config = parse(r#"{"worker":["w0:7002","w1:7003"]}"#, "worker").unwrap();
+        assert_eq!(config.mode, Mode::ModelParallel);
+        let err = parse(r#"{"worker":["w0:7002"]}"#, "worker").unwrap_err();
+        assert!(err.to_string().contains("at least 2 stages"), "{err}");
+        let err = parse(r#"{"ps":["p:1"],"worker":["w0:7002","w1:7003"]}"#, "ps").unwrap_err();
+        assert!(err.to_string().contains("no parameter servers"), "{err}");
+    }
+
+    #[test]
     fn index_outside_cluster_is_a_config_error() {
         let err = Config::from_cli(cli("worker", "2", None)).unwrap_err();
         assert!(err.to_string().contains("KUBETRAIN_INDEX=2"), "{err}");

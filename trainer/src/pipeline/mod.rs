@@ -133,10 +133,14 @@ pub async fn run_stage(
             .as_ref()
             .is_some_and(|r| r.contains("stopped the job:"));
         if !relayed {
-            shared.fail(e.to_string());
+            let reason = match e {
+                TrainerError::JobFailed(why) => why.clone(),
+                other => other.to_string(),
+            };
+            shared.fail(reason.clone());
             let mut calls = JoinSet::new();
             for p in &peers {
-                let (p, reason) = (p.clone(), e.to_string());
+                let (p, reason) = (p.clone(), reason.clone());
                 calls.spawn(async move { p.abort(stage, reason).await });
             }
             while calls.join_next().await.is_some() {}
