@@ -222,7 +222,8 @@ pub async fn reconcile(
             invalid.metadata.name.clone().unwrap_or_default(),
         ),
     };
-    let span = info_span!("reconcile", namespace = %namespace, name = %name);
+    // `job`, not `name`: JSON logs already use "name" for the span's own name.
+    let span = info_span!("reconcile", namespace = %namespace, job = %name);
     let result = async {
         match &guard.0 {
             Ok(job) => reconcile_job(job, &ctx).await,

@@ -3,7 +3,6 @@
 //! process, and the TrainingJob reaching Succeeded with progress in its status.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
@@ -12,33 +11,9 @@ use kubetrain_e2e::envtest::{self, TestNamespace};
 use kubetrain_e2e::kubelet::{Kubelet, KubeletConfig};
 use kubetrain_e2e::operator::{JobWatch, OperatorTask, wait_until};
 
-/// The workspace's trainer binary, built on demand so `cargo test -p kubetrain-e2e` alone
-/// works too (cargo only builds other packages' binaries for `--workspace` runs).
+/// The workspace's trainer binary.
 fn trainer_binary() -> PathBuf {
-    let root = envtest::workspace_root();
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "kubetrain-trainer",
-            "--bin",
-            "kubetrain-trainer",
-        ])
-        .current_dir(&root)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building kubetrain-trainer failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let binary = target.join("debug").join("kubetrain-trainer");
-    assert!(
-        binary.is_file(),
-        "no trainer binary at {}",
-        binary.display()
-    );
-    binary
+    envtest::workspace_binary("kubetrain-trainer", "kubetrain-trainer")
 }
 
 async fn namespace(prefix: &str) -> TestNamespace {
