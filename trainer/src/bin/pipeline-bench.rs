@@ -35,10 +35,10 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     width: usize,
     /// The whole batch, cut into micro-batches.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 8192)]
     batch: usize,
     /// Steps per run; the first is warm-up and not measured.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 6)]
     steps: usize,
 }
 

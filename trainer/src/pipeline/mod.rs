@@ -576,6 +576,9 @@ async fn train(
                         config.cluster.worker[0], config.idle_timeout.as_secs_f64()
                     )));
                 }
+                // Give the Finish reply time to leave before the process (and its server)
+                // goes, so the chief does not see a broken connection.
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             r = abort.wait_for(Option::is_some) => {
                 let reason = r.ok().and_then(|r| r.clone()).unwrap_or_default();
