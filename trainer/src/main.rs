@@ -4,8 +4,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use kubetrain_trainer::{Cli, main_with};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colour codes only where a person reads them, not in pod logs.
@@ -15,5 +14,19 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    main_with(Cli::parse()).await
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // A data-parallel PS or worker does its math on blocking threads and only I/O on the
+    // async ones, one step at a time: one async thread saves the cross-thread wake-ups
+    // that made each push+pull ~30% slower (trainer-bench, 1 worker, batch 256).
+    if cli.mode == "DataParallel" {
+        runtime.worker_threads(1);
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(main_with(cli)),
+        Err(e) => {
+            eprintln!("kubetrain-trainer: error: starting the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
