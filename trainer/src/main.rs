@@ -2,6 +2,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
+use kubetrain_api::contract::Role;
 use kubetrain_trainer::{Cli, main_with};
 
 fn main() -> ExitCode {
@@ -16,10 +17,11 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    // A data-parallel PS or worker does its math on blocking threads and only I/O on the
-    // async ones, one step at a time: one async thread saves the cross-thread wake-ups
-    // that made each push+pull ~30% slower (trainer-bench, 1 worker, batch 256).
-    if cli.mode == "DataParallel" {
+    // A data-parallel worker does its math on a blocking thread and only I/O on the async
+    // ones, one step at a time: a single async thread saves the cross-thread wake-ups that
+    // made each push+pull ~30% slower (1 worker, batch 256). A PS keeps the default: with
+    // two threads, receiving a large push overlaps applying it.
+    if cli.mode == "DataParallel" && cli.role == Role::Worker {
         runtime.worker_threads(1);
     }
     match runtime.enable_all().build() {
