@@ -39,12 +39,18 @@ impl Stash {
 }
 
 impl Network {
-    /// Multiply-adds of each layer per example, forward and backward (weights and input
-    /// gradients): what a stage balance has to equalise.
+    /// Floating-point operations of each layer per example, forward and backward: what a
+    /// stage balance has to equalise. Every layer costs 2·in·out forward and 2·in·out for
+    /// its weight gradient; all but the first also 2·in·out for the gradient of its input
+    /// (the first has nobody to send it to).
     pub fn layer_flops(&self) -> Vec<u64> {
         self.widths()
             .windows(2)
-            .map(|w| 6 * (w[0] * w[1]) as u64 + 4 * w[1] as u64)
+            .enumerate()
+            .map(|(i, w)| {
+                let products = if i == 0 { 4 } else { 6 };
+                products * (w[0] * w[1]) as u64 + 4 * w[1] as u64
+            })
             .collect()
     }
 

@@ -357,7 +357,7 @@ async fn train(
         .map(|(d, s)| Batcher::new(*s, training.seed, 0, d.train.len()));
     let steps_per_epoch = data.as_ref().map(|(_, s)| s.steps_per_epoch as u64);
     let test = data.as_ref().and_then(|(d, _)| d.test.clone());
-    let model = plan.stage.clone();
+    let model = Arc::new(plan.stage.clone());
     let mut stats = StageStats::default();
     let mut stash: Stash<Kept> = Stash::default();
     let (mut x, mut y) = (Vec::new(), Vec::new());
@@ -416,14 +416,19 @@ async fn train(
                             .map_err(|e| TrainerError::Compute(e.to_string()))?;
                         (input, t.labels)
                     };
-                    let busy = Instant::now();
-                    let (output, kept) = model.forward(&params, input.view())?;
-                    let tail = if model.is_last() {
-                        Some(model.loss_gradient(&output, &labels, plan.batch)?)
-                    } else {
-                        None
-                    };
-                    stats.busy += busy.elapsed().as_secs_f64();
+                    let (m2, p2, batch) = (model.clone(), params.clone(), plan.batch);
+                    let (output, kept, tail, labels, took) = compute(move || {
+                        let busy = Instant::now();
+                        let (output, kept) = m2.forward(&p2, input.view())?;
+                        let tail = if m2.is_last() {
+                            Some(m2.loss_gradient(&output, &labels, batch)?)
+                        } else {
+                            None
+                        };
+                        Ok((output, kept, tail, labels, busy.elapsed()))
+                    })
+                    .await?;
+                    stats.busy += took.as_secs_f64();
                     stash
                         .put(m, (kept, tail.map(|(l, d)| (d, l))))
                         .map_err(|e| TrainerError::Compute(e.to_string()))?;
@@ -454,9 +459,16 @@ async fn train(
                             (d, t.loss_sum)
                         }
                     };
-                    let busy = Instant::now();
-                    let upstream = model.backward(&params, &kept, d_output.view(), &mut grad)?;
-                    stats.busy += busy.elapsed().as_secs_f64();
+                    let (m2, p2, mut g2) =
+                        (model.clone(), params.clone(), std::mem::take(&mut grad));
+                    let (upstream, kept, g2, took) = compute(move || {
+                        let busy = Instant::now();
+                        let upstream = m2.backward(&p2, &kept, d_output.view(), &mut g2)?;
+                        Ok((upstream, kept, g2, busy.elapsed()))
+                    })
+                    .await?;
+                    grad = g2;
+                    stats.busy += took.as_secs_f64();
                     loss_sum += micro_loss;
                     if let (Some(tx), Some(up)) = (&to_prev, upstream) {
                         let _ = tx.send(Outbound {
@@ -592,6 +604,19 @@ async fn train(
         loss,
         samples_per_second: rate,
     })
+}
+
+/// Runs a pass off the async workers. Computing inline would block a runtime thread for
+/// milliseconds, and a task parked behind it (the ack of a neighbour's tensor, this
+/// stage's own sends) would wait the whole pass: the pipeline would degenerate into
+/// taking turns.
+async fn compute<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, crate::model::ModelError> + Send + 'static,
+) -> Result<T, TrainerError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| TrainerError::Compute(e.to_string()))?
+        .map_err(Into::into)
 }
 
 fn check_rows(t: &Inbound, rows: usize) -> Result<(), TrainerError> {
