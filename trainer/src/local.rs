@@ -1,7 +1,7 @@
 //! The single-process reference trainer: the same model, data and optimizer, no network.
 //!
 //! With `workers = N` it trains on the union of the N partitions' batches at every step:
-//! one process with an N-times batch. Sync data-parallel training must match it, which is
+//! one process with an N-times batch (as the mean of the N batch gradients). Sync data-parallel training must match it, which is
 //! what the equivalence test checks; the benchmark uses it as the throughput baseline.
 
 use std::time::Instant;
@@ -61,13 +61,25 @@ pub fn train(
         .collect();
     let started = Instant::now();
     let (mut x, mut y) = (Vec::new(), Vec::new());
+    let scale = 1.0 / workers as f32;
     for step in 0..total {
-        x.clear();
-        y.clear();
+        // The mean of the partitions' batch gradients, summed in rank order and scaled as a
+        // Sync parameter server does: the same value as one gradient over the union of the
+        // batches, and the same rounding as Sync, so the two stay bit for bit together
+        // instead of drifting apart by float rounding over thousands of steps.
+        let mut sum: Option<Vec<f32>> = None;
         for (part, batcher) in parts.iter().zip(&mut batchers) {
+            x.clear();
+            y.clear();
             part.train.gather(batcher.indices(step), &mut x, &mut y);
+            let (_, grad) = net.loss_and_gradient(&params, as_matrix(&x, net.inputs()), &y)?;
+            match &mut sum {
+                None => sum = Some(grad),
+                Some(sum) => sum.iter_mut().zip(&grad).for_each(|(s, g)| *s += g),
+            }
         }
-        let (_, grad) = net.loss_and_gradient(&params, as_matrix(&x, net.inputs()), &y)?;
+        let mut grad = sum.unwrap_or_default();
+        grad.iter_mut().for_each(|g| *g *= scale);
         optimizer.apply(&mut params, &grad)?;
     }
     let seconds = started.elapsed().as_secs_f64().max(1e-9);

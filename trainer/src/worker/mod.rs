@@ -111,6 +111,8 @@ pub async fn run_worker(
     let mut timing = [Duration::ZERO; 3];
     // Sync: the next step's parameters, pulled while this step's push was under way.
     let mut prefetched: Option<Vec<f32>> = None;
+    // The widened batch buffers, kept across steps instead of allocated for each one.
+    let mut batch: (Vec<f32>, Vec<u8>) = (Vec::new(), Vec::new());
 
     while step < total_steps {
         if let Some(reason) = abort.borrow().clone() {
@@ -137,14 +139,17 @@ pub async fn run_worker(
             }
             let indices = batcher.indices(step).to_vec();
             let (net2, train2) = (net.clone(), train.clone());
-            let (result, params) = tokio::task::spawn_blocking(move || {
-                let (mut x, mut y) = (Vec::new(), Vec::new());
+            let (mut x, mut y) = std::mem::take(&mut batch);
+            let (result, params, x, y) = tokio::task::spawn_blocking(move || {
+                x.clear();
+                y.clear();
                 train2.gather(&indices, &mut x, &mut y);
                 let result = net2.loss_and_gradient(&params, as_matrix(&x, net2.inputs()), &y);
-                (result, params)
+                (result, params, x, y)
             })
             .await
             .map_err(|e| StepError::Fatal(TrainerError::Compute(e.to_string())))?;
+            batch = (x, y);
             links.recycle(params);
             let (loss, grad) = result.map_err(|e| StepError::Fatal(e.into()))?;
             let t2 = Instant::now();
