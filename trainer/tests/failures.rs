@@ -166,10 +166,12 @@ fn restarted_parameter_server_resumes_from_its_checkpoint() {
                 .ok()
         })
         .expect("shutdown line");
-    // Updates between the last checkpoint and the kill are lost: at most everySteps (plus
-    // the one in flight), never more.
+    // Updates after the last *completed* checkpoint are lost. Checkpoints are written off
+    // the request path, so when the kill lands while the newest one is still being written
+    // (a slow fsync on a loaded machine spans many fast steps) the one before it counts:
+    // at most two intervals (plus the update in flight), never more.
     assert!(
-        final_version + every + 1 >= total,
+        final_version + 2 * every + 1 >= total,
         "version {final_version} of {total} steps (killed at {at_kill})\n{}",
         ps.logs()
     );
