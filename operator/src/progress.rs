@@ -74,14 +74,24 @@ pub fn chief_to_ask(
     Some(format!("http://{ip}:{port}"))
 }
 
-/// How long until progress is due again, while the job runs the built-in trainer.
-pub fn next_ask(job: &TrainingJob, status: &TrainingJobStatus) -> Option<Duration> {
+/// How long until progress is due again: while the job runs the built-in trainer and its
+/// chief is Running. A chief that is not running yet needs no timer: its pod's next status
+/// change wakes the job anyway, and a thousand pending jobs must not poll.
+pub fn next_ask(job: &TrainingJob, status: &TrainingJobStatus, pods: &[Pod]) -> Option<Duration> {
     job.spec.training.as_ref()?;
     let active = status.conditions.iter().any(|c| {
         c.is_true()
             && [types::CREATED, types::RUNNING, types::RESTARTING].contains(&c.type_.as_str())
     });
-    active.then_some(MIN_WRITE_INTERVAL)
+    let chief_running = pods.iter().any(|p| {
+        ReplicaId::from_pod(p)
+            == Some(ReplicaId {
+                role: Role::Worker,
+                index: 0,
+            })
+            && phase(p) == "Running"
+    });
+    (active && chief_running).then_some(MIN_WRITE_INTERVAL)
 }
 
 /// The status progress for a chief's report.
@@ -204,5 +214,28 @@ mod tests {
             t(6),
         );
         assert_eq!(done.accuracy, Some(0.9612));
+    }
+
+    #[test]
+    fn only_a_running_chief_sets_the_progress_timer() {
+        let job = job();
+        let created = decide(&job, &[], t(0)).status;
+        let mut chief = plan::pod(
+            &job,
+            ReplicaId {
+                role: Role::Worker,
+                index: 0,
+            },
+            &PlanSettings::default(),
+        );
+        assert_eq!(next_ask(&job, &created, std::slice::from_ref(&chief)), None);
+        chief.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: Some("Running".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            next_ask(&job, &created, std::slice::from_ref(&chief)),
+            Some(MIN_WRITE_INTERVAL)
+        );
     }
 }

@@ -533,17 +533,29 @@ impl Drop for ApiServer {
 /// kubetrain-e2e` alone works too: cargo builds other packages' binaries only for
 /// `--workspace` runs. Blocking: call it from `spawn_blocking` in async tests.
 pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    build_workspace_binary(package, bin, false)
+}
+
+/// [`workspace_binary`] in the release profile, for benchmarks.
+pub fn workspace_release_binary(package: &str, bin: &str) -> PathBuf {
+    build_workspace_binary(package, bin, true)
+}
+
+fn build_workspace_binary(package: &str, bin: &str, release: bool) -> PathBuf {
     let root = workspace_root();
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", package, "--bin", bin])
-        .current_dir(&root)
-        .status()
-        .expect("cargo runs");
+    let mut cargo = std::process::Command::new(env!("CARGO"));
+    cargo.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    if release {
+        cargo.arg("--release");
+    }
+    let status = cargo.current_dir(&root).status().expect("cargo runs");
     assert!(status.success(), "building {package} --bin {bin} failed");
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    let binary = target.join("debug").join(bin);
+    let binary = target
+        .join(if release { "release" } else { "debug" })
+        .join(bin);
     assert!(binary.is_file(), "no {bin} binary at {}", binary.display());
     binary
 }
