@@ -26,6 +26,14 @@ pub const ENV_MODE: &str = "KUBETRAIN_MODE";
 pub const ENV_TF_CONFIG: &str = "TF_CONFIG";
 /// The pod's own IP (downward API `status.podIP`): the trainer binds its server there.
 pub const ENV_POD_IP: &str = "POD_IP";
+/// Where the trainer leaves its last words: a [`FinalProgress`] as JSON when it succeeds,
+/// the error when it fails. The operator points it at the container's
+/// `terminationMessagePath`, so the kubelet copies it into the pod status. That is how a
+/// job too short for any progress poll still ends with its final step, loss and accuracy,
+/// and how `kubectl describe pod` shows why a trainer failed, with no API access from pods.
+pub const ENV_TERMINATION_LOG: &str = "KUBETRAIN_TERMINATION_LOG";
+/// The kubelet's default `terminationMessagePath`.
+pub const DEFAULT_TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 
 /// The gRPC port every replica listens on.
 pub const DEFAULT_PORT: u16 = 2222;
@@ -42,6 +50,29 @@ pub const LABEL_JOB_NAME: &str = "kubetrain.io/job-name";
 pub const LABEL_ROLE: &str = "kubetrain.io/role";
 /// Label: the pod's index within its role.
 pub const LABEL_INDEX: &str = "kubetrain.io/index";
+
+/// The chief's termination message after a successful run (see [`ENV_TERMINATION_LOG`]).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FinalProgress {
+    /// Global steps run.
+    pub step: u64,
+    /// Epochs run.
+    pub epoch: u32,
+    /// Mean training loss over the last steps.
+    pub loss: f64,
+    /// Test accuracy after the last step.
+    pub accuracy: f64,
+    /// Training throughput.
+    pub samples_per_second: f64,
+}
+
+impl FinalProgress {
+    /// The message, if `message` is one (anything else, such as an error text, is not).
+    pub fn from_message(message: &str) -> Option<Self> {
+        serde_json::from_str(message.trim()).ok()
+    }
+}
 
 /// The role of a replica.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -295,6 +295,9 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
             Err(error) => debug!(%endpoint, %error, "chief progress not available"),
         }
     }
+    if let Some(last) = progress::from_chief_exit(&pods) {
+        decision.status.progress = Some(last);
+    }
     if let Some(next) = progress::next_ask(job, &decision.status, &pods) {
         decision.requeue_after = Some(decision.requeue_after.map_or(next, |r| r.min(next)));
     }

@@ -569,6 +569,13 @@ async fn spawn(
     }
     for env in container.env.iter().flatten() {
         let value = match (&env.value, &env.value_from) {
+            // No file is mounted at the termination-message path of a local process; the
+            // trainer's last words go next to its log instead.
+            (Some(_), _) if env.name == contract::ENV_TERMINATION_LOG => local
+                .log_path
+                .with_extension("termination-log")
+                .display()
+                .to_string(),
             (Some(v), _) => map_names(v, names),
             // The only downward-API value the plan uses is the pod's IP.
             (None, Some(_)) if env.name == contract::ENV_POD_IP => local.ip.clone(),

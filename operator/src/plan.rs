@@ -309,7 +309,17 @@ pub fn pod(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettings) -> Po
     if !pod_spec.containers.is_empty() {
         let main = main_container_index(&pod_spec.containers);
         let container = &mut pod_spec.containers[main];
-        let contract_env = contract_env(job, replica, settings);
+        let mut contract_env = contract_env(job, replica, settings);
+        contract_env.push(EnvVar {
+            name: contract::ENV_TERMINATION_LOG.to_string(),
+            value: Some(
+                container
+                    .termination_message_path
+                    .clone()
+                    .unwrap_or_else(|| contract::DEFAULT_TERMINATION_MESSAGE_PATH.to_string()),
+            ),
+            value_from: None,
+        });
         let mut env: Vec<EnvVar> = container
             .env
             .take()
@@ -442,6 +452,7 @@ mod tests {
         let training: kubetrain_api::TrainingSpec =
             serde_json::from_str(&env[contract::ENV_TRAINING]).unwrap();
         assert_eq!(&training, job.spec.training.as_ref().unwrap());
+        assert_eq!(env[contract::ENV_TERMINATION_LOG], "/dev/termination-log");
         let spec = pods[1].spec.as_ref().unwrap();
         let port = &spec.containers[0].ports.as_ref().unwrap()[0];
         assert_eq!(port.container_port, 2222);
@@ -538,6 +549,7 @@ spec:
             - {name: log-shipper, image: fluent-bit}
             - name: trainer
               image: mine
+              terminationMessagePath: /run/last-words
               env: [{name: KUBETRAIN_ROLE, value: wrong}, {name: MY_FLAG, value: "1"}]
 "#);
         let pod = pod(
@@ -561,6 +573,11 @@ spec:
             "the contract wins over the template"
         );
         assert_eq!(env["MY_FLAG"], "1");
+        assert_eq!(
+            env[contract::ENV_TERMINATION_LOG],
+            "/run/last-words",
+            "the trainer writes where the kubelet reads"
+        );
         assert_eq!(pod.metadata.labels.as_ref().unwrap()["team"], "ml");
     }
 

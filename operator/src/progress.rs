@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kubetrain_api::condition::types;
-use kubetrain_api::contract::Role;
+use kubetrain_api::contract::{FinalProgress, Role};
 use kubetrain_api::{TrainingJob, TrainingJobStatus, TrainingProgress};
 
 use crate::plan::ReplicaId;
@@ -92,6 +92,39 @@ pub fn next_ask(job: &TrainingJob, status: &TrainingJobStatus, pods: &[Pod]) -> 
             && phase(p) == "Running"
     });
     (active && chief_running).then_some(MIN_WRITE_INTERVAL)
+}
+
+/// The chief's own final report, once it has exited successfully, from its termination
+/// message ([`kubetrain_api::contract::ENV_TERMINATION_LOG`]). It is the last word on
+/// progress: a run too short for any poll still ends with its step, loss and accuracy.
+/// Stamped with the exit time, so every later reconcile computes the same value and
+/// writes nothing.
+pub fn from_chief_exit(pods: &[Pod]) -> Option<TrainingProgress> {
+    let chief = pods.iter().find(|p| {
+        ReplicaId::from_pod(p)
+            == Some(ReplicaId {
+                role: Role::Worker,
+                index: 0,
+            })
+    })?;
+    let statuses = chief.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|container| {
+        let exited = container.state.as_ref()?.terminated.as_ref()?;
+        if exited.exit_code != 0 {
+            return None;
+        }
+        let last = FinalProgress::from_message(exited.message.as_deref()?)?;
+        let report = ChiefReport {
+            step: last.step,
+            epoch: last.epoch,
+            loss: last.loss,
+            accuracy: last.accuracy,
+            samples_per_second: last.samples_per_second,
+            finished: true,
+            final_accuracy: last.accuracy,
+        };
+        Some(to_status(&report, exited.finished_at.as_ref()?.0))
+    })
 }
 
 /// The status progress for a chief's report.
@@ -214,6 +247,54 @@ mod tests {
             t(6),
         );
         assert_eq!(done.accuracy, Some(0.9612));
+    }
+
+    #[test]
+    fn a_chief_that_exited_cleanly_leaves_its_final_progress() {
+        let job = job();
+        let mut chief = running_chief(&job);
+        let exited = |code: i32, message: &str| {
+            serde_json::from_value::<k8s_openapi::api::core::v1::PodStatus>(serde_json::json!({
+                "phase": if code == 0 { "Succeeded" } else { "Failed" },
+                "containerStatuses": [{
+                    "name": "trainer", "image": "x", "imageID": "", "ready": false,
+                    "restartCount": 0,
+                    "state": {"terminated": {
+                        "exitCode": code, "message": message,
+                        "finishedAt": "2027-01-15T08:00:07Z"
+                    }}
+                }]
+            }))
+            .unwrap()
+        };
+        chief.status = Some(exited(
+            0,
+            r#"{"step":330,"epoch":15,"loss":0.06843,"accuracy":0.96378,"samplesPerSecond":27191.5}"#,
+        ));
+        let last = from_chief_exit(std::slice::from_ref(&chief)).expect("final progress");
+        assert_eq!(
+            (
+                last.step,
+                last.epoch,
+                last.loss,
+                last.accuracy,
+                last.samples_per_second
+            ),
+            (330, 15, Some(0.0684), Some(0.9638), Some(27192.0))
+        );
+        assert_eq!(
+            last.updated_at.unwrap().0.to_string(),
+            "2027-01-15T08:00:07Z",
+            "stamped with the exit, so reconciles after it write nothing new"
+        );
+
+        // An error text, or any exit but 0, is not a progress report.
+        chief.status = Some(exited(1, "kubetrain-trainer: error: data file missing"));
+        assert_eq!(from_chief_exit(std::slice::from_ref(&chief)), None);
+        chief.status = Some(exited(0, "done"));
+        assert_eq!(from_chief_exit(std::slice::from_ref(&chief)), None);
+        // A running chief has said nothing yet.
+        assert_eq!(from_chief_exit(&[running_chief(&job)]), None);
     }
 
     #[test]

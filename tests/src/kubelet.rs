@@ -62,6 +62,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, ResourceExt};
+use kubetrain_api::contract;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -441,7 +442,12 @@ struct Launch {
     program: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// The host file standing in for the container's `terminationMessagePath`.
+    termination_log: PathBuf,
 }
+
+/// What a real kubelet keeps of a termination message.
+const TERMINATION_MESSAGE_LIMIT: usize = 4096;
 
 async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot::Receiver<Stop>) {
     let name = pod.name_any();
@@ -570,6 +576,8 @@ async fn run_once(
     stop: &mut oneshot::Receiver<Stop>,
 ) -> RunOutcome {
     let started_at = Timestamp::now();
+    // Every container start gets an empty termination-message file, as with a real kubelet.
+    let _ = fs::remove_file(&launch.termination_log);
     let spawned = spawn_process(launch, log, workdir, attempt, uid);
     let (mut child, pgid, watchdog) = match spawned {
         Ok(x) => x,
@@ -629,11 +637,15 @@ async fn run_once(
         },
         Err(_) => (128, None),
     };
+    let message = match status {
+        Err(e) => Some(format!("waiting for process: {e}")),
+        Ok(_) => termination_message(&launch.termination_log),
+    };
     RunOutcome::Exited(Exit {
         exit_code,
         signal,
         reason: if exit_code == 0 { "Completed" } else { "Error" },
-        message: status.err().map(|e| format!("waiting for process: {e}")),
+        message,
         started_at,
         finished_at,
         container_id,
@@ -722,6 +734,14 @@ fn log_path(dir: &Path, namespace: &str, pod: &str) -> PathBuf {
     dir.join(namespace).join(format!("{pod}.log"))
 }
 
+/// What the process left at its termination-message path, cut like a real kubelet's.
+fn termination_message(path: &Path) -> Option<String> {
+    let bytes = fs::read(path).ok()?;
+    let kept = &bytes[..bytes.len().min(TERMINATION_MESSAGE_LIMIT)];
+    let message = String::from_utf8_lossy(kept).trim().to_string();
+    (!message.is_empty()).then_some(message)
+}
+
 fn own_dns_key(pod: &Pod) -> DnsKey {
     let spec = pod.spec.as_ref();
     (
@@ -767,6 +787,14 @@ fn prepare_launch(
     };
 
     let (ns, subdomain, hostname) = own_dns_key(pod);
+    // A process cannot have a file mounted at the container's termination-message path, so
+    // a host file stands in for it, and env values naming that path name the file instead.
+    let in_container = container
+        .termination_message_path
+        .clone()
+        .unwrap_or_else(|| contract::DEFAULT_TERMINATION_MESSAGE_PATH.to_string());
+    let termination_log =
+        log_path(&config.log_dir, &ns, &pod_name).with_extension("termination-log");
     let mut resolve = |key: &DnsKey| ips.ip_for(key);
     let ctx = DnsContext {
         namespace: &ns,
@@ -793,6 +821,11 @@ fn prepare_launch(
                 }
             },
         };
+        let value = if value == in_container {
+            termination_log.display().to_string()
+        } else {
+            value
+        };
         env.push((var.name.clone(), value));
     }
     // Downward-API conventions the trainer relies on to bind its own address.
@@ -801,7 +834,12 @@ fn prepare_launch(
             env.push((k.to_string(), v));
         }
     }
-    Ok(Launch { program, args, env })
+    Ok(Launch {
+        program,
+        args,
+        env,
+        termination_log,
+    })
 }
 
 fn substitute(argv0: &str, commands: &HashMap<String, PathBuf>) -> PathBuf {

@@ -89,9 +89,25 @@ async fn the_quickstart_trains_to_succeeded_on_the_real_api_server() {
         }
     })
     .await;
+    // The final progress is the chief's own last report (its termination message), not a
+    // sample taken somewhere during the run.
+    let final_line = chief_log
+        .lines()
+        .find(|l| l.starts_with("kubetrain-trainer: final test_accuracy="))
+        .unwrap_or_else(|| panic!("no final line in the chief log:\n{chief_log}"));
+    let field = |key: &str| -> f64 {
+        final_line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {final_line:?}"))
+    };
+    let progress = progress.unwrap();
+    assert_eq!(progress.step as f64, field("steps"), "{final_line}");
+    let accuracy = progress.accuracy.expect("final accuracy in status");
     assert!(
-        chief_log.contains("kubetrain-trainer: final test_accuracy="),
-        "{chief_log}"
+        (accuracy - field("test_accuracy")).abs() < 1e-3,
+        "status {accuracy} vs log {final_line}"
     );
     kubelet.shutdown().await;
 }

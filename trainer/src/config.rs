@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use kubetrain_api::contract::{
     ClusterSpec, DEFAULT_PORT, ENV_CLUSTER, ENV_INDEX, ENV_JOB, ENV_MODE, ENV_POD_IP, ENV_ROLE,
-    ENV_TRAINING, Role,
+    ENV_TERMINATION_LOG, ENV_TRAINING, Role,
 };
 use kubetrain_api::{ConsistencyKind, Mode, TrainingSpec};
 
@@ -50,6 +50,10 @@ pub struct Cli {
     /// Chief only: write the final parameters here as little-endian f32.
     #[arg(long)]
     pub dump_params: Option<PathBuf>,
+    /// Leave the final progress (JSON) or the error here on exit: the container's
+    /// terminationMessagePath.
+    #[arg(long, env = ENV_TERMINATION_LOG)]
+    pub termination_log: Option<PathBuf>,
     /// A peer silent this long is dead.
     #[arg(long, default_value_t = 3000)]
     pub heartbeat_timeout_ms: u64,
@@ -84,6 +88,7 @@ pub struct Config {
     pub bind: SocketAddr,
     pub metrics: Option<SocketAddr>,
     pub dump_params: Option<PathBuf>,
+    pub termination_log: Option<PathBuf>,
     pub heartbeat_timeout: Duration,
     pub heartbeat_interval: Duration,
     pub idle_timeout: Duration,
@@ -170,6 +175,7 @@ impl Config {
             bind: SocketAddr::new(ip, port),
             metrics: cli.metrics_port.map(|p| SocketAddr::new(ip, p)),
             dump_params: cli.dump_params,
+            termination_log: cli.termination_log,
             heartbeat_timeout: Duration::from_millis(cli.heartbeat_timeout_ms),
             heartbeat_interval: Duration::from_millis(cli.heartbeat_interval_ms),
             idle_timeout: Duration::from_secs(cli.idle_timeout_secs),

@@ -25,10 +25,11 @@ pub mod proto {
     tonic::include_proto!("kubetrain.v1");
 }
 
+use std::path::Path;
 use std::sync::Arc;
 
 use kubetrain_api::Mode;
-use kubetrain_api::contract::Role;
+use kubetrain_api::contract::{FinalProgress, Role};
 use prometheus_client::registry::Registry;
 use tracing::info;
 
@@ -57,6 +58,8 @@ pub async fn run(config: Config) -> Result<Outcome, TrainerError> {
     let progress = config
         .is_chief()
         .then(|| progress::ProgressState::new(&mut registry));
+    let final_progress = progress.clone();
+    let termination_log = config.termination_log.clone();
     let metrics_task = match config.metrics {
         Some(addr) => Some(metrics::serve(addr, Arc::new(registry)).await?),
         None => None,
@@ -75,13 +78,35 @@ pub async fn run(config: Config) -> Result<Outcome, TrainerError> {
     if let Some(task) = metrics_task {
         task.abort();
     }
+    if let (Ok(_), Some(path), Some(progress)) = (&outcome, &termination_log, &final_progress) {
+        let report = progress.snapshot();
+        let last_words = FinalProgress {
+            step: report.step,
+            epoch: report.epoch,
+            loss: report.loss,
+            accuracy: report.final_accuracy,
+            samples_per_second: report.samples_per_second,
+        };
+        leave_last_words(
+            path,
+            &serde_json::to_string(&last_words).expect("plain numbers always serialise"),
+        );
+    }
     outcome
+}
+
+/// Writes the termination message. Losing it loses no work, so a failure is only logged.
+fn leave_last_words(path: &Path, message: &str) {
+    if let Err(error) = std::fs::write(path, message) {
+        tracing::warn!(path = %path.display(), %error, "termination message not written");
+    }
 }
 
 /// The whole command: configuration from `cli` (and the contract env), then [`run`]; a
 /// failure is printed as one `kubetrain-trainer: error: ...` line and exits 1. Shared by
 /// the `kubetrain-trainer` binary and `kubetrain trainer`.
 pub async fn main_with(cli: Cli) -> std::process::ExitCode {
+    let termination_log = cli.termination_log.clone();
     let result = match Config::from_cli(cli) {
         Ok(config) => run(config).await.map(|_| ()),
         Err(e) => Err(e),
@@ -89,6 +114,9 @@ pub async fn main_with(cli: Cli) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(path) = &termination_log {
+                leave_last_words(path, &e.to_string());
+            }
             eprintln!("kubetrain-trainer: error: {e}");
             std::process::ExitCode::FAILURE
         }
