@@ -187,7 +187,26 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let children = watcher::Config::default()
         .labels(LABEL_JOB_NAME)
         .any_semantic();
-    Controller::new(jobs, watcher::Config::default().any_semantic())
+    let controller = Controller::new(jobs, watcher::Config::default().any_semantic());
+    let known_jobs = controller.store();
+    let metrics = ctx.metrics.clone();
+    let forget_deleted = tokio::spawn(async move {
+        // Until the first list is in, an empty store is a cache still filling, not a
+        // cluster without jobs.
+        if known_jobs.wait_until_ready().await.is_err() {
+            return;
+        }
+        let mut every = tokio::time::interval(FORGET_DELETED_JOBS_EVERY);
+        loop {
+            every.tick().await;
+            metrics.forget_deleted_jobs(|namespace, name| {
+                known_jobs
+                    .get(&ObjectRef::new(name).within(namespace))
+                    .is_some()
+            });
+        }
+    });
+    controller
         .owns(pods, children.clone())
         .owns(services, children)
         // Trailing-edge debounce: pods of a job start within moments of each other, and
@@ -207,7 +226,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             }
         })
         .await;
+    forget_deleted.abort();
 }
+
+/// How often the metrics drop the series of deleted jobs.
+const FORGET_DELETED_JOBS_EVERY: Duration = Duration::from_secs(30);
 
 /// One look at one job.
 pub async fn reconcile(

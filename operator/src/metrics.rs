@@ -247,6 +247,46 @@ impl Metrics {
         }
     }
 
+    /// Drops the series of every job `still_there(namespace, name)` denies. A deleted job
+    /// gets no last reconcile, so without this it would count in its state forever and
+    /// its per-job series would pile up.
+    pub fn forget_deleted_jobs(&self, still_there: impl Fn(&str, &str) -> bool) {
+        let mut states = self.state_by_job.lock().expect("metrics lock");
+        let gone: Vec<(String, String)> = states
+            .iter()
+            .filter(|(key, _)| {
+                let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+                !still_there(namespace, name)
+            })
+            .map(|(key, state)| (key.clone(), state.clone()))
+            .collect();
+        for (key, state) in gone {
+            states.remove(&key);
+            self.jobs.get_or_create(&StateLabels { state }).dec();
+            self.seen_running.lock().expect("metrics lock").remove(&key);
+            self.seen_progress
+                .lock()
+                .expect("metrics lock")
+                .remove(&key);
+            let (namespace, name) = key.split_once('/').unwrap_or(("", &key));
+            let job = JobLabels {
+                namespace: namespace.to_string(),
+                job: name.to_string(),
+            };
+            self.progress_step.remove(&job);
+            self.progress_loss.remove(&job);
+            self.progress_accuracy.remove(&job);
+            self.progress_samples.remove(&job);
+            for role in kubetrain_api::contract::Role::ALL {
+                self.pod_restarts.remove(&RoleLabels {
+                    namespace: job.namespace.clone(),
+                    job: job.job.clone(),
+                    role: role.as_str().to_string(),
+                });
+            }
+        }
+    }
+
     /// Marks the operator ready (its watches are running).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
@@ -305,4 +345,58 @@ pub async fn serve(
         );
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kubetrain_api::TrainingProgress;
+
+    fn job(name: &str) -> TrainingJob {
+        let mut job: TrainingJob =
+            serde_yaml::from_str(include_str!("../../examples/quickstart.yaml")).unwrap();
+        job.metadata.namespace = Some("team".into());
+        job.metadata.name = Some(name.into());
+        job
+    }
+
+    fn running() -> TrainingJobStatus {
+        serde_json::from_value(serde_json::json!({
+            "conditions": [{"type": "Running", "status": "True", "reason": "PodsRunning",
+                            "message": "", "lastTransitionTime": "2027-01-15T08:00:00Z"}]
+        }))
+        .unwrap()
+    }
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    #[test]
+    fn a_deleted_job_leaves_no_count_and_no_series_behind() {
+        let metrics = Metrics::new();
+        let mut status = running();
+        status.progress = Some(TrainingProgress {
+            step: 10,
+            loss: Some(0.5),
+            ..TrainingProgress::default()
+        });
+        metrics.observe_job(&job("kept"), &status);
+        metrics.observe_job(&job("deleted"), &status);
+        let before = metrics.encode();
+        assert_eq!(
+            line(&before, "kubetrain_jobs{state=\"Running\"}"),
+            ["kubetrain_jobs{state=\"Running\"} 2"]
+        );
+        assert_eq!(line(&before, "kubetrain_job_step").len(), 2);
+
+        metrics.forget_deleted_jobs(|namespace, name| namespace == "team" && name == "kept");
+        let after = metrics.encode();
+        assert_eq!(
+            line(&after, "kubetrain_jobs{state=\"Running\"}"),
+            ["kubetrain_jobs{state=\"Running\"} 1"]
+        );
+        assert!(!after.contains("job=\"deleted\""), "{after}");
+        assert!(after.contains("job=\"kept\""), "{after}");
+    }
 }
