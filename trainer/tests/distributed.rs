@@ -76,6 +76,13 @@ fn sync_two_workers_converge_on_digits_and_report_progress() {
         report.accuracy > 0.5 && report.loss > 0.0 && !report.finished,
         "{report:?}"
     );
+    // Epochs count from 1, as the status documents: the epoch the last step was in.
+    let steps_per_epoch = report.total_steps / 30;
+    assert_eq!(
+        u64::from(report.epoch),
+        (report.step - 1) / steps_per_epoch + 1,
+        "{report:?}"
+    );
     let metrics = http_get(chief_metrics, "/metrics");
     for name in [
         "kubetrain_trainer_step",

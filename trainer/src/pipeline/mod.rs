@@ -507,7 +507,8 @@ async fn train(
             loss_avg = Some(loss_avg.map_or(loss, |a| 0.9 * a + 0.1 * loss));
             let done = step + 1 - plan.resume;
             let rate = done as f64 * plan.batch as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            let epoch = steps_per_epoch.map_or(0, |per| step / per) as u32;
+            // Counting from 1, as status.progress.epoch does.
+            let epoch = steps_per_epoch.map_or(0, |per| step / per + 1) as u32;
             progress.update(|r| {
                 r.step = step + 1;
                 r.epoch = epoch;

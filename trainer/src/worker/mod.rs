@@ -176,7 +176,8 @@ pub async fn run_worker(
                 let rate =
                     steps_done as f64 * global_batch / started.elapsed().as_secs_f64().max(1e-9);
                 if let Some(progress) = &progress {
-                    let epoch = schedule.epoch_of(step.saturating_sub(1)) as u32;
+                    // Counting from 1, as status.progress.epoch does.
+                    let epoch = schedule.epoch_of(step.saturating_sub(1)) as u32 + 1;
                     progress.update(|r| {
                         r.step = step;
                         r.total_steps = total_steps;
