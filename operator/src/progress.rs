@@ -60,13 +60,7 @@ pub fn chief_to_ask(
     {
         return None;
     }
-    let chief = pods.iter().find(|p| {
-        ReplicaId::from_pod(p)
-            == Some(ReplicaId {
-                role: Role::Worker,
-                index: 0,
-            })
-    })?;
+    let chief = chief(pods)?;
     if phase(chief) != "Running" {
         return None;
     }
@@ -83,14 +77,7 @@ pub fn next_ask(job: &TrainingJob, status: &TrainingJobStatus, pods: &[Pod]) -> 
         c.is_true()
             && [types::CREATED, types::RUNNING, types::RESTARTING].contains(&c.type_.as_str())
     });
-    let chief_running = pods.iter().any(|p| {
-        ReplicaId::from_pod(p)
-            == Some(ReplicaId {
-                role: Role::Worker,
-                index: 0,
-            })
-            && phase(p) == "Running"
-    });
+    let chief_running = chief(pods).is_some_and(|p| phase(p) == "Running");
     (active && chief_running).then_some(MIN_WRITE_INTERVAL)
 }
 
@@ -100,13 +87,7 @@ pub fn next_ask(job: &TrainingJob, status: &TrainingJobStatus, pods: &[Pod]) -> 
 /// Stamped with the exit time, so every later reconcile computes the same value and
 /// writes nothing.
 pub fn from_chief_exit(pods: &[Pod]) -> Option<TrainingProgress> {
-    let chief = pods.iter().find(|p| {
-        ReplicaId::from_pod(p)
-            == Some(ReplicaId {
-                role: Role::Worker,
-                index: 0,
-            })
-    })?;
+    let chief = chief(pods)?;
     let statuses = chief.status.as_ref()?.container_statuses.as_ref()?;
     statuses.iter().find_map(|container| {
         let exited = container.state.as_ref()?.terminated.as_ref()?;
@@ -125,6 +106,15 @@ pub fn from_chief_exit(pods: &[Pod]) -> Option<TrainingProgress> {
         };
         Some(to_status(&report, exited.finished_at.as_ref()?.0))
     })
+}
+
+/// Worker 0, the chief, if its pod exists.
+fn chief(pods: &[Pod]) -> Option<&Pod> {
+    let wanted = Some(ReplicaId {
+        role: Role::Worker,
+        index: 0,
+    });
+    pods.iter().find(|p| ReplicaId::from_pod(p) == wanted)
 }
 
 /// The status progress for a chief's report.
