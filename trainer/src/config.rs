@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use kubetrain_api::contract::{
-    ClusterSpec, DEFAULT_PORT, ENV_CLUSTER, ENV_INDEX, ENV_JOB, ENV_MODE, ENV_POD_IP, ENV_ROLE,
-    ENV_TERMINATION_LOG, ENV_TRAINING, Role,
+    ClusterSpec, DEFAULT_PORT, ENV_CLUSTER, ENV_INDEX, ENV_JOB, ENV_METRICS_PORT, ENV_MODE,
+    ENV_POD_IP, ENV_ROLE, ENV_TERMINATION_LOG, ENV_TRAINING, Role,
 };
 use kubetrain_api::{ConsistencyKind, Mode, TrainingSpec};
 
@@ -45,7 +45,7 @@ pub struct Cli {
     #[arg(long, env = ENV_POD_IP)]
     pub pod_ip: Option<IpAddr>,
     /// Serve Prometheus metrics on this port at /metrics (off when unset).
-    #[arg(long, env = "KUBETRAIN_METRICS_PORT")]
+    #[arg(long, env = ENV_METRICS_PORT)]
     pub metrics_port: Option<u16>,
     /// Chief only: write the final parameters here as little-endian f32.
     #[arg(long)]

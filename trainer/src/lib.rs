@@ -60,8 +60,15 @@ pub async fn run(config: Config) -> Result<Outcome, TrainerError> {
         .then(|| progress::ProgressState::new(&mut registry));
     let final_progress = progress.clone();
     let termination_log = config.termination_log.clone();
+    // Metrics are for watching; a port someone else holds must not cost the training.
     let metrics_task = match config.metrics {
-        Some(addr) => Some(metrics::serve(addr, Arc::new(registry)).await?),
+        Some(addr) => match metrics::serve(addr, Arc::new(registry)).await {
+            Ok(task) => Some(task),
+            Err(error) => {
+                tracing::warn!(%error, "training without a metrics endpoint");
+                None
+            }
+        },
         None => None,
     };
     let outcome = match ps_metrics {

@@ -211,3 +211,48 @@ fn spec_init_distance(spec: &kubetrain_api::TrainingSpec, params: &[f32]) -> f32
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f32::max)
 }
+
+#[test]
+fn a_taken_metrics_port_costs_only_the_metrics_and_the_chief_leaves_its_final_progress() {
+    let _serial = serial();
+    let cluster = Cluster::new("last-words", 1, 1);
+    let training = digits_training(json!({"kind": "softmax"}), json!({"kind": "Async"}), 2);
+    // Someone else (a node exporter, another pod on the host network) holds the port.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let last_words = cluster.dir.join("termination-log");
+    let mut ps = cluster.spawn("ps", 0, &training, &[]);
+    let mut chief = cluster.spawn(
+        "worker",
+        0,
+        &training,
+        &[
+            "--metrics-port",
+            &port,
+            "--termination-log",
+            last_words.to_str().unwrap(),
+        ],
+    );
+    assert!(chief.wait(RUN).success(), "{}", chief.logs());
+    assert!(ps.wait(RUN).success(), "{}", ps.logs());
+    assert!(
+        chief
+            .stderr()
+            .contains("training without a metrics endpoint"),
+        "{}",
+        chief.logs()
+    );
+
+    let message = std::fs::read_to_string(&last_words).unwrap();
+    let last = kubetrain_api::contract::FinalProgress::from_message(&message)
+        .unwrap_or_else(|| panic!("not a final progress report: {message:?}"));
+    let steps = final_value(&chief.stdout(), "steps").expect("final line");
+    let accuracy = final_value(&chief.stdout(), "test_accuracy").expect("final line");
+    assert_eq!(last.step as f64, steps, "{message}");
+    assert_eq!(last.epoch, 2, "two epochs, counted from 1: {message}");
+    assert!((last.accuracy - accuracy).abs() < 1e-4, "{message}");
+    assert!(
+        last.loss > 0.0 && last.samples_per_second > 0.0,
+        "{message}"
+    );
+}
