@@ -32,6 +32,12 @@ pub const ENV_POD_IP: &str = "POD_IP";
 /// job too short for any progress poll still ends with its final step, loss and accuracy,
 /// and how `kubectl describe pod` shows why a trainer failed, with no API access from pods.
 pub const ENV_TERMINATION_LOG: &str = "KUBETRAIN_TERMINATION_LOG";
+/// The port the built-in trainer serves Prometheus `/metrics` on (unset: no metrics).
+pub const ENV_METRICS_PORT: &str = "KUBETRAIN_METRICS_PORT";
+/// The trainer's metrics port in pods the operator plans, unless configured otherwise.
+pub const DEFAULT_TRAINER_METRICS_PORT: u16 = 9090;
+/// The name of that container port, which the chart's PodMonitor scrapes.
+pub const METRICS_PORT_NAME: &str = "metrics";
 /// The kubelet's default `terminationMessagePath`.
 pub const DEFAULT_TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 

@@ -64,6 +64,14 @@ pub struct OperatorArgs {
         default_value = "kubetrain-operator"
     )]
     pub lease_name: String,
+    /// Port on which pods of the built-in trainer serve /metrics, as the container port
+    /// named `metrics` (the chart's PodMonitor scrapes it); 0 turns trainer metrics off.
+    #[arg(
+        long,
+        env = "KUBETRAIN_TRAINER_METRICS_PORT",
+        default_value_t = kubetrain_api::contract::DEFAULT_TRAINER_METRICS_PORT
+    )]
+    pub trainer_metrics_port: u16,
     /// Create PodGroups for this gang scheduler for jobs with schedulingPolicy.gang.
     #[arg(long, env = "KUBETRAIN_GANG_SCHEDULER", value_enum)]
     pub gang_scheduler: Option<GangScheduler>,

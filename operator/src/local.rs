@@ -576,6 +576,9 @@ async fn spawn(
                 .with_extension("termination-log")
                 .display()
                 .to_string(),
+            // Every local trainer shares this machine's ports with whatever else runs
+            // here (a Prometheus on 9090, say), and nothing scrapes them.
+            (Some(_), _) if env.name == contract::ENV_METRICS_PORT => continue,
             (Some(v), _) => map_names(v, names),
             // The only downward-API value the plan uses is the pod's IP.
             (None, Some(_)) if env.name == contract::ENV_POD_IP => local.ip.clone(),

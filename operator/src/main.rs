@@ -48,6 +48,7 @@ async fn run_operator(args: OperatorArgs) -> Result<(), Box<dyn std::error::Erro
     let settings = PlanSettings {
         trainer_image: args.trainer_image,
         gang_scheduler: args.gang_scheduler,
+        trainer_metrics_port: (args.trainer_metrics_port != 0).then_some(args.trainer_metrics_port),
         ..PlanSettings::default()
     };
     let identity = args.instance.clone().unwrap_or_else(|| {

@@ -27,6 +27,9 @@ pub struct PlanSettings {
     pub port: u16,
     /// The gang scheduler that gets a PodGroup for jobs with `schedulingPolicy.gang`.
     pub gang_scheduler: Option<GangScheduler>,
+    /// The port the built-in trainer serves `/metrics` on, as the container port named
+    /// `metrics` that the chart's PodMonitor scrapes; None for no trainer metrics.
+    pub trainer_metrics_port: Option<u16>,
 }
 
 impl Default for PlanSettings {
@@ -35,6 +38,7 @@ impl Default for PlanSettings {
             trainer_image: DEFAULT_TRAINER_IMAGE.to_string(),
             port: contract::DEFAULT_PORT,
             gang_scheduler: None,
+            trainer_metrics_port: Some(contract::DEFAULT_TRAINER_METRICS_PORT),
         }
     }
 }
@@ -328,6 +332,25 @@ pub fn pod(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettings) -> Po
             .filter(|e| !contract_env.iter().any(|c| c.name == e.name))
             .collect();
         env.extend(contract_env);
+        // Only the built-in trainer (a job with spec.training) serves these metrics; a
+        // port the template already chose for them stays.
+        let metrics_port = settings
+            .trainer_metrics_port
+            .filter(|_| job.spec.training.is_some());
+        if let Some(port) = metrics_port
+            && !env.iter().any(|e| e.name == contract::ENV_METRICS_PORT)
+        {
+            env.push(EnvVar {
+                name: contract::ENV_METRICS_PORT.to_string(),
+                value: Some(port.to_string()),
+                value_from: None,
+            });
+        }
+        let metrics_port = env
+            .iter()
+            .find(|e| e.name == contract::ENV_METRICS_PORT)
+            .and_then(|e| e.value.as_deref()?.parse::<u16>().ok())
+            .filter(|_| metrics_port.is_some());
         container.env = Some(env);
 
         let ports = container.ports.get_or_insert_with(Vec::new);
@@ -338,6 +361,19 @@ pub fn pod(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettings) -> Po
             ports.push(ContainerPort {
                 name: Some(contract::PORT_NAME.to_string()),
                 container_port: i32::from(settings.port),
+                protocol: Some("TCP".to_string()),
+                ..ContainerPort::default()
+            });
+        }
+        if let Some(port) = metrics_port
+            && !ports.iter().any(|p| {
+                p.container_port == i32::from(port)
+                    || p.name.as_deref() == Some(contract::METRICS_PORT_NAME)
+            })
+        {
+            ports.push(ContainerPort {
+                name: Some(contract::METRICS_PORT_NAME.to_string()),
+                container_port: i32::from(port),
                 protocol: Some("TCP".to_string()),
                 ..ContainerPort::default()
             });
@@ -498,6 +534,50 @@ mod tests {
             &PlanSettings::default(),
         );
         assert_eq!(pod.spec.unwrap().restart_policy.as_deref(), Some("Never"));
+    }
+
+    #[test]
+    fn built_in_trainers_expose_the_metrics_port_the_pod_monitor_scrapes() {
+        let metrics_port = |pod: &Pod| {
+            let container = &pod.spec.as_ref().unwrap().containers[0];
+            container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(contract::METRICS_PORT_NAME))
+                .map(|p| p.container_port)
+        };
+        for pod in &pods(&quickstart(), &PlanSettings::default()) {
+            assert_eq!(env_of(pod)[contract::ENV_METRICS_PORT], "9090");
+            assert_eq!(metrics_port(pod), Some(9090));
+        }
+
+        let off = PlanSettings {
+            trainer_metrics_port: None,
+            ..PlanSettings::default()
+        };
+        let pod = &pods(&quickstart(), &off)[0];
+        assert!(!env_of(pod).contains_key(contract::ENV_METRICS_PORT));
+        assert_eq!(metrics_port(pod), None);
+
+        // A user's own image (no spec.training) serves no kubetrain metrics.
+        let tensorflow = job(include_str!("../../examples/tensorflow.yaml"));
+        let pod = &pods(&tensorflow, &PlanSettings::default())[0];
+        assert!(!env_of(pod).contains_key(contract::ENV_METRICS_PORT));
+        assert_eq!(metrics_port(pod), None);
+
+        // A port chosen in the template is the one exposed.
+        let mut own = quickstart();
+        own.spec.replica_specs.worker.template = Some(
+            serde_json::from_value(serde_json::json!({"spec": {"containers": [{
+                "name": "trainer",
+                "env": [{"name": contract::ENV_METRICS_PORT, "value": "8000"}]
+            }]}}))
+            .unwrap(),
+        );
+        let worker = &pods(&own, &PlanSettings::default())[1];
+        assert_eq!(env_of(worker)[contract::ENV_METRICS_PORT], "8000");
+        assert_eq!(metrics_port(worker), Some(8000));
     }
 
     #[test]
