@@ -332,25 +332,6 @@ pub fn pod(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettings) -> Po
             .filter(|e| !contract_env.iter().any(|c| c.name == e.name))
             .collect();
         env.extend(contract_env);
-        // Only the built-in trainer (a job with spec.training) serves these metrics; a
-        // port the template already chose for them stays.
-        let metrics_port = settings
-            .trainer_metrics_port
-            .filter(|_| job.spec.training.is_some());
-        if let Some(port) = metrics_port
-            && !env.iter().any(|e| e.name == contract::ENV_METRICS_PORT)
-        {
-            env.push(EnvVar {
-                name: contract::ENV_METRICS_PORT.to_string(),
-                value: Some(port.to_string()),
-                value_from: None,
-            });
-        }
-        let metrics_port = env
-            .iter()
-            .find(|e| e.name == contract::ENV_METRICS_PORT)
-            .and_then(|e| e.value.as_deref()?.parse::<u16>().ok())
-            .filter(|_| metrics_port.is_some());
         container.env = Some(env);
 
         let ports = container.ports.get_or_insert_with(Vec::new);
@@ -365,19 +346,7 @@ pub fn pod(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettings) -> Po
                 ..ContainerPort::default()
             });
         }
-        if let Some(port) = metrics_port
-            && !ports.iter().any(|p| {
-                p.container_port == i32::from(port)
-                    || p.name.as_deref() == Some(contract::METRICS_PORT_NAME)
-            })
-        {
-            ports.push(ContainerPort {
-                name: Some(contract::METRICS_PORT_NAME.to_string()),
-                container_port: i32::from(port),
-                protocol: Some("TCP".to_string()),
-                ..ContainerPort::default()
-            });
-        }
+        expose_trainer_metrics(container, job, settings);
         if container.image.is_none() {
             container.image = Some(settings.trainer_image.clone());
         }
@@ -392,6 +361,45 @@ pub fn pod(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettings) -> Po
         gang::join(&mut pod, job, scheduler);
     }
     pod
+}
+
+/// Gives the built-in trainer (a job with spec.training; a user's own image serves no
+/// kubetrain metrics) its metrics port: the env it reads and the container port named
+/// `metrics` that the chart's PodMonitor scrapes. A port the template already set stays.
+fn expose_trainer_metrics(container: &mut Container, job: &TrainingJob, settings: &PlanSettings) {
+    let Some(default) = settings
+        .trainer_metrics_port
+        .filter(|_| job.spec.training.is_some())
+    else {
+        return;
+    };
+    let env = container.env.get_or_insert_with(Vec::new);
+    let port = match env.iter().find(|e| e.name == contract::ENV_METRICS_PORT) {
+        Some(set) => match set.value.as_deref().and_then(|v| v.parse::<u16>().ok()) {
+            Some(port) => port,
+            None => return,
+        },
+        None => {
+            env.push(EnvVar {
+                name: contract::ENV_METRICS_PORT.to_string(),
+                value: Some(default.to_string()),
+                value_from: None,
+            });
+            default
+        }
+    };
+    let ports = container.ports.get_or_insert_with(Vec::new);
+    if !ports.iter().any(|p| {
+        p.container_port == i32::from(port)
+            || p.name.as_deref() == Some(contract::METRICS_PORT_NAME)
+    }) {
+        ports.push(ContainerPort {
+            name: Some(contract::METRICS_PORT_NAME.to_string()),
+            container_port: i32::from(port),
+            protocol: Some("TCP".to_string()),
+            ..ContainerPort::default()
+        });
+    }
 }
 
 /// Every pod the job should have, PS first.
