@@ -190,11 +190,8 @@ impl Network {
             );
             if i > 0 {
                 let mut upstream = delta.dot(&layers[i].0.t());
-                upstream.zip_mut_with(&zs[i - 1], |d, &z| {
-                    if z <= 0.0 {
-                        *d = 0.0;
-                    }
-                });
+                // A select, not a conditional store, so that it vectorises.
+                upstream.zip_mut_with(&zs[i - 1], |d, &z| *d = if z <= 0.0 { 0.0 } else { *d });
                 debug_assert_eq!(upstream.ncols(), fan_in);
                 delta = upstream;
             }

@@ -303,11 +303,9 @@ fn softmax_cross_entropy(logits: &Array2<f32>, labels: &[u8]) -> (f64, Array2<f3
 }
 
 fn mask_relu(delta: &mut Array2<f32>, z: &Array2<f32>) {
-    delta.zip_mut_with(z, |d, &z| {
-        if z <= 0.0 {
-            *d = 0.0;
-        }
-    });
+    // A select rather than a conditional store, so the loop vectorises: as a branch it
+    // cost a tenth of a stage's compute time on random signs.
+    delta.zip_mut_with(z, |d, &z| *d = if z <= 0.0 { 0.0 } else { *d });
 }
 
 #[cfg(test)]
