@@ -5,9 +5,12 @@
 //! `cargo build --release -p kubetrain-trainer && target/release/pipeline-bench`
 //! (runs the `kubetrain-trainer` binary next to this one, one process per stage).
 //!
-//! The model is a square MLP (every layer `width x width`, `width` inputs and classes) on
-//! a synthetic CSV, so the FLOP-balanced partition gives every stage the same work: the
-//! condition GPipe's bound assumes.
+//! The model is an MLP of K x `--layers-per-stage` layers of `width x width` on a synthetic
+//! CSV, built so that the FLOP-balanced partition can give every stage the same work: the
+//! condition GPipe's bound assumes. The first layer needs no input gradient (two products
+//! per weight where the others need three), so it gets 1.5 x `width` inputs to cost as
+//! much as the others; every stage then holds `--layers-per-stage` layers of equal cost,
+//! and the last one the loss on top.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -31,9 +34,14 @@ struct Args {
     /// Schedules, comma-separated.
     #[arg(long, default_value = "GPipe,1F1B")]
     schedules: String,
-    /// Inputs, hidden widths and classes of the square MLP (classes are capped at 256).
+    /// Hidden widths and classes of the MLP (classes are capped at 256); it has 1.5 x
+    /// this many inputs.
     #[arg(long, default_value_t = 256)]
     width: usize,
+    /// Layers per stage: the MLP has K x this many layers. Fewer make each micro-batch's
+    /// messages weigh more against its compute.
+    #[arg(long, default_value_t = 8)]
+    layers_per_stage: usize,
     /// The whole batch, cut into micro-batches.
     #[arg(long, default_value_t = 8192)]
     batch: usize,
@@ -44,6 +52,12 @@ struct Args {
     /// fraction (the machine is shared, and single runs catch other processes' bursts).
     #[arg(long, default_value_t = 1)]
     repeats: usize,
+}
+
+/// Inputs that make the first layer (no input gradient: 4 FLOPs per weight and example)
+/// cost what every other layer (6) costs.
+fn inputs(args: &Args) -> usize {
+    args.width * 3 / 2
 }
 
 fn mean_idle(row: &Row) -> f64 {
@@ -81,19 +95,18 @@ fn fail(message: &str) -> ! {
 
 /// A CSV with enough rows that every measured step is in the first epoch (no evaluation
 /// inside the measured window).
-fn write_dataset(dir: &Path, width: usize, rows: usize) -> PathBuf {
+fn write_dataset(dir: &Path, inputs: usize, classes: usize, rows: usize) -> PathBuf {
     let path = dir.join("square.csv");
     let file = std::fs::File::create(&path)
         .unwrap_or_else(|e| fail(&format!("creating {}: {e}", path.display())));
     let mut out = std::io::BufWriter::new(file);
-    let mut header: Vec<String> = (0..width).map(|i| format!("f{i}")).collect();
+    let mut header: Vec<String> = (0..inputs).map(|i| format!("f{i}")).collect();
     header.push("label".into());
-    let classes = width.min(256);
     let mut rng = StdRng::seed_from_u64(1);
     let mut text = header.join(",");
     text.push('\n');
     for r in 0..rows {
-        for _ in 0..width {
+        for _ in 0..inputs {
             let _ = write!(text, "{},", rng.random_range(0..10));
         }
         // Every class appears, so the output layer is exactly `classes` wide.
@@ -130,7 +143,7 @@ fn run(
         .collect();
     let cluster = serde_json::json!({"ps": [], "worker": workers}).to_string();
     let training = serde_json::json!({
-        "model": {"kind": "mlp", "hidden": vec![args.width; stages - 1]},
+        "model": {"kind": "mlp", "hidden": vec![args.width; stages * args.layers_per_stage.max(1) - 1]},
         "dataset": {"path": csv, "format": "csv", "labelColumn": "label", "testFraction": 0.05},
         "optimizer": {"kind": "sgd", "learningRate": 0.01},
         "batchSize": args.batch,
@@ -216,8 +229,9 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("kubetrain-pipeline-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&e.to_string()));
     // Train split: 95 % of the rows; one epoch must cover every step.
-    let rows = (args.batch * (args.steps + 1)) * 100 / 95 + args.width;
-    let csv = write_dataset(&dir, args.width, rows);
+    let classes = args.width.min(256);
+    let rows = (args.batch * (args.steps + 1)) * 100 / 95 + classes;
+    let csv = write_dataset(&dir, inputs(&args), classes, rows);
     let parse = |s: &str| -> Vec<usize> {
         list(s)
             .iter()
@@ -229,7 +243,9 @@ fn main() {
     };
     let (all_stages, all_micro) = (parse(&args.stages), parse(&args.micro));
     println!(
-        "square MLP: width {} everywhere, K layers for K stages; batch {}; {} steps per run (first not measured); median of {} run(s); {} cores",
+        "MLP: {} inputs, {} layers per stage of width {}; batch {}; {} steps per run (first not measured); median of {} run(s); {} cores",
+        inputs(&args),
+        args.layers_per_stage.max(1),
         args.width,
         args.batch,
         args.steps,
