@@ -316,14 +316,16 @@ impl ParameterServer for PsService {
             }
         };
         // Async and BoundedStaleness apply each chunk as it arrives (staged, so a push that
-        // breaks off changes nothing) and keep the chunks only in case another push is
-        // applied meanwhile; Sync needs every worker's whole gradient and assembles it.
+        // breaks off changes nothing). The chunk is first copied into a recycled gradient
+        // buffer, which the staging reads as aligned f32s and which is kept in case another
+        // push is applied meanwhile; holding the chunks themselves instead made tonic
+        // allocate (and the kernel fault in) a fresh receive buffer for every chunk. Sync
+        // needs every worker's whole gradient and assembles it the same way.
         let mut staged: Option<StagedPush> = None;
-        let mut kept: Vec<bytes::Bytes> = Vec::new();
+        let mut received: Vec<f32> = Vec::new();
         let mut buffer = Some(buffer);
         let mut assembler = None;
         let mut order = ChunkOrder::new();
-        let mut scratch = Vec::new();
         let mut header: Option<(u32, u64, u64)> = None;
         let mut bytes = 0u64;
         while let Some(chunk) = stream.message().await? {
@@ -335,8 +337,12 @@ impl ParameterServer for PsService {
                     if let Some(shard) = inner.lock().shard.as_mut() {
                         staged = shard.begin_staged(chunk.base_version);
                     }
-                    if staged.is_none() {
-                        assembler = buffer.take().map(Assembler::with_buffer);
+                    match staged {
+                        None => assembler = buffer.take().map(Assembler::with_buffer),
+                        Some(_) => {
+                            received = buffer.take().unwrap_or_default();
+                            received.clear();
+                        }
                     }
                 }
                 Some(h) if h != key => {
@@ -358,11 +364,12 @@ impl ParameterServer for PsService {
                     order
                         .check(chunk.offset, chunk.total_len, chunk.data.len(), limit)
                         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                    let gradient = net::floats(&chunk.data, &mut scratch);
+                    let at = received.len();
+                    net::extend_from_le(&mut received, &chunk.data);
+                    drop(chunk);
                     if let Some(shard) = inner.lock().shard.as_ref() {
-                        shard.stage(push, chunk.offset as usize, gradient);
+                        shard.stage(push, at, &received[at..]);
                     }
-                    kept.push(chunk.data);
                 }
                 None => assembler
                     .get_or_insert_with(Assembler::new)
@@ -398,15 +405,7 @@ impl ParameterServer for PsService {
             .ok_or_else(|| Status::internal("shard missing"))?;
         let outcome = match (staged, gradient) {
             (Some(push), _) => {
-                let unstaged = || {
-                    let mut values = buffer.unwrap_or_default();
-                    values.clear();
-                    for data in &kept {
-                        net::extend_from_le(&mut values, data);
-                    }
-                    values
-                };
-                shard.push_staged(worker, base, step, push, unstaged, Instant::now())
+                shard.push_staged(worker, base, step, push, received, Instant::now())
             }
             (None, Some(gradient)) => shard.push(worker, base, step, gradient, Instant::now()),
             (None, None) => Err(ShardError::WrongLength {

@@ -303,15 +303,16 @@ impl Shard {
     }
 
     /// Ends a staged push whose every chunk arrived. Commits the staged update when it is
-    /// still current; otherwise applies `gradient()` as [`Shard::push`] would. Either way
-    /// the result equals applying the gradient at this moment.
+    /// still current; otherwise applies `gradient` (the whole gradient that was staged) as
+    /// [`Shard::push`] would. Either way the result equals applying the gradient at this
+    /// moment, and the gradient's buffer is kept for the next push.
     pub fn push_staged(
         &mut self,
         worker: u32,
         base: u64,
         step: u64,
         staged: StagedPush,
-        gradient: impl FnOnce() -> Vec<f32>,
+        gradient: Vec<f32>,
         now: Instant,
     ) -> Result<PushOutcome, ShardError> {
         let StagedPush {
@@ -321,8 +322,9 @@ impl Shard {
         } = staged;
         if !live || version != self.version || update.staged() != self.params.len() {
             self.recycle_staged(update);
-            return self.push(worker, base, step, gradient(), now);
+            return self.push(worker, base, step, gradient, now);
         }
+        self.recycle(gradient);
         if let Some(reason) = &self.failure {
             return Err(ShardError::Failed(reason.clone()));
         }
@@ -578,13 +580,13 @@ mod tests {
         // Nothing changes before a push is complete.
         assert_eq!(s.params(), &[1.0, 2.0, 3.0]);
         assert_eq!(
-            s.push_staged(1, 0, 0, b, || unreachable!(), now),
+            s.push_staged(1, 0, 0, b, g2.clone(), now),
             Ok(PushOutcome::Applied { version: 1 })
         );
         // `a` was staged against version 0: it must fall back to the whole gradient.
         s.stage(&mut a, 1, &g1[1..]);
         assert_eq!(
-            s.push_staged(0, 0, 0, a, || g1.clone(), now),
+            s.push_staged(0, 0, 0, a, g1.clone(), now),
             Ok(PushOutcome::Applied { version: 2 })
         );
         // The same as plain pushes in the order they completed.
@@ -609,7 +611,7 @@ mod tests {
         let b = s.begin_staged(0).unwrap();
         // Incomplete: falls back to the (whole) gradient handed in.
         assert_eq!(
-            s.push_staged(0, 0, 0, b, || vec![1.0; 3], now),
+            s.push_staged(0, 0, 0, b, vec![1.0; 3], now),
             Ok(PushOutcome::Applied { version: 1 })
         );
         assert_eq!(s.params(), &[0.5, 1.5, 2.5]);
