@@ -285,6 +285,7 @@ fn all_options_renders_every_optional_object() {
         "operator",
         "--leader-elect",
         "--metrics-port=9090",
+        "--trainer-metrics-port=9191",
         "--log-format=text",
         "--namespace=ml-team",
         "--gang-scheduler=volcano",
@@ -324,6 +325,7 @@ fn schema_rejects_unknown_keys_and_unsupported_values() {
         ("watchNamespaces={a,b}", "more than one watched namespace"),
         ("gangScheduler=kube-batch", "an unknown gang scheduler"),
         ("logFormat=xml", "an unknown log format"),
+        ("trainerMetricsPort=70000", "a port above 65535"),
         ("typo=1", "an unknown top-level key"),
         ("image.digest=sha256:0", "an unknown nested key"),
         (
@@ -344,6 +346,7 @@ fn schema_rejects_unknown_keys_and_unsupported_values() {
         "gangScheduler=scheduler-plugins",
         "logFormat=text",
         "leaderElection.enabled=false,replicaCount=1",
+        "trainerMetricsPort=0",
     ] {
         render("kubetrain-system", &["--set", set]);
     }
@@ -488,6 +491,7 @@ fn deploy_manifests_are_complete_and_restricted() {
             "operator",
             "--leader-elect",
             "--metrics-port=8080",
+            "--trainer-metrics-port=9090",
             "--log-format=json"
         ]
     );
