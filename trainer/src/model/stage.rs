@@ -10,7 +10,7 @@ use std::ops::Range;
 use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
 
 use super::ModelError;
-use super::network::Network;
+use super::network::{Network, mask_relu, relu, softmax_cross_entropy};
 
 /// Layers `layers` of a network, owning parameters `params` of its flat vector.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,33 +279,6 @@ impl StageModel {
         }
         Ok(None)
     }
-}
-
-fn relu(z: f32) -> f32 {
-    z.max(0.0)
-}
-
-/// Mean cross-entropy (accumulated in f64) and `softmax - onehot` per example; the same
-/// arithmetic as the whole network's loss, so pipelined and whole gradients agree.
-fn softmax_cross_entropy(logits: &Array2<f32>, labels: &[u8]) -> (f64, Array2<f32>) {
-    let mut probs = logits.clone();
-    let mut loss = 0.0f64;
-    for (mut row, &label) in probs.rows_mut().into_iter().zip(labels) {
-        let max = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        row.mapv_inplace(|v| (v - max).exp());
-        let sum: f32 = row.sum();
-        row.mapv_inplace(|v| v / sum);
-        loss -= (row[label as usize].max(1e-12) as f64).ln();
-        row[label as usize] -= 1.0;
-    }
-    let n = labels.len().max(1) as f64;
-    (loss / n, probs)
-}
-
-fn mask_relu(delta: &mut Array2<f32>, z: &Array2<f32>) {
-    // A select rather than a conditional store, so the loop vectorises: as a branch it
-    // cost a tenth of a stage's compute time on random signs.
-    delta.zip_mut_with(z, |d, &z| *d = if z <= 0.0 { 0.0 } else { *d });
 }
 
 #[cfg(test)]
