@@ -41,7 +41,7 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use kubetrain_api::TrainingJob;
 use kubetrain_api::condition::types;
-use kubetrain_e2e::envtest::{self, ApiServer, TestNamespace};
+use kubetrain_e2e::envtest::{self, ApiServer, TestNamespace, server};
 use kubetrain_e2e::operator::{lifecycle, set_pod_running, wait_for_pods};
 use kubetrain_operator::controller::{self, Context};
 use kubetrain_operator::metrics::Metrics;
@@ -297,13 +297,6 @@ impl Run {
                     .is_some_and(|s| s >= 400 && !(c.kind == Kind::Get && s == 404))
             })
             .collect()
-    }
-}
-
-async fn server() -> &'static ApiServer {
-    match envtest::shared().await {
-        Ok(s) => s,
-        Err(e) => panic!("test API server unavailable: {e}"),
     }
 }
 

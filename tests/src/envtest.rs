@@ -213,6 +213,26 @@ pub async fn shared() -> Result<&'static ApiServer, EnvtestError> {
     SHARED.get_or_try_init(ApiServer::start).await
 }
 
+/// [`shared`] for a test: a server that cannot start fails the test, with the install hint
+/// in the message, instead of handing back an error for every test to unwrap.
+pub async fn server() -> &'static ApiServer {
+    match shared().await {
+        Ok(s) => s,
+        Err(e) => panic!("test API server unavailable: {e}"),
+    }
+}
+
+/// A fresh namespace on the shared server with the TrainingJob CRD installed; any failure
+/// fails the test.
+pub async fn namespace_with_crd(prefix: &str) -> TestNamespace {
+    let server = server().await;
+    server.install_crd().await.unwrap_or_else(|e| panic!("{e}"));
+    server
+        .namespace(prefix)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A namespace created for one test, with a client for it.
 #[derive(Clone)]
 pub struct TestNamespace {

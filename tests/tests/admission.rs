@@ -10,29 +10,9 @@ use std::process::Output;
 
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kubetrain_api::TrainingJob;
-use kubetrain_e2e::envtest::{self, ApiServer, TestNamespace};
+use kubetrain_e2e::envtest::{self, TestNamespace, namespace_with_crd, server};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
-
-async fn server() -> &'static ApiServer {
-    match envtest::shared().await {
-        Ok(s) => s,
-        Err(e) => panic!("test API server unavailable: {e}"),
-    }
-}
-
-async fn namespace(prefix: &str) -> TestNamespace {
-    server()
-        .await
-        .install_crd()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    server()
-        .await
-        .namespace(prefix)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// Untyped TrainingJobs: what reaches the server is exactly what the test wrote, with no
 /// serde defaults filled in on the client side.
@@ -95,7 +75,7 @@ fn valid_job(name: &str) -> Value {
 #[tokio::test]
 async fn kubectl_applies_the_crd_and_it_is_established() {
     // The harness installs the CRD by server-side apply; a user runs kubectl apply.
-    let ns = namespace("crd-apply").await;
+    let ns = namespace_with_crd("crd-apply").await;
     let crd = envtest::crd_path();
     let crd = crd.to_str().expect("utf-8 path");
     let out = kubectl(&["apply", "-f", crd], None).await;
@@ -122,7 +102,7 @@ async fn kubectl_applies_the_crd_and_it_is_established() {
 
 #[tokio::test]
 async fn every_example_is_accepted_by_the_server() {
-    let ns = namespace("examples-dry-run").await;
+    let ns = namespace_with_crd("examples-dry-run").await;
     let dir = envtest::workspace_root().join("examples");
     let mut examples: Vec<_> = std::fs::read_dir(&dir)
         .expect("examples/")
@@ -196,7 +176,7 @@ async fn assert_rejected(ns: &TestNamespace, case: &str, job: Value, field: &str
 
 #[tokio::test]
 async fn bad_manifests_are_rejected_with_the_field_named() {
-    let ns = namespace("admission").await;
+    let ns = namespace_with_crd("admission").await;
     let cases: [(&str, &str, &str, Value); 6] = [
         (
             "negative ps replicas",
@@ -255,7 +235,7 @@ async fn bad_manifests_are_rejected_with_the_field_named() {
 
 #[tokio::test]
 async fn the_server_applies_the_schema_defaults() {
-    let ns = namespace("defaults").await;
+    let ns = namespace_with_crd("defaults").await;
     let minimal = json!({
         "apiVersion": "kubetrain.io/v1alpha1",
         "kind": "TrainingJob",
@@ -306,7 +286,7 @@ async fn the_server_applies_the_schema_defaults() {
 
 #[tokio::test]
 async fn kubectl_get_tj_prints_the_columns() {
-    let ns = namespace("columns").await;
+    let ns = namespace_with_crd("columns").await;
     let object: DynamicObject = serde_json::from_value(valid_job("cols")).expect("job JSON");
     let api = raw_jobs(&ns);
     api.create(&PostParams::default(), &object)

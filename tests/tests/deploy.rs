@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ObjectMeta, PostParams};
-use kubetrain_e2e::envtest::{self, ApiServer};
+use kubetrain_e2e::envtest::{self, ApiServer, server};
 use serde::Deserialize;
 use serde_yaml::Value;
 
@@ -751,13 +751,6 @@ fn manifests_validate_offline_with_kubernetes_validate_strict() {
 }
 
 // --- server-side dry run on the real API server ---------------------------------------------
-
-async fn server() -> &'static ApiServer {
-    match envtest::shared().await {
-        Ok(s) => s,
-        Err(e) => panic!("test API server unavailable: {e}"),
-    }
-}
 
 async fn dry_run_apply(server: &ApiServer, label: &str, docs: &[Value]) {
     let (yaml, _) = without_crd_typed(docs);

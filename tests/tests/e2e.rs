@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kubetrain_api::contract::Role;
-use kubetrain_e2e::envtest::{self, TestNamespace};
+use kubetrain_e2e::envtest::{self, namespace_with_crd};
 use kubetrain_e2e::kubelet::{Kubelet, KubeletConfig};
 use kubetrain_e2e::operator::{JobWatch, OperatorTask, wait_until};
 
@@ -16,21 +16,10 @@ fn trainer_binary() -> PathBuf {
     envtest::workspace_binary("kubetrain-trainer", "kubetrain-trainer")
 }
 
-async fn namespace(prefix: &str) -> TestNamespace {
-    let server = envtest::shared()
-        .await
-        .unwrap_or_else(|e| panic!("test API server unavailable: {e}"));
-    server.install_crd().await.unwrap_or_else(|e| panic!("{e}"));
-    server
-        .namespace(prefix)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quickstart_trains_to_succeeded_on_the_real_api_server() {
     let trainer = tokio::task::spawn_blocking(trainer_binary).await.unwrap();
-    let ns = namespace("e2e").await;
+    let ns = namespace_with_crd("e2e").await;
     let logs = tempfile::tempdir().unwrap();
     let kubelet = Kubelet::start(
         ns.client.clone(),

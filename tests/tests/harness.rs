@@ -16,20 +16,11 @@ use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{Condition, await_condition, conditions};
 use kube::runtime::{WatchStreamExt, watcher};
 use kubetrain_api::TrainingJob;
-use kubetrain_e2e::envtest::{self, ApiServer, TestNamespace};
+use kubetrain_e2e::envtest::{self, TestNamespace, server};
 use kubetrain_e2e::kubelet::{JOB_NAME_LABEL, Kubelet, KubeletConfig};
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The shared server; panics (fails the test) with the install hint if the
-/// binaries are missing.
-async fn server() -> &'static ApiServer {
-    match envtest::shared().await {
-        Ok(s) => s,
-        Err(e) => panic!("test API server unavailable: {e}"),
-    }
-}
 
 async fn namespace(prefix: &str) -> TestNamespace {
     server()

@@ -20,19 +20,12 @@ use kube::{Resource, ResourceExt};
 use kubetrain_api::condition::{reasons, types};
 use kubetrain_api::contract::{self, ClusterSpec, Role};
 use kubetrain_api::{MANAGER, RestartPolicy, TrainingJob};
-use kubetrain_e2e::envtest::{self, ApiServer, TestNamespace};
+use kubetrain_e2e::envtest::{self, TestNamespace, server};
 use kubetrain_e2e::operator::{
     JobWatch, OperatorTask, assert_unchanged_for, condition, condition_true, lifecycle,
     pod_summary, set_pod_running, set_pod_terminated, wait_for_object, wait_for_pods, wait_until,
 };
 use serde_json::{Value, json};
-
-async fn server() -> &'static ApiServer {
-    match envtest::shared().await {
-        Ok(s) => s,
-        Err(e) => panic!("test API server unavailable: {e}"),
-    }
-}
 
 /// A fresh namespace with the CRD installed and the operator watching it.
 async fn setup(prefix: &str) -> (TestNamespace, OperatorTask) {

@@ -17,29 +17,13 @@ use kube::{Resource, ResourceExt};
 use kubetrain_api::condition::types;
 use kubetrain_api::contract::{self, Role};
 use kubetrain_api::{MANAGER, TrainingJob};
-use kubetrain_e2e::envtest::{self, ApiServer, TestNamespace};
+use kubetrain_e2e::envtest::{self, TestNamespace, namespace_with_crd, server};
 use kubetrain_e2e::operator::{JobWatch, lifecycle, set_pod_running, wait_for_pods, wait_until};
 use kubetrain_operator::leader::Timing;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 const LEASE: &str = "kubetrain-test-leader";
-
-async fn server() -> &'static ApiServer {
-    match envtest::shared().await {
-        Ok(s) => s,
-        Err(e) => panic!("test API server unavailable: {e}"),
-    }
-}
-
-async fn namespace(prefix: &str) -> TestNamespace {
-    let server = server().await;
-    server.install_crd().await.unwrap_or_else(|e| panic!("{e}"));
-    server
-        .namespace(prefix)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -205,7 +189,7 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over_without_double
     })
     .await
     .expect("build");
-    let ns = namespace("leader").await;
+    let ns = namespace_with_crd("leader").await;
     let logs = tempfile::tempdir().expect("log dir");
     let leases: Api<Lease> = ns.api();
     let pods: Api<Pod> = ns.api();

@@ -20,7 +20,7 @@ use kube::{Resource, ResourceExt};
 use kubetrain_api::condition::{reasons, types};
 use kubetrain_api::contract::{self, Role};
 use kubetrain_api::{CleanPodPolicy, SchedulingPolicy, TrainingJob};
-use kubetrain_e2e::envtest::{self, ApiServer, TestNamespace};
+use kubetrain_e2e::envtest::{self, TestNamespace, namespace_with_crd, server};
 use kubetrain_e2e::operator::{
     JobWatch, OperatorTask, condition, lifecycle, set_pod_running, set_pod_running_at,
     set_pod_terminated, set_pod_unschedulable, set_pod_waiting, wait_for_object, wait_for_pods,
@@ -31,22 +31,6 @@ use kubetrain_operator::plan::PlanSettings;
 use kubetrain_trainer::proto::progress_server::{Progress, ProgressServer};
 use kubetrain_trainer::proto::{GetProgressRequest, ProgressReport};
 use serde_json::json;
-
-async fn server() -> &'static ApiServer {
-    match envtest::shared().await {
-        Ok(s) => s,
-        Err(e) => panic!("test API server unavailable: {e}"),
-    }
-}
-
-async fn namespace(prefix: &str) -> TestNamespace {
-    let server = server().await;
-    server.install_crd().await.unwrap_or_else(|e| panic!("{e}"));
-    server
-        .namespace(prefix)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// The quickstart (1 PS + 2 workers) named `name`, without its example run policy.
 fn job(name: &str) -> TrainingJob {
@@ -208,7 +192,7 @@ fn reconcile_errors(operator: &OperatorTask) -> u64 {
 
 #[tokio::test]
 async fn clean_pod_policy_all_removes_every_pod_and_none_keeps_them() {
-    let ns = namespace("pol-clean").await;
+    let ns = namespace_with_crd("pol-clean").await;
     let _operator = OperatorTask::start(&ns);
     let pods: Api<Pod> = ns.api();
     let services: Api<Service> = ns.api();
@@ -268,7 +252,7 @@ async fn clean_pod_policy_all_removes_every_pod_and_none_keeps_them() {
 
 #[tokio::test]
 async fn ttl_deletes_the_finished_job_on_time_without_polling() {
-    let ns = namespace("pol-ttl").await;
+    let ns = namespace_with_crd("pol-ttl").await;
     let operator = OperatorTask::start(&ns);
     let pods: Api<Pod> = ns.api();
     let jobs: Api<TrainingJob> = ns.api();
@@ -312,7 +296,7 @@ async fn ttl_deletes_the_finished_job_on_time_without_polling() {
 
 #[tokio::test]
 async fn the_active_deadline_fails_the_job_and_removes_its_running_pods() {
-    let ns = namespace("pol-deadline").await;
+    let ns = namespace_with_crd("pol-deadline").await;
     let _operator = OperatorTask::start(&ns);
     let pods: Api<Pod> = ns.api();
     let mut late = job("late");
@@ -343,7 +327,7 @@ async fn the_active_deadline_fails_the_job_and_removes_its_running_pods() {
 
 #[tokio::test]
 async fn suspend_deletes_the_pods_and_resume_recreates_them_with_a_new_start_time() {
-    let ns = namespace("pol-suspend").await;
+    let ns = namespace_with_crd("pol-suspend").await;
     let _operator = OperatorTask::start(&ns);
     let pods: Api<Pod> = ns.api();
     let jobs: Api<TrainingJob> = ns.api();
@@ -408,7 +392,7 @@ async fn suspend_deletes_the_pods_and_resume_recreates_them_with_a_new_start_tim
 
 #[tokio::test]
 async fn a_stalled_pod_is_named_at_once_and_fails_the_job_past_the_startup_deadline() {
-    let ns = namespace("pol-stall").await;
+    let ns = namespace_with_crd("pol-stall").await;
     let _operator = OperatorTask::start(&ns);
     let pods: Api<Pod> = ns.api();
 
@@ -520,7 +504,7 @@ impl Progress for FakeChief {
 
 #[tokio::test]
 async fn progress_is_at_most_15_s_old_with_one_write_per_10_s() {
-    let ns = namespace("pol-progress").await;
+    let ns = namespace_with_crd("pol-progress").await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -651,7 +635,7 @@ async fn a_volcano_gang_gets_its_pod_group_and_a_pending_condition_until_admitte
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let ns = namespace("pol-gang").await;
+    let ns = namespace_with_crd("pol-gang").await;
     ensure_priority_class(&ns, "kubetrain-test-high").await;
     let _operator = OperatorTask::start_with(
         &ns,
@@ -771,7 +755,7 @@ async fn a_volcano_gang_gets_its_pod_group_and_a_pending_condition_until_admitte
 #[tokio::test]
 async fn a_missing_pod_group_crd_is_a_clear_condition_not_an_error_loop() {
     // scheduler-plugins' CRD is never installed on the test server.
-    let ns = namespace("pol-nocrd").await;
+    let ns = namespace_with_crd("pol-nocrd").await;
     let operator = OperatorTask::start_with(
         &ns,
         PlanSettings {
