@@ -54,6 +54,12 @@ fn sync_two_workers_converge_on_digits_and_report_progress() {
 
     // The operator's view: GetProgress on the chief while it trains.
     chief.wait_for_output(RUN, |out| out.contains("epoch 1 done"));
+    // Epochs count from 1 in the logs, as in status.progress.
+    assert!(
+        !chief.stdout().contains("epoch 0 done"),
+        "{}",
+        chief.stdout()
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

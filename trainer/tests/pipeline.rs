@@ -213,6 +213,12 @@ fn pipeline_converges_like_one_data_parallel_worker_and_reports_progress() {
 
     // The operator's view while it trains: steps, loss, accuracy and the partition.
     chief.wait_for_output(RUN, |out| out.contains("epoch 1 done"));
+    // Epochs count from 1 in the logs, as in status.progress and in data-parallel mode.
+    assert!(
+        !chief.stdout().contains("epoch 0 done"),
+        "{}",
+        chief.stdout()
+    );
     let metrics = http_get(metrics_port, "/metrics");
     for name in [
         "kubetrain_trainer_step",

@@ -385,7 +385,7 @@ async fn train(
             progress.update(|r| r.accuracy = eval.accuracy);
             println!(
                 "kubetrain-trainer: epoch {} done step={step} test_accuracy={:.4} test_loss={:.4}",
-                step / per - 1,
+                step / per,
                 eval.accuracy,
                 eval.loss
             );

@@ -175,9 +175,9 @@ pub async fn run_worker(
                 loss_avg = Some(loss_avg.map_or(loss, |a| 0.9 * a + 0.1 * loss));
                 let rate =
                     steps_done as f64 * global_batch / started.elapsed().as_secs_f64().max(1e-9);
+                // Counting from 1, as status.progress.epoch does, in the log line too.
+                let epoch = schedule.epoch_of(step.saturating_sub(1)) as u32 + 1;
                 if let Some(progress) = &progress {
-                    // Counting from 1, as status.progress.epoch does.
-                    let epoch = schedule.epoch_of(step.saturating_sub(1)) as u32 + 1;
                     progress.update(|r| {
                         r.step = step;
                         r.total_steps = total_steps;
@@ -189,8 +189,7 @@ pub async fn run_worker(
                 if last_line.elapsed() >= Duration::from_secs(2) {
                     last_line = Instant::now();
                     println!(
-                        "kubetrain-trainer: worker {index} step={step}/{total_steps} epoch={} loss={:.4} samples_per_second={rate:.1}",
-                        schedule.epoch_of(step.saturating_sub(1)),
+                        "kubetrain-trainer: worker {index} step={step}/{total_steps} epoch={epoch} loss={:.4} samples_per_second={rate:.1}",
                         loss_avg.unwrap_or_default()
                     );
                 }
