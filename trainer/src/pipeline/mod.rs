@@ -123,7 +123,11 @@ pub async fn run_stage(
             )
         })
         .collect();
-    let result = train(&config, &shared, &peers, inbox_rx, progress).await;
+    // The mailbox outlives `train`: a stage that fails keeps accepting its neighbours'
+    // tensors until it has recorded why and told them, so they hear the cause (naming the
+    // stage that died) rather than a refusal.
+    let mut mailbox = Mailbox::new(inbox_rx, shared.abort.subscribe(), config.ps_timeout);
+    let result = train(&config, &shared, &peers, &mut mailbox, progress).await;
     if let Err(e) = &result {
         // Tell everyone at once rather than leave each to time out on its own. A stage that
         // only relays someone else's abort does not echo it.
@@ -157,7 +161,7 @@ async fn train(
     config: &Config,
     shared: &Arc<Shared>,
     peers: &[Peer],
-    inbox: mpsc::UnboundedReceiver<Inbound>,
+    mailbox: &mut Mailbox,
     progress: Option<ProgressState>,
 ) -> Result<WorkerOutcome, TrainerError> {
     let stage = shared.stage;
@@ -351,7 +355,6 @@ async fn train(
             Some(start)
         })
         .collect();
-    let mut mailbox = Mailbox::new(inbox, shared.abort.subscribe(), config.ps_timeout);
     let mut batcher = data
         .as_ref()
         .map(|(d, s)| Batcher::new(*s, training.seed, 0, d.train.len()));

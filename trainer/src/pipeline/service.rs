@@ -184,7 +184,12 @@ impl StageService {
                 labels: first.labels.to_vec(),
                 loss_sum: first.loss_sum,
             })
-            .map_err(|_| Status::unavailable("this stage has stopped training"))
+            .map_err(|_| match shared.abort.borrow().as_deref() {
+                Some(reason) => {
+                    Status::unavailable(format!("this stage has stopped training: {reason}"))
+                }
+                None => Status::unavailable("this stage has stopped training"),
+            })
     }
 }
 
