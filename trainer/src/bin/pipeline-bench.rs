@@ -96,7 +96,7 @@ fn fail(message: &str) -> ! {
 /// A CSV with enough rows that every measured step is in the first epoch (no evaluation
 /// inside the measured window).
 fn write_dataset(dir: &Path, inputs: usize, classes: usize, rows: usize) -> PathBuf {
-    let path = dir.join("square.csv");
+    let path = dir.join("pipeline-bench.csv");
     let file = std::fs::File::create(&path)
         .unwrap_or_else(|e| fail(&format!("creating {}: {e}", path.display())));
     let mut out = std::io::BufWriter::new(file);
