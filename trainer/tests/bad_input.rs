@@ -1,4 +1,7 @@
 //! A parameter server answers malformed requests with an error status and keeps serving.
+//! The tensor calls go through tonic's own generated `ParameterTransferClient` here, while
+//! the PS frames them by hand (`tensor_wire`): that they understand each other is part of
+//! what this test checks.
 
 mod common;
 
@@ -6,7 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
+use kubetrain_trainer::proto::parameter_transfer_client::ParameterTransferClient;
 use kubetrain_trainer::proto::*;
+use kubetrain_trainer::tensor_wire;
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -25,6 +30,11 @@ async fn connect(addr: &str) -> Channel {
     panic!("PS at {addr} never came up");
 }
 
+/// The worker's own channel (tuned windows and frame size).
+fn channel_for_wire(addr: &str) -> Channel {
+    kubetrain_trainer::net::channel(addr).unwrap()
+}
+
 fn chunk(worker_id: u32, offset: u64, total_len: u64, floats: usize) -> PushChunk {
     PushChunk {
         worker_id,
@@ -37,7 +47,7 @@ fn chunk(worker_id: u32, offset: u64, total_len: u64, floats: usize) -> PushChun
 }
 
 async fn push(
-    client: &mut ParameterServerClient<Channel>,
+    client: &mut ParameterTransferClient<Channel>,
     chunks: Vec<PushChunk>,
 ) -> Result<u64, tonic::Status> {
     client
@@ -61,9 +71,10 @@ fn parameter_server_rejects_bad_input_without_crashing() {
             .await
             .unwrap();
         let mut client = ParameterServerClient::new(channel.clone());
+        let mut tensors = ParameterTransferClient::new(channel.clone());
 
         // Before any registration there is no shard to push to.
-        let err = push(&mut client, vec![chunk(0, 0, 15, 15)])
+        let err = push(&mut tensors, vec![chunk(0, 0, 15, 15)])
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
@@ -106,12 +117,12 @@ fn parameter_server_rejects_bad_input_without_crashing() {
         assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
 
         // Wrong shape: the gradient claims another length than the shard's.
-        let err = push(&mut client, vec![chunk(0, 0, 14, 14)])
+        let err = push(&mut tensors, vec![chunk(0, 0, 14, 14)])
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
         // Truncated tensor: 8 of 15 values.
-        let err = push(&mut client, vec![chunk(0, 0, 15, 8)])
+        let err = push(&mut tensors, vec![chunk(0, 0, 15, 8)])
             .await
             .unwrap_err();
         assert!(
@@ -119,25 +130,28 @@ fn parameter_server_rejects_bad_input_without_crashing() {
             "{err}"
         );
         // Out-of-range keys: a chunk past the end of the shard.
-        let err = push(&mut client, vec![chunk(0, 0, 15, 10), chunk(0, 10, 15, 10)])
-            .await
-            .unwrap_err();
+        let err = push(
+            &mut tensors,
+            vec![chunk(0, 0, 15, 10), chunk(0, 10, 15, 10)],
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
-        let err = push(&mut client, vec![chunk(0, 100, 15, 1)])
+        let err = push(&mut tensors, vec![chunk(0, 100, 15, 1)])
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
         // Bytes that are not whole f32 values.
         let mut ragged = chunk(0, 0, 15, 15);
         ragged.data = vec![0u8; 59].into();
-        let err = push(&mut client, vec![ragged]).await.unwrap_err();
+        let err = push(&mut tensors, vec![ragged]).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
         // Unknown worker ids everywhere.
-        let err = push(&mut client, vec![chunk(7, 0, 15, 15)])
+        let err = push(&mut tensors, vec![chunk(7, 0, 15, 15)])
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
-        let err = client
+        let err = tensors
             .pull(PullRequest {
                 worker_id: 7,
                 min_version: 0,
@@ -154,7 +168,7 @@ fn parameter_server_rejects_bad_input_without_crashing() {
         let err = client.done(DoneRequest { worker_id: 7 }).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
         // An empty push.
-        let err = push(&mut client, vec![]).await.unwrap_err();
+        let err = push(&mut tensors, vec![]).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
 
         // Still healthy, and a well-formed push works.
@@ -170,10 +184,60 @@ fn parameter_server_rejects_bad_input_without_crashing() {
             status.status,
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
-        assert_eq!(
-            push(&mut client, vec![chunk(0, 0, 15, 15)]).await.unwrap(),
-            1
-        );
+        let mut gradient = chunk(0, 0, 15, 15);
+        let values: Vec<f32> = (0..15).map(|i| i as f32 - 7.0).collect();
+        gradient.data = bytemuck::cast_slice::<f32, u8>(&values).to_vec().into();
+        assert_eq!(push(&mut tensors, vec![gradient]).await.unwrap(), 1);
+        let serving = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "kubetrain.v1.ParameterTransfer".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(serving.status, status.status);
+
+        // The parameters after that push, read by a stock tonic client and by the
+        // worker's hand-framed one, are the same values.
+        let request = PullRequest {
+            worker_id: 0,
+            min_version: 1,
+            step: 1,
+        };
+        let mut stream = tensors.pull(request).await.unwrap().into_inner();
+        let mut stock = Vec::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            assert_eq!((chunk.version, chunk.offset, chunk.total_len), (1, 0, 15));
+            stock.extend(
+                chunk
+                    .data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+        }
+        let (version, framed) = tensor_wire::pull_tensor(
+            &channel_for_wire(&cluster.ps[0]),
+            &request,
+            Duration::from_secs(5),
+            Vec::new(),
+            15,
+        )
+        .await
+        .unwrap();
+        assert_eq!(version, 1);
+        assert_eq!(stock, framed);
+        assert!(stock.iter().any(|&v| v != 0.0), "{stock:?}");
+        // A pull that expects a different shard size is refused by the worker's side.
+        let err = tensor_wire::pull_tensor(
+            &channel_for_wire(&cluster.ps[0]),
+            &request,
+            Duration::from_secs(5),
+            Vec::new(),
+            14,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::Internal, "{err}");
         client
             .shutdown(ShutdownRequest {
                 reason: "test over".into(),

@@ -23,6 +23,7 @@ use kubetrain_trainer::net;
 use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
 use kubetrain_trainer::proto::*;
 use kubetrain_trainer::ps::checkpoint::{self, ShardCheckpoint};
+use kubetrain_trainer::tensor_wire;
 
 #[derive(Parser)]
 struct Args {
@@ -224,44 +225,41 @@ fn grpc_round_trip(bin: &Path, rounds: usize, dir: &Path) -> GrpcTimes {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let grad = std::sync::Arc::new(vec![0.001f32; params]);
+        // The worker's own calls (`tensor_wire`), on the same connection.
+        let channel = net::channel(&format!("127.0.0.1:{port}")).unwrap();
+        let deadline = Duration::from_secs(30);
         let mut version = 0;
         let mut buffer = Vec::new();
         let (mut rounds_t, mut pushes, mut pulls) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..=rounds {
             let started = Instant::now();
-            let chunks =
-                net::encode_chunks(grad.clone(), 0..params).map(move |(offset, data)| PushChunk {
-                    worker_id: 0,
-                    base_version: version,
-                    step: round as u64,
-                    offset,
-                    total_len: params as u64,
-                    data,
-                });
-            version = client
-                .push(tokio_stream::iter(chunks))
+            let head = PushChunk {
+                worker_id: 0,
+                base_version: version,
+                step: round as u64,
+                ..Default::default()
+            };
+            tensor_wire::push_tensor(&channel, head, grad.clone(), 0..params, deadline)
                 .await
-                .unwrap()
-                .into_inner()
-                .version;
+                .unwrap();
             let pushed = started.elapsed().as_secs_f64();
-            let mut stream = client
-                .pull(PullRequest {
-                    worker_id: 0,
-                    min_version: 0,
-                    step: round as u64 + 1,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let request = PullRequest {
+                worker_id: 0,
+                min_version: 0,
+                step: round as u64 + 1,
+            };
             // Reuses the receive buffer as the worker does.
-            let mut asm = net::Assembler::with_buffer(std::mem::take(&mut buffer));
-            while let Some(chunk) = stream.message().await.unwrap() {
-                asm.add(chunk.offset, chunk.total_len, &chunk.data, params)
-                    .unwrap();
-            }
-            buffer = asm.finish().unwrap();
-            assert_eq!(buffer.len(), params);
+            let (pulled, values) = tensor_wire::pull_tensor(
+                &channel,
+                &request,
+                deadline,
+                std::mem::take(&mut buffer),
+                params,
+            )
+            .await
+            .unwrap();
+            version = pulled;
+            buffer = values;
             let t = started.elapsed().as_secs_f64();
             // Round 0 warms up the connection, the windows and both sides' buffers.
             if round > 0 {

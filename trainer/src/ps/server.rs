@@ -1,23 +1,23 @@
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
-use tokio_stream::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
 use super::checkpoint::{self, ShardCheckpoint};
-use super::shard::{PullDecision, PushOutcome, Shard, ShardError, StagedPush};
+use super::shard::{Shard, ShardError};
 use super::shard_ranges;
 use crate::config::Config;
 use crate::error::TrainerError;
 use crate::metrics::PsMetrics;
 use crate::model::{Network, Optimizer};
-use crate::net::{self, Assembler, ChunkOrder};
+use crate::net;
 use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServer};
 use crate::proto::*;
+
+mod transfer;
 
 /// How long a pull waits server-side before telling the worker to ask again. Bounded so a
 /// blocked call never outlives its deadline; the worker simply re-issues it.
@@ -193,8 +193,6 @@ impl Inner {
     }
 }
 
-type PullStream = Pin<Box<dyn Stream<Item = Result<TensorChunk, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl ParameterServer for PsService {
     async fn register(
@@ -297,203 +295,6 @@ impl ParameterServer for PsService {
         }))
     }
 
-    async fn push(
-        &self,
-        request: Request<Streaming<PushChunk>>,
-    ) -> Result<Response<PushResponse>, Status> {
-        let inner = &self.0;
-        let started = Instant::now();
-        let mut stream = request.into_inner();
-        let (limit, buffer) = {
-            let mut state = inner.lock();
-            match state.shard.as_mut() {
-                Some(shard) => (shard.end - shard.start, shard.take_spare()),
-                None => {
-                    return Err(Status::failed_precondition(
-                        "no worker has registered yet; call Register first",
-                    ));
-                }
-            }
-        };
-        // Async and BoundedStaleness apply each chunk as it arrives (staged, so a push that
-        // breaks off changes nothing). The chunk is first copied into a recycled gradient
-        // buffer, which the staging reads as aligned f32s and which is kept in case another
-        // push is applied meanwhile; holding the chunks themselves instead made tonic
-        // allocate (and the kernel fault in) a fresh receive buffer for every chunk. Sync
-        // needs every worker's whole gradient and assembles it the same way.
-        let mut staged: Option<StagedPush> = None;
-        let mut received: Vec<f32> = Vec::new();
-        let mut buffer = Some(buffer);
-        let mut assembler = None;
-        let mut order = ChunkOrder::new();
-        let mut header: Option<(u32, u64, u64)> = None;
-        let mut bytes = 0u64;
-        while let Some(chunk) = stream.message().await? {
-            let key = (chunk.worker_id, chunk.base_version, chunk.step);
-            match header {
-                None => {
-                    inner.check_worker(chunk.worker_id)?;
-                    header = Some(key);
-                    if let Some(shard) = inner.lock().shard.as_mut() {
-                        staged = shard.begin_staged(chunk.base_version);
-                    }
-                    match staged {
-                        None => assembler = buffer.take().map(Assembler::with_buffer),
-                        Some(_) => {
-                            received = buffer.take().unwrap_or_default();
-                            received.clear();
-                        }
-                    }
-                }
-                Some(h) if h != key => {
-                    return Err(Status::invalid_argument(
-                        "worker_id, base_version and step must not change within one push",
-                    ));
-                }
-                Some(_) => {}
-            }
-            if chunk.total_len != limit as u64 {
-                return Err(Status::invalid_argument(format!(
-                    "gradient of {} values pushed to a shard of {limit}",
-                    chunk.total_len
-                )));
-            }
-            bytes += chunk.data.len() as u64;
-            match &mut staged {
-                Some(push) => {
-                    order
-                        .check(chunk.offset, chunk.total_len, chunk.data.len(), limit)
-                        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                    let at = received.len();
-                    net::extend_from_le(&mut received, &chunk.data);
-                    drop(chunk);
-                    if let Some(shard) = inner.lock().shard.as_ref() {
-                        shard.stage(push, at, &received[at..]);
-                    }
-                }
-                None => assembler
-                    .get_or_insert_with(Assembler::new)
-                    .add(chunk.offset, chunk.total_len, &chunk.data, limit)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
-            }
-        }
-        let Some((worker, base, step)) = header else {
-            return Err(Status::invalid_argument("empty push: no chunks"));
-        };
-        let gradient = match staged {
-            Some(_) => {
-                order
-                    .finish()
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                None
-            }
-            None => Some(
-                assembler
-                    .unwrap_or_default()
-                    .finish()
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
-            ),
-        };
-        inner.metrics.push_bytes.inc_by(bytes);
-        let mut state = inner.lock();
-        state.last_contact = Instant::now();
-        let state = &mut *state;
-        let total_params = state.total_params;
-        let shard = state
-            .shard
-            .as_mut()
-            .ok_or_else(|| Status::internal("shard missing"))?;
-        let outcome = match (staged, gradient) {
-            (Some(push), _) => {
-                shard.push_staged(worker, base, step, push, received, Instant::now())
-            }
-            (None, Some(gradient)) => shard.push(worker, base, step, gradient, Instant::now()),
-            (None, None) => Err(ShardError::WrongLength {
-                expected: limit,
-                got: 0,
-            }),
-        }
-        .map_err(status_of)?;
-        let version = shard.version();
-        if let PushOutcome::Applied { .. } = outcome {
-            inner.metrics.version.set(version as i64);
-            inner.maybe_checkpoint(shard, total_params, false);
-        }
-        inner.notify();
-        inner
-            .metrics
-            .request_duration
-            .observe(started.elapsed().as_secs_f64());
-        Ok(Response::new(PushResponse { version }))
-    }
-
-    type PullStream = PullStream;
-
-    async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullStream>, Status> {
-        let inner = self.0.clone();
-        let started = Instant::now();
-        let req = request.into_inner();
-        inner.check_worker(req.worker_id)?;
-        let mut changes = inner.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + PULL_WAIT;
-        let (version, payload) = loop {
-            {
-                let mut state = inner.lock();
-                state.last_contact = Instant::now();
-                let state = &mut *state;
-                let shard = state.shard.as_mut().ok_or_else(|| {
-                    Status::failed_precondition("no worker has registered yet; call Register first")
-                })?;
-                match shard
-                    .pull_decision(req.worker_id, req.min_version, req.step, Instant::now())
-                    .map_err(status_of)?
-                {
-                    PullDecision::Ready => {
-                        let version = shard.version();
-                        // Encoded and sent after the lock is released.
-                        break (version, shard.snapshot());
-                    }
-                    PullDecision::Wait => {}
-                    PullDecision::Failed(reason) => {
-                        return Err(Status::aborted(format!("the job has failed: {reason}")));
-                    }
-                    PullDecision::Restarted { version } => {
-                        return Err(Status::failed_precondition(format!(
-                            "worker asks for version {} but this PS is at {version} (restarted from a checkpoint); register again",
-                            req.min_version
-                        )));
-                    }
-                }
-            }
-            // Woken by any push, registration, death or failure; re-check then.
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(Status::unavailable("parameter server is shutting down")),
-                Err(_) => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "not ready for worker {} step {} (min version {}) within {:?}; ask again",
-                        req.worker_id, req.step, req.min_version, PULL_WAIT
-                    )));
-                }
-            }
-        };
-        let total_len = payload.len();
-        inner.metrics.pull_bytes.inc_by(total_len as u64 * 4);
-        inner
-            .metrics
-            .request_duration
-            .observe(started.elapsed().as_secs_f64());
-        let chunks = net::encode_chunks(payload, 0..total_len).map(move |(offset, data)| {
-            Ok(TensorChunk {
-                version,
-                offset,
-                total_len: total_len as u64,
-                data,
-            })
-        });
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
-    }
-
     async fn done(&self, request: Request<DoneRequest>) -> Result<Response<DoneResponse>, Status> {
         let inner = &self.0;
         let req = request.into_inner();
@@ -578,6 +379,7 @@ pub async fn run_ps(config: Config, metrics: PsMetrics) -> Result<(), TrainerErr
     reporter
         .set_serving::<ParameterServerServer<PsService>>()
         .await;
+    reporter.set_serving::<transfer::TransferService>().await;
     let service = ParameterServerServer::new(PsService(inner.clone()))
         .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(net::MAX_MESSAGE_BYTES);
@@ -592,6 +394,7 @@ pub async fn run_ps(config: Config, metrics: PsMetrics) -> Result<(), TrainerErr
     let server = net::server()
         .add_service(health)
         .add_service(service)
+        .add_service(transfer::TransferService(inner.clone()))
         .serve_with_incoming_shutdown(net::incoming(listener), async move {
             signal.wait_for(Option::is_some).await.map(|_| ()).ok();
         });

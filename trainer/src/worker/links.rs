@@ -14,9 +14,10 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::error::TrainerError;
-use crate::net::{self, Assembler};
+use crate::net;
 use crate::proto::parameter_server_client::ParameterServerClient;
 use crate::proto::*;
+use crate::tensor_wire;
 
 const UNARY_DEADLINE: Duration = Duration::from_secs(5);
 /// A pull may wait up to the PS's own 5 s bound; this covers that plus the transfer.
@@ -40,6 +41,8 @@ struct Link {
     index: usize,
     addr: String,
     client: ParameterServerClient<Channel>,
+    /// The same connection, for the hand-framed tensor calls.
+    channel: Channel,
     range: Range<usize>,
     /// Sync: the version the next pull needs (0: whatever is current).
     need: u64,
@@ -89,9 +92,10 @@ impl Links {
                 Ok(Link {
                     index,
                     addr: addr.clone(),
-                    client: ParameterServerClient::new(channel)
+                    client: ParameterServerClient::new(channel.clone())
                         .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(net::MAX_MESSAGE_BYTES),
+                    channel,
                     range,
                     need: 0,
                     base: 0,
@@ -266,7 +270,7 @@ impl Links {
     fn start_pull(&mut self, step: u64, needs: Option<&[u64]>) -> PullTasks {
         let mut tasks = JoinSet::new();
         for (i, link) in self.links.iter().enumerate() {
-            let mut client = link.client.clone();
+            let channel = link.channel.clone();
             let request = PullRequest {
                 worker_id: self.worker,
                 min_version: needs.map_or(0, |n| n[i]),
@@ -275,33 +279,8 @@ impl Links {
             let len = link.range.len();
             let buffer = std::mem::take(&mut self.spare[i]);
             tasks.spawn(async move {
-                let call = async {
-                    let mut stream = client
-                        .pull(with_deadline(request, PULL_DEADLINE))
-                        .await?
-                        .into_inner();
-                    let mut assembler = Assembler::with_buffer(buffer);
-                    let mut version = None;
-                    while let Some(chunk) = stream.message().await? {
-                        version.get_or_insert(chunk.version);
-                        assembler
-                            .add(chunk.offset, chunk.total_len, &chunk.data, len)
-                            .map_err(|e| Status::internal(format!("bad parameter chunk: {e}")))?;
-                    }
-                    let values = assembler.finish().map_err(|e| {
-                        Status::unavailable(format!("parameter stream ended early: {e}"))
-                    })?;
-                    if values.len() != len {
-                        return Err(Status::internal(format!(
-                            "got {} parameters, expected {len}",
-                            values.len()
-                        )));
-                    }
-                    Ok((version.unwrap_or(0), values))
-                };
-                let result = tokio::time::timeout(PULL_DEADLINE, call)
-                    .await
-                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("pull timed out")));
+                let result =
+                    tensor_wire::pull_tensor(&channel, &request, PULL_DEADLINE, buffer, len).await;
                 (i, result)
             });
         }
@@ -352,27 +331,19 @@ impl Links {
     fn start_push(&self, step: u64, grad: Arc<Vec<f32>>) -> PushTasks {
         let mut tasks = JoinSet::new();
         for (i, link) in self.links.iter().enumerate() {
-            let mut client = link.client.clone();
-            let (worker, base, total_len) = (self.worker, link.base, link.range.len() as u64);
-            let chunks =
-                net::encode_chunks(grad.clone(), link.range.clone()).map(move |(offset, data)| {
-                    PushChunk {
-                        worker_id: worker,
-                        base_version: base,
-                        step,
-                        offset,
-                        total_len,
-                        data,
-                    }
-                });
+            let channel = link.channel.clone();
+            let head = PushChunk {
+                worker_id: self.worker,
+                base_version: link.base,
+                step,
+                ..Default::default()
+            };
+            let (base, grad, range) = (link.base, grad.clone(), link.range.clone());
             tasks.spawn(async move {
-                let call = client.push(with_deadline(tokio_stream::iter(chunks), PUSH_DEADLINE));
-                let result = match tokio::time::timeout(PUSH_DEADLINE, call).await {
-                    Ok(Ok(response)) => Ok(response.into_inner().version),
-                    Ok(Err(status)) => Err(status),
-                    // Whether it landed is unknown: register again and redo the step.
-                    Err(_) => Err(Status::unavailable("push timed out")),
-                };
+                // On a timeout, whether the push landed is unknown: it comes back as
+                // Unavailable, so the worker registers again and redoes the step.
+                let result =
+                    tensor_wire::push_tensor(&channel, head, grad, range, PUSH_DEADLINE).await;
                 (i, base, result)
             });
         }

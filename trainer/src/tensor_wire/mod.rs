@@ -1,0 +1,335 @@
+//! The `ParameterTransfer` calls (Push and Pull), framed by hand on top of tonic's HTTP/2
+//! client and server.
+//!
+//! Through tonic's codec a 16 MiB tensor is copied three times in user space: prost's
+//! encoder copies it into tonic's send buffer, tonic's decoder copies the received HTTP/2
+//! frames into its own buffer, and the receiver copies the decoded `bytes` into its f32
+//! tensor. Here the tensor's own memory goes to HTTP/2 as is, and the receiver copies each
+//! HTTP/2 frame straight into its tensor: one copy, as with a socket. The connection, its
+//! windows and frame size, deadlines (`grpc-timeout`), status codes and trailers are all
+//! still tonic's and standard gRPC, so a generated `ParameterTransferClient` can call the
+//! PS, and tests do.
+
+mod framing;
+
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tonic::codegen::Service;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+pub use framing::{
+    FrameError, Piece, Splitter, TensorMessage, decode_single, encode_message, encode_tensor,
+};
+
+use crate::net::{self, ChunkOrder};
+use crate::proto::{PullRequest, PushChunk, PushResponse, TensorChunk};
+
+pub const PUSH_PATH: &str = "/kubetrain.v1.ParameterTransfer/Push";
+pub const PULL_PATH: &str = "/kubetrain.v1.ParameterTransfer/Pull";
+const GRPC_CONTENT_TYPE: &str = "application/grpc";
+
+impl From<FrameError> for Status {
+    fn from(e: FrameError) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+/// A body that sends pieces already in memory, then (server side) the gRPC trailers.
+pub struct Pieces {
+    pieces: Box<dyn Iterator<Item = Bytes> + Send>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl Pieces {
+    pub fn new(pieces: impl Iterator<Item = Bytes> + Send + 'static) -> Self {
+        Self {
+            pieces: Box::new(pieces),
+            trailers: None,
+        }
+    }
+
+    /// The same, ending with the trailers of a successful call.
+    pub fn with_ok_trailers(pieces: impl Iterator<Item = Bytes> + Send + 'static) -> Self {
+        let mut trailers = http::HeaderMap::new();
+        // `add_header` only fails on a message that is not a valid header value; "" is.
+        let _ = Status::ok("").add_header(&mut trailers);
+        Self {
+            pieces: Box::new(pieces),
+            trailers: Some(trailers),
+        }
+    }
+}
+
+impl http_body::Body for Pieces {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        Poll::Ready(match this.pieces.next() {
+            Some(piece) => Some(Ok(Frame::data(piece))),
+            None => this.trailers.take().map(|t| Ok(Frame::trailers(t))),
+        })
+    }
+}
+
+/// A gRPC answer (headers, then the body's messages and an OK status).
+pub fn ok_response(body: Pieces) -> http::Response<tonic::body::Body> {
+    let mut response = http::Response::new(tonic::body::Body::new(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(GRPC_CONTENT_TYPE),
+    );
+    response
+}
+
+/// A failed call, as a trailers-only answer.
+pub fn error_response(status: Status) -> http::Response<tonic::body::Body> {
+    status.into_http()
+}
+
+/// Calls `path` with the request body `pieces`; returns the answer's body once its headers
+/// say the call was taken (`None`: it succeeded with nothing to say). The deadline travels as `grpc-timeout` for the server; the
+/// caller also bounds its own wait.
+async fn call(
+    channel: &Channel,
+    path: &'static str,
+    pieces: Pieces,
+    deadline: Duration,
+) -> Result<Option<tonic::body::Body>, Status> {
+    let mut request = http::Request::new(tonic::body::Body::new(pieces));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = http::Uri::from_static(path);
+    *request.version_mut() = http::Version::HTTP_2;
+    let headers = request.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(GRPC_CONTENT_TYPE),
+    );
+    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    headers.insert("grpc-timeout", grpc_timeout(deadline));
+    let mut channel = channel.clone();
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .map_err(|e| Status::from_error(Box::new(e)))?;
+    let response = channel
+        .call(request)
+        .await
+        .map_err(|e| Status::from_error(Box::new(e)))?;
+    if let Some(status) = Status::from_header_map(response.headers()) {
+        // Trailers-only: the call ended before it sent anything.
+        return match status.code() {
+            Code::Ok => Ok(None),
+            _ => Err(status),
+        };
+    }
+    if response.status() != http::StatusCode::OK {
+        let code = match response.status() {
+            http::StatusCode::NOT_FOUND => Code::Unimplemented,
+            http::StatusCode::TOO_MANY_REQUESTS
+            | http::StatusCode::BAD_GATEWAY
+            | http::StatusCode::SERVICE_UNAVAILABLE
+            | http::StatusCode::GATEWAY_TIMEOUT => Code::Unavailable,
+            _ => Code::Internal,
+        };
+        return Err(Status::new(
+            code,
+            format!("HTTP status {} instead of a gRPC answer", response.status()),
+        ));
+    }
+    Ok(Some(response.into_body()))
+}
+
+/// `grpc-timeout` in milliseconds (the format allows at most 8 digits).
+fn grpc_timeout(deadline: Duration) -> http::HeaderValue {
+    let millis = deadline.as_millis().clamp(1, 99_999_999);
+    http::HeaderValue::from_str(&format!("{millis}m")).expect("digits and a unit")
+}
+
+/// Reads an answer's body to its end, handing over each data frame; Ok when its trailers
+/// say the call succeeded.
+async fn read_answer(
+    body: Option<tonic::body::Body>,
+    mut on_data: impl FnMut(Bytes) -> Result<(), Status>,
+) -> Result<(), Status> {
+    let Some(mut body) = body else {
+        return Ok(());
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        match frame.into_data() {
+            Ok(data) => on_data(data)?,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    return match Status::from_header_map(&trailers) {
+                        Some(status) if status.code() == Code::Ok => Ok(()),
+                        Some(status) => Err(status),
+                        None => Err(Status::unknown("answer ended without a grpc-status")),
+                    };
+                }
+            }
+        }
+    }
+    // The peer went away mid-answer (hyper reports a reset stream as a clean end).
+    Err(Status::unavailable("answer ended without a grpc-status"))
+}
+
+/// Reads a request's whole body: the data frames, in order.
+pub async fn read_request(
+    mut body: tonic::body::Body,
+    mut on_data: impl FnMut(Bytes) -> Result<(), Status>,
+) -> Result<(), Status> {
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            on_data(data)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a request that carries one small message.
+pub async fn read_single<M: prost::Message + Default>(
+    body: tonic::body::Body,
+) -> Result<M, Status> {
+    let mut whole = BytesMut::new();
+    read_request(body, |data| {
+        if whole.len() + data.len() > net::MAX_MESSAGE_BYTES {
+            return Err(Status::invalid_argument("request message too large"));
+        }
+        whole.extend_from_slice(&data);
+        Ok(())
+    })
+    .await?;
+    Ok(decode_single(&whole)?)
+}
+
+/// Pushes `values[range]` as this worker's gradient for one shard, each chunk sent without
+/// copying it; returns the shard's version after the push.
+pub async fn push_tensor(
+    channel: &Channel,
+    head: PushChunk,
+    values: Arc<Vec<f32>>,
+    range: Range<usize>,
+    deadline: Duration,
+) -> Result<u64, Status> {
+    let total_len = range.len() as u64;
+    let pieces = net::encode_chunks(values, range).flat_map(move |(offset, data)| {
+        let head = PushChunk {
+            offset,
+            total_len,
+            data: Bytes::new(),
+            ..head.clone()
+        };
+        encode_tensor(&head, data)
+    });
+    let call = async {
+        let body = call(channel, PUSH_PATH, Pieces::new(pieces), deadline).await?;
+        let mut answer = BytesMut::new();
+        read_answer(body, |data| {
+            if answer.len() + data.len() > net::MAX_MESSAGE_BYTES {
+                return Err(Status::internal("push answer too large"));
+            }
+            answer.extend_from_slice(&data);
+            Ok(())
+        })
+        .await?;
+        decode_single::<PushResponse>(&answer)
+            .map(|answer| answer.version)
+            .map_err(|e| Status::internal(format!("bad push answer: {e}")))
+    };
+    tokio::time::timeout(deadline, call)
+        .await
+        .unwrap_or_else(|_| Err(Status::unavailable("push timed out")))
+}
+
+/// Pulls one shard's `len` parameters into `buffer` (recycled: a fresh multi-MiB vector
+/// costs more in page faults than filling it), copying each HTTP/2 frame straight into
+/// place; returns their version and the filled buffer.
+pub async fn pull_tensor(
+    channel: &Channel,
+    request: &PullRequest,
+    deadline: Duration,
+    mut buffer: Vec<f32>,
+    len: usize,
+) -> Result<(u64, Vec<f32>), Status> {
+    buffer.resize(len, 0.0);
+    let mut order = ChunkOrder::new();
+    let mut version = None;
+    let (mut start, mut count, mut filled) = (0, 0, 0);
+    let bad = |e: String| Status::internal(format!("bad parameter chunk: {e}"));
+    pull(channel, request, deadline, |piece| {
+        match piece {
+            Piece::Start { head, data_len } => {
+                if *version.get_or_insert(head.version) != head.version {
+                    return Err(bad("version changed mid-stream".into()));
+                }
+                count = order
+                    .check(head.offset, head.total_len, data_len, len)
+                    .map_err(|e| bad(e.to_string()))?;
+                start = head.offset as usize;
+                filled = 0;
+            }
+            Piece::Data(data) => {
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut buffer[start..start + count]);
+                bytes[filled..filled + data.len()].copy_from_slice(data);
+                filled += data.len();
+            }
+            Piece::End =>
+            {
+                #[cfg(target_endian = "big")]
+                for v in &mut buffer[start..start + count] {
+                    *v = f32::from_bits(u32::from_le(v.to_bits()));
+                }
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    order
+        .finish()
+        .map_err(|e| Status::unavailable(format!("parameter stream ended early: {e}")))?;
+    match order.total() {
+        Some(total) if total == len => Ok((version.unwrap_or(0), buffer)),
+        got => Err(Status::internal(format!(
+            "got {} parameters, expected {len}",
+            got.unwrap_or(0)
+        ))),
+    }
+}
+
+/// Pulls parameters: `on` sees each chunk's head, its data in pieces, and its end.
+async fn pull(
+    channel: &Channel,
+    request: &PullRequest,
+    deadline: Duration,
+    mut on: impl FnMut(Piece<'_, TensorChunk>) -> Result<(), Status>,
+) -> Result<(), Status> {
+    let call = async {
+        let request = Pieces::new(std::iter::once(encode_message(request)));
+        let body = call(channel, PULL_PATH, request, deadline).await?;
+        let mut splitter = Splitter::<TensorChunk>::new(net::MAX_MESSAGE_BYTES);
+        read_answer(body, |data| {
+            splitter.feed(&data, &mut on).map_err(|e: Status| {
+                Status::internal(format!("bad parameter stream: {}", e.message()))
+            })
+        })
+        .await?;
+        splitter
+            .finish()
+            .map_err(|e| Status::unavailable(format!("parameter stream ended early: {e}")))
+    };
+    tokio::time::timeout(deadline, call)
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("pull timed out")))
+}

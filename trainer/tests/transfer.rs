@@ -1,0 +1,179 @@
+//! Large pushes, which the PS stages on a blocking thread while it keeps receiving, apply
+//! exactly the optimizer's update; a push that breaks off changes nothing; a push that
+//! another push overtakes is applied after it, in the order they completed.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use kubetrain_trainer::net;
+use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
+use kubetrain_trainer::proto::parameter_transfer_client::ParameterTransferClient;
+use kubetrain_trainer::proto::*;
+use kubetrain_trainer::tensor_wire;
+use serde_json::json;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// A 1024 -> 300 softmax: 307,500 parameters, above the PS's threshold for staging off
+/// the receiving task.
+const WIDTHS: [u32; 2] = [1024, 300];
+const PARAMS: usize = 1024 * 300 + 300;
+const LR: f32 = 0.05;
+const MU: f32 = 0.9;
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn gradient(seed: u32) -> Arc<Vec<f32>> {
+    Arc::new(
+        (0..PARAMS)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+            .collect(),
+    )
+}
+
+/// SGD with momentum, as the optimizer computes it.
+fn sgd(params: &mut [f32], velocity: &mut [f32], grad: &[f32]) {
+    for ((p, v), g) in params.iter_mut().zip(velocity.iter_mut()).zip(grad) {
+        *v = MU * *v + g;
+        *p -= LR * *v;
+    }
+}
+
+async fn pull(channel: &Channel, worker_id: u32, min_version: u64) -> (u64, Vec<f32>) {
+    let request = PullRequest {
+        worker_id,
+        min_version,
+        step: 0,
+    };
+    tensor_wire::pull_tensor(channel, &request, DEADLINE, Vec::new(), PARAMS)
+        .await
+        .unwrap()
+}
+
+fn head(worker_id: u32, base_version: u64) -> PushChunk {
+    PushChunk {
+        worker_id,
+        base_version,
+        ..Default::default()
+    }
+}
+
+/// The worker's chunks of `grad`, as a stock client sends them.
+fn chunks(worker_id: u32, base_version: u64, grad: &Arc<Vec<f32>>) -> Vec<PushChunk> {
+    net::encode_chunks(grad.clone(), 0..PARAMS)
+        .map(|(offset, data)| PushChunk {
+            offset,
+            total_len: PARAMS as u64,
+            data,
+            ..head(worker_id, base_version)
+        })
+        .collect()
+}
+
+#[test]
+fn large_pushes_apply_exactly_and_atomically() {
+    let _serial = serial();
+    let cluster = Cluster::new("transfer", 1, 2);
+    let training = digits_training(json!({"kind": "softmax"}), json!({"kind": "Async"}), 1);
+    // The test's client sends no heartbeats.
+    let mut ps = cluster.spawn("ps", 0, &training, &["--heartbeat-timeout-ms", "600000"]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = net::channel(&cluster.ps[0]).unwrap();
+        let mut control = ParameterServerClient::new(channel.clone());
+        let mut registered = false;
+        for _ in 0..100 {
+            for worker_id in 0..2 {
+                let request = RegisterRequest {
+                    worker_id,
+                    total_params: PARAMS as u64,
+                    widths: WIDTHS.to_vec(),
+                };
+                registered = control.register(request).await.is_ok();
+            }
+            if registered {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(registered, "the PS never came up: {}", ps.logs());
+
+        let (version, mut expected) = pull(&channel, 0, 0).await;
+        assert_eq!(version, 0);
+        let mut velocity = vec![0.0f32; PARAMS];
+
+        // A whole push is exactly one optimizer step.
+        let g1 = gradient(1);
+        let version =
+            tensor_wire::push_tensor(&channel, head(0, 0), g1.clone(), 0..PARAMS, DEADLINE)
+                .await
+                .unwrap();
+        assert_eq!(version, 1);
+        sgd(&mut expected, &mut velocity, &g1);
+        assert_eq!(pull(&channel, 0, 1).await, (1, expected.clone()));
+
+        // Pushes that break off, after some chunks were staged, change nothing.
+        let mut stock = ParameterTransferClient::new(channel.clone());
+        let g2 = gradient(2);
+        let mut out_of_order = chunks(0, 1, &g2);
+        out_of_order.swap(2, 3);
+        let err = stock
+            .push(tokio_stream::iter(out_of_order))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        let mut truncated = chunks(0, 1, &g2);
+        truncated.truncate(truncated.len() / 2);
+        let err = stock.push(tokio_stream::iter(truncated)).await.unwrap_err();
+        assert!(err.message().contains("truncated"), "{err}");
+        assert_eq!(pull(&channel, 0, 1).await, (1, expected.clone()));
+
+        // Worker 0 sends half its push and stalls; worker 1's whole push overtakes it.
+        let (send, receive) = tokio::sync::mpsc::channel(64);
+        let slow = tokio::spawn({
+            let mut stock = stock.clone();
+            async move {
+                stock
+                    .push(tokio_stream::wrappers::ReceiverStream::new(receive))
+                    .await
+            }
+        });
+        let slow_chunks = chunks(0, 1, &g2);
+        let half = slow_chunks.len() / 2;
+        let mut slow_chunks = slow_chunks.into_iter();
+        for chunk in slow_chunks.by_ref().take(half) {
+            send.send(chunk).await.unwrap();
+        }
+        // Let the PS stage what it got before the other push lands.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let g3 = gradient(3);
+        let version =
+            tensor_wire::push_tensor(&channel, head(1, 1), g3.clone(), 0..PARAMS, DEADLINE)
+                .await
+                .unwrap();
+        assert_eq!(version, 2);
+        for chunk in slow_chunks {
+            send.send(chunk).await.unwrap();
+        }
+        drop(send);
+        let version = slow.await.unwrap().unwrap().into_inner().version;
+        assert_eq!(version, 3);
+        sgd(&mut expected, &mut velocity, &g3);
+        sgd(&mut expected, &mut velocity, &g2);
+        assert_eq!(pull(&channel, 0, 3).await, (3, expected));
+
+        control
+            .shutdown(ShutdownRequest {
+                reason: "test over".into(),
+            })
+            .await
+            .unwrap();
+    });
+    assert!(ps.wait(Duration::from_secs(30)).success(), "{}", ps.logs());
+}
