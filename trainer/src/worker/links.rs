@@ -288,17 +288,22 @@ impl Links {
     }
 
     async fn finish_pull(&mut self, mut tasks: PullTasks) -> Result<Vec<f32>, StepError> {
+        // Every range is overwritten below, so the old values need no clearing.
         let mut params = std::mem::take(&mut self.spare_params);
-        params.clear();
         params.resize(self.total, 0.0);
         let mut failure = None;
         while let Some(joined) = tasks.join_next().await {
             let (i, result) =
                 joined.map_err(|e| StepError::Fatal(TrainerError::Compute(e.to_string())))?;
             match result {
-                Ok((version, values)) => {
+                Ok((version, mut values)) => {
                     let link = &mut self.links[i];
-                    params[link.range.clone()].copy_from_slice(&values);
+                    if link.range.len() == params.len() {
+                        // One PS holds every parameter: its buffer is the whole vector.
+                        std::mem::swap(&mut params, &mut values);
+                    } else {
+                        params[link.range.clone()].copy_from_slice(&values);
+                    }
                     link.base = version;
                     self.spare[i] = values;
                 }
