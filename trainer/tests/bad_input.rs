@@ -30,11 +30,6 @@ async fn connect(addr: &str) -> Channel {
     panic!("PS at {addr} never came up");
 }
 
-/// The worker's own channel (tuned windows and frame size).
-fn channel_for_wire(addr: &str) -> Channel {
-    kubetrain_trainer::net::channel(addr).unwrap()
-}
-
 fn chunk(worker_id: u32, offset: u64, total_len: u64, floats: usize) -> PushChunk {
     PushChunk {
         worker_id,
@@ -171,31 +166,26 @@ fn parameter_server_rejects_bad_input_without_crashing() {
         let err = push(&mut tensors, vec![]).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
 
-        // Still healthy, and a well-formed push works.
+        // Still healthy (both services), and a well-formed push works.
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: "kubetrain.v1.ParameterServer".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            status.status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-        );
+        for service in [
+            "kubetrain.v1.ParameterServer",
+            "kubetrain.v1.ParameterTransfer",
+        ] {
+            let request = tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            };
+            let status = health.check(request).await.unwrap().into_inner();
+            assert_eq!(
+                status.status,
+                tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+                "{service}"
+            );
+        }
         let mut gradient = chunk(0, 0, 15, 15);
         let values: Vec<f32> = (0..15).map(|i| i as f32 - 7.0).collect();
         gradient.data = bytemuck::cast_slice::<f32, u8>(&values).to_vec().into();
         assert_eq!(push(&mut tensors, vec![gradient]).await.unwrap(), 1);
-        let serving = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: "kubetrain.v1.ParameterTransfer".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(serving.status, status.status);
 
         // The parameters after that push, read by a stock tonic client and by the
         // worker's hand-framed one, are the same values.
@@ -215,28 +205,16 @@ fn parameter_server_rejects_bad_input_without_crashing() {
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             );
         }
-        let (version, framed) = tensor_wire::pull_tensor(
-            &channel_for_wire(&cluster.ps[0]),
-            &request,
-            Duration::from_secs(5),
-            Vec::new(),
-            15,
-        )
-        .await
-        .unwrap();
+        let wire = kubetrain_trainer::net::channel(&cluster.ps[0]).unwrap();
+        let pull_framed = |len| {
+            tensor_wire::pull_tensor(&wire, &request, Duration::from_secs(5), Vec::new(), len)
+        };
+        let (version, framed) = pull_framed(15).await.unwrap();
         assert_eq!(version, 1);
         assert_eq!(stock, framed);
         assert!(stock.iter().any(|&v| v != 0.0), "{stock:?}");
         // A pull that expects a different shard size is refused by the worker's side.
-        let err = tensor_wire::pull_tensor(
-            &channel_for_wire(&cluster.ps[0]),
-            &request,
-            Duration::from_secs(5),
-            Vec::new(),
-            14,
-        )
-        .await
-        .unwrap_err();
+        let err = pull_framed(14).await.unwrap_err();
         assert_eq!(err.code(), Code::Internal, "{err}");
         client
             .shutdown(ShutdownRequest {

@@ -204,14 +204,25 @@ pub async fn read_single<M: prost::Message + Default>(
 ) -> Result<M, Status> {
     let mut whole = BytesMut::new();
     read_request(body, |data| {
-        if whole.len() + data.len() > net::MAX_MESSAGE_BYTES {
-            return Err(Status::invalid_argument("request message too large"));
-        }
-        whole.extend_from_slice(&data);
-        Ok(())
+        append_small(&mut whole, &data, || {
+            Status::invalid_argument("request message too large")
+        })
     })
     .await?;
     Ok(decode_single(&whole)?)
+}
+
+/// Appends a piece of a small message that is read whole, within the message size cap.
+fn append_small(
+    whole: &mut BytesMut,
+    data: &[u8],
+    too_large: impl FnOnce() -> Status,
+) -> Result<(), Status> {
+    if whole.len() + data.len() > net::MAX_MESSAGE_BYTES {
+        return Err(too_large());
+    }
+    whole.extend_from_slice(data);
+    Ok(())
 }
 
 /// Pushes `values[range]` as this worker's gradient for one shard, each chunk sent without
@@ -237,11 +248,9 @@ pub async fn push_tensor(
         let body = call(channel, PUSH_PATH, Pieces::new(pieces), deadline).await?;
         let mut answer = BytesMut::new();
         read_answer(body, |data| {
-            if answer.len() + data.len() > net::MAX_MESSAGE_BYTES {
-                return Err(Status::internal("push answer too large"));
-            }
-            answer.extend_from_slice(&data);
-            Ok(())
+            append_small(&mut answer, &data, || {
+                Status::internal("push answer too large")
+            })
         })
         .await?;
         decode_single::<PushResponse>(&answer)
