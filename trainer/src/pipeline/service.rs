@@ -66,6 +66,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The refusal of a stage that has stopped training, with the recorded reason.
+    fn stopped(&self) -> Status {
+        match self.abort.borrow().as_deref() {
+            Some(reason) => {
+                Status::unavailable(format!("this stage has stopped training: {reason}"))
+            }
+            None => Status::unavailable("this stage has stopped training"),
+        }
+    }
+
     /// Records `reason` unless an earlier failure already has been.
     pub fn fail(&self, reason: String) {
         self.abort.send_if_modified(|r| {
@@ -184,12 +194,7 @@ impl StageService {
                 labels: first.labels.to_vec(),
                 loss_sum: first.loss_sum,
             })
-            .map_err(|_| match shared.abort.borrow().as_deref() {
-                Some(reason) => {
-                    Status::unavailable(format!("this stage has stopped training: {reason}"))
-                }
-                None => Status::unavailable("this stage has stopped training"),
-            })
+            .map_err(|_| shared.stopped())
     }
 }
 
@@ -282,17 +287,26 @@ impl PipelineStage for StageService {
     ) -> Result<Response<TensorStream>, Status> {
         let min_step = request.into_inner().min_step;
         let mut rx = self.0.params.subscribe();
-        let (step, params) =
-            tokio::time::timeout(PARAMETERS_WAIT, rx.wait_for(|(s, _)| *s >= min_step))
-                .await
-                .map_err(|_| {
-                    Status::deadline_exceeded(format!(
-                        "stage {} did not reach step {min_step} within {PARAMETERS_WAIT:?}",
-                        self.0.stage
-                    ))
-                })?
-                .map_err(|_| Status::unavailable("stage stopped"))?
-                .clone();
+        let mut abort = self.0.abort.subscribe();
+        // A stage that has stopped will never reach `min_step`: say why at once instead of
+        // letting the caller wait out the deadline. Parameters it already has still go out.
+        let reached = async {
+            tokio::select! {
+                biased;
+                reached = rx.wait_for(|(s, _)| *s >= min_step) => {
+                    reached.map(|r| r.clone()).map_err(|_| self.0.stopped())
+                }
+                _ = abort.wait_for(Option::is_some) => Err(self.0.stopped()),
+            }
+        };
+        let (step, params) = tokio::time::timeout(PARAMETERS_WAIT, reached)
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "stage {} did not reach step {min_step} within {PARAMETERS_WAIT:?}",
+                    self.0.stage
+                ))
+            })??;
         let total = params.len() as u64;
         let stage = self.0.stage as u32;
         let len = params.len();
@@ -399,5 +413,56 @@ impl Mailbox {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(updates: u64) -> Arc<Shared> {
+        Arc::new(Shared {
+            stage: 1,
+            stages: 2,
+            incarnation: 1,
+            checkpoints: Vec::new(),
+            inbox: mpsc::unbounded_channel().0,
+            start: watch::channel(None).0,
+            params: watch::channel((updates, Arc::new(vec![1.0, 2.0]))).0,
+            abort: watch::channel(None).0,
+            finish: watch::channel(false).0,
+            shapes: OnceLock::new(),
+        })
+    }
+
+    async fn parameters(service: &StageService, min_step: u64) -> Result<(), Status> {
+        service
+            .parameters(Request::new(ParametersRequest { min_step }))
+            .await
+            .map(drop)
+    }
+
+    #[tokio::test]
+    async fn a_stopped_stage_refuses_parameters_at_once_with_its_reason() {
+        let service = StageService(shared(3));
+        // Waiting for step 5 when the stage fails: answered at once, not after 30 s.
+        let waiting = tokio::spawn({
+            let service = service.clone();
+            async move { parameters(&service, 5).await }
+        });
+        tokio::task::yield_now().await;
+        service.0.fail("stage 0 is gone".into());
+        let err = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("answered without waiting out the deadline")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(err.message().contains("stage 0 is gone"), "{err}");
+        // Asked after the failure: the same.
+        let err = parameters(&service, 5).await.unwrap_err();
+        assert!(err.message().contains("stage 0 is gone"), "{err}");
+        // Parameters it already has still go out.
+        parameters(&service, 3).await.unwrap();
     }
 }
