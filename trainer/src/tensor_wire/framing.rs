@@ -290,6 +290,9 @@ impl<M: TensorMessage> Splitter<M> {
                                 )
                                 .into());
                             }
+                            if self.head.len() + len > PREFIX + MAX_HEAD {
+                                return Err(FrameError::HeadTooLarge.into());
+                            }
                             self.state = State::Fields {
                                 remaining,
                                 skip: len,
@@ -596,6 +599,18 @@ mod tests {
         }
         assert_eq!(
             split_all::<PushChunk>(&endless, &[]),
+            Err(FrameError::HeadTooLarge)
+        );
+        // One big field before the payload: refused before it is buffered.
+        let mut big = Vec::new();
+        encode_key(15, WireType::LengthDelimited, &mut big);
+        encode_varint(1 << 19, &mut big);
+        big.resize(big.len() + (1 << 19), 7);
+        let mut stream = vec![0];
+        stream.extend_from_slice(&(big.len() as u32).to_be_bytes());
+        stream.extend_from_slice(&big);
+        assert_eq!(
+            split_all::<PushChunk>(&stream, &[]),
             Err(FrameError::HeadTooLarge)
         );
     }
