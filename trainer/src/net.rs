@@ -147,6 +147,25 @@ pub fn extend_from_le(values: &mut Vec<f32>, data: &[u8]) {
     );
 }
 
+/// Copies little-endian tensor bytes into `values`, starting `at` bytes in. The bytes of
+/// one value may come in different calls (an HTTP/2 frame can end inside one); once all
+/// have arrived, [`from_le_in_place`] makes them native.
+pub fn write_le_bytes(values: &mut [f32], at: usize, data: &[u8]) {
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(values);
+    bytes[at..at + data.len()].copy_from_slice(data);
+}
+
+/// Values written by [`write_le_bytes`] as native f32 (nothing to do on little-endian
+/// targets).
+pub fn from_le_in_place(values: &mut [f32]) {
+    #[cfg(target_endian = "big")]
+    for v in values.iter_mut() {
+        *v = f32::from_bits(u32::from_le(v.to_bits()));
+    }
+    #[cfg(target_endian = "little")]
+    let _ = values;
+}
+
 /// A chunk of a tensor that does not fit where it claims to go.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {

@@ -290,17 +290,10 @@ pub async fn pull_tensor(
                 filled = 0;
             }
             Piece::Data(data) => {
-                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut buffer[start..start + count]);
-                bytes[filled..filled + data.len()].copy_from_slice(data);
+                net::write_le_bytes(&mut buffer[start..start + count], filled, data);
                 filled += data.len();
             }
-            Piece::End =>
-            {
-                #[cfg(target_endian = "big")]
-                for v in &mut buffer[start..start + count] {
-                    *v = f32::from_bits(u32::from_le(v.to_bits()));
-                }
-            }
+            Piece::End => net::from_le_in_place(&mut buffer[start..start + count]),
         }
         Ok(())
     })

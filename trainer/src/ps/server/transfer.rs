@@ -80,17 +80,13 @@ impl GradientWriter {
 
     fn data(&mut self, data: &[u8]) {
         let chunk = &mut self.gradient[self.start..self.start + self.len];
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(chunk);
-        bytes[self.filled..self.filled + data.len()].copy_from_slice(data);
+        net::write_le_bytes(chunk, self.filled, data);
         self.filled += data.len();
     }
 
     fn end_chunk(&mut self) {
         let chunk = &mut self.gradient[self.start..self.start + self.len];
-        #[cfg(target_endian = "big")]
-        for v in chunk.iter_mut() {
-            *v = f32::from_bits(u32::from_le(v.to_bits()));
-        }
+        net::from_le_in_place(chunk);
         if let Some(push) = &mut self.staged
             && let Some(shard) = self.inner.lock().shard.as_ref()
         {
