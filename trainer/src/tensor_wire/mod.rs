@@ -100,8 +100,8 @@ pub fn error_response(status: Status) -> http::Response<tonic::body::Body> {
 }
 
 /// Calls `path` with the request body `pieces`; returns the answer's body once its headers
-/// say the call was taken (`None`: it succeeded with nothing to say). The deadline travels as `grpc-timeout` for the server; the
-/// caller also bounds its own wait.
+/// say the call was taken (`None`: it succeeded with nothing to say). The deadline travels
+/// as `grpc-timeout` for the server; the caller also bounds its own wait.
 async fn call(
     channel: &Channel,
     path: &'static str,
