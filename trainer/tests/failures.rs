@@ -147,9 +147,22 @@ fn restarted_parameter_server_resumes_from_its_checkpoint() {
     assert!(ps.wait(RUN).success(), "{}", ps.logs());
 
     let log = ps.stderr();
+    let resumed: u64 = log
+        .lines()
+        .find(|l| l.contains("resumed shard from checkpoint"))
+        .and_then(|l| {
+            l.split("version=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("the PS did not resume from a checkpoint\n{}", ps.logs()));
+    // The version it resumed from is one a periodic checkpoint wrote.
     assert!(
-        log.contains("resumed shard from checkpoint"),
-        "{}",
+        resumed > 0 && resumed.is_multiple_of(every),
+        "resumed from version {resumed}\n{}",
         ps.logs()
     );
     let total = final_value(&chief.stdout(), "steps").unwrap() as u64;
@@ -175,9 +188,12 @@ fn restarted_parameter_server_resumes_from_its_checkpoint() {
         "version {final_version} of {total} steps (killed at {at_kill})\n{}",
         ps.logs()
     );
+    // The updates after that checkpoint are lost, never added: none are lost only when the
+    // kill landed right after a checkpoint, before the next update (seen once in CI).
     assert!(
-        final_version < total,
-        "a restart should lose the uncheckpointed updates"
+        final_version <= total,
+        "version {final_version} after {total} steps (resumed from {resumed})\n{}",
+        ps.logs()
     );
     let accuracy = final_value(&chief.stdout(), "test_accuracy").unwrap();
     assert!(accuracy >= 0.9, "accuracy {accuracy}\n{}", chief.logs());
