@@ -166,7 +166,29 @@ fn large_pushes_apply_exactly_and_atomically() {
         assert_eq!(version, 3);
         sgd(&mut expected, &mut velocity, &g3);
         sgd(&mut expected, &mut velocity, &g2);
-        assert_eq!(pull(&channel, 0, 3).await, (3, expected));
+        assert_eq!(pull(&channel, 0, 3).await, (3, expected.clone()));
+
+        // One chunk larger than an HTTP/2 frame (1 MiB), whose fields before the payload
+        // are not a whole number of values long: the frame boundary cuts a value in two,
+        // as any client with other frame sizes may, and the PS stages it all the same.
+        let g4 = gradient(4);
+        let one_chunk = PushChunk {
+            total_len: PARAMS as u64,
+            data: net::to_bytes(&g4),
+            ..head(0, 3)
+        };
+        let fields = prost::Message::encoded_len(&one_chunk) - PARAMS * 4;
+        assert_ne!((5 + fields) % 4, 0, "the frame boundary must cut a value");
+        assert!(PARAMS * 4 > net::MAX_FRAME as usize);
+        let version = stock
+            .push(tokio_stream::iter([one_chunk]))
+            .await
+            .unwrap()
+            .into_inner()
+            .version;
+        assert_eq!(version, 4);
+        sgd(&mut expected, &mut velocity, &g4);
+        assert_eq!(pull(&channel, 0, 4).await, (4, expected));
 
         control
             .shutdown(ShutdownRequest {

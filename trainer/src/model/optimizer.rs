@@ -192,6 +192,34 @@ impl Optimizer {
         offset: usize,
         grad: &[f32],
     ) -> Result<(), ModelError> {
+        self.stage_values(staged, params, offset, grad.iter().copied())
+    }
+
+    /// [`Optimizer::stage`] for a gradient still in its wire form, little-endian `f32`
+    /// values at any alignment, so that a parameter server stages straight from the bytes
+    /// it received instead of copying them into a gradient first.
+    pub fn stage_le(
+        &self,
+        staged: &mut StagedUpdate,
+        params: &[f32],
+        offset: usize,
+        grad: &[[u8; 4]],
+    ) -> Result<(), ModelError> {
+        self.stage_values(
+            staged,
+            params,
+            offset,
+            grad.iter().map(|b| f32::from_le_bytes(*b)),
+        )
+    }
+
+    fn stage_values(
+        &self,
+        staged: &mut StagedUpdate,
+        params: &[f32],
+        offset: usize,
+        grad: impl ExactSizeIterator<Item = f32>,
+    ) -> Result<(), ModelError> {
         let end = offset + grad.len();
         let len = staged.params.len();
         if offset != staged.done
@@ -348,11 +376,14 @@ mod tests {
                 let g: Vec<f32> = (0..7).map(|i| (i as f32 - step as f32) * 0.3).collect();
                 applied.apply(&mut p, &g).unwrap();
                 let mut staged = staged_opt.begin_staged(scratch, 7);
-                for (offset, piece) in [(0, 0..3), (3, 3..3), (3, 3..7)] {
-                    staged_opt
-                        .stage(&mut staged, &q, offset, &g[piece])
-                        .unwrap();
-                }
+                // The middle of the gradient arrives in wire form, as a PS receives it.
+                let wire: Vec<[u8; 4]> = g.iter().map(|v| v.to_le_bytes()).collect();
+                staged_opt.stage(&mut staged, &q, 0, &g[..3]).unwrap();
+                staged_opt.stage(&mut staged, &q, 3, &g[3..3]).unwrap();
+                staged_opt
+                    .stage_le(&mut staged, &q, 3, &wire[3..6])
+                    .unwrap();
+                staged_opt.stage(&mut staged, &q, 6, &g[6..]).unwrap();
                 // Nothing moves before the commit.
                 assert_ne!(q, p);
                 let (next, rest) = staged_opt.commit_staged(staged).unwrap();

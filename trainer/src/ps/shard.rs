@@ -291,15 +291,35 @@ impl Shard {
     /// Stages the next piece of the gradient. Once another push has been applied the staged
     /// update is stale and staging stops; the push then falls back to a plain apply.
     pub fn stage(&self, push: &mut StagedPush, offset: usize, gradient: &[f32]) {
+        self.stage_with(push, |optimizer, update, params| {
+            optimizer.stage(update, params, offset, gradient)
+        });
+    }
+
+    /// [`Shard::stage`] for a piece still in wire form (little-endian values).
+    pub fn stage_le(&self, push: &mut StagedPush, offset: usize, gradient: &[[u8; 4]]) {
+        self.stage_with(push, |optimizer, update, params| {
+            optimizer.stage_le(update, params, offset, gradient)
+        });
+    }
+
+    fn stage_with(
+        &self,
+        push: &mut StagedPush,
+        stage: impl FnOnce(&Optimizer, &mut StagedUpdate, &[f32]) -> Result<(), ModelError>,
+    ) {
         if push.live
             && (push.version != self.version
-                || self
-                    .optimizer
-                    .stage(&mut push.update, &self.params, offset, gradient)
-                    .is_err())
+                || stage(&self.optimizer, &mut push.update, &self.params).is_err())
         {
             push.live = false;
         }
+    }
+
+    /// Whether [`Shard::push_staged`] would commit this push as staged. When not, it needs
+    /// the whole gradient to apply it plainly.
+    pub fn staged_is_current(&self, push: &StagedPush) -> bool {
+        push.live && push.version == self.version && push.update.staged() == self.params.len()
     }
 
     /// Ends a staged push whose every chunk arrived. Commits the staged update when it is
@@ -315,15 +335,13 @@ impl Shard {
         gradient: Vec<f32>,
         now: Instant,
     ) -> Result<PushOutcome, ShardError> {
-        let StagedPush {
-            version,
-            update,
-            live,
-        } = staged;
-        if !live || version != self.version || update.staged() != self.params.len() {
-            self.recycle_staged(update);
+        if !self.staged_is_current(&staged) {
+            self.recycle_staged(staged.update);
             return self.push(worker, base, step, gradient, now);
         }
+        let StagedPush {
+            version, update, ..
+        } = staged;
         self.recycle(gradient);
         if let Some(reason) = &self.failure {
             return Err(ShardError::Failed(reason.clone()));

@@ -1,5 +1,6 @@
 //! The PS side of `ParameterTransfer`: gradients in, parameters out, framed by
-//! [`crate::tensor_wire`] so that each tensor is copied once in user space.
+//! [`crate::tensor_wire`] so that a tensor is copied at most once in user space (a staged
+//! push not at all).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,7 +16,7 @@ use tonic::codegen::Service;
 use tonic::server::NamedService;
 
 use super::{Inner, PULL_WAIT, status_of};
-use crate::net::{self, ChunkOrder};
+use crate::net::{self, ChunkOrder, WholeValues};
 use crate::proto::{PullRequest, PushChunk, PushResponse, TensorChunk};
 use crate::ps::shard::{PullDecision, PushOutcome, StagedPush};
 use crate::tensor_wire::{self, Piece, Pieces, Splitter};
@@ -58,15 +59,20 @@ impl Service<http::Request<Body>> for TransferService {
     }
 }
 
-/// Writes a gradient chunk by chunk, straight from the HTTP/2 frames, and stages each chunk
-/// of a staged push (Async and BoundedStaleness apply a push as it arrives, staged so that
-/// a push that breaks off changes nothing).
+/// Takes a gradient chunk by chunk, straight from the HTTP/2 frames. A Sync push is copied
+/// into a gradient, to be summed with the other workers'. A staged push (Async and
+/// BoundedStaleness apply a push as it arrives, staged so that a push that breaks off
+/// changes nothing) is staged from the frames' bytes where they lie, with no copy.
 struct GradientWriter {
     inner: Arc<Inner>,
-    /// The whole gradient. Kept for Sync, and for the rare staged push that another push
-    /// overtakes, which then falls back to a plain apply.
+    /// The whole gradient: written for a Sync push, and for a staged push only in the rare
+    /// case that another push overtakes it, which then falls back to a plain apply.
     gradient: Vec<f32>,
     staged: Option<StagedPush>,
+    /// A staged push's frames with the byte offset each starts at in the gradient: kept
+    /// (not copied) for that fallback.
+    frames: Vec<(usize, Bytes)>,
+    values: WholeValues,
     /// The chunk being received: its first value, its length, and its bytes so far.
     start: usize,
     len: usize,
@@ -76,22 +82,41 @@ struct GradientWriter {
 impl GradientWriter {
     fn begin_chunk(&mut self, start: usize, len: usize) {
         (self.start, self.len, self.filled) = (start, len, 0);
+        self.values.reset();
     }
 
-    fn data(&mut self, data: &[u8]) {
-        let chunk = &mut self.gradient[self.start..self.start + self.len];
-        net::write_le_bytes(chunk, self.filled, data);
+    fn data(&mut self, data: Bytes) {
+        match &mut self.staged {
+            Some(push) => {
+                self.frames
+                    .push((self.start * 4 + self.filled, data.clone()));
+                if let Some(shard) = self.inner.lock().shard.as_ref() {
+                    let start = self.start;
+                    self.values.feed(&data, |index, run| {
+                        shard.stage_le(push, start + index, run);
+                    });
+                }
+            }
+            None => {
+                let chunk = &mut self.gradient[self.start..self.start + self.len];
+                net::write_le_bytes(chunk, self.filled, &data);
+            }
+        }
         self.filled += data.len();
     }
 
     fn end_chunk(&mut self) {
-        let chunk = &mut self.gradient[self.start..self.start + self.len];
-        net::from_le_in_place(chunk);
-        if let Some(push) = &mut self.staged
-            && let Some(shard) = self.inner.lock().shard.as_ref()
-        {
-            shard.stage(push, self.start, chunk);
+        if self.staged.is_none() {
+            net::from_le_in_place(&mut self.gradient[self.start..self.start + self.len]);
         }
+    }
+
+    /// The whole gradient of a staged push, from its kept frames.
+    fn assemble(&mut self) {
+        for (at, data) in self.frames.drain(..) {
+            net::write_le_bytes(&mut self.gradient, at, &data);
+        }
+        net::from_le_in_place(&mut self.gradient);
     }
 }
 
@@ -129,7 +154,7 @@ impl Writer {
 
     fn data(&mut self, frame: &Bytes, data: &[u8]) {
         match self {
-            Writer::Inline(w) => w.data(data),
+            Writer::Inline(w) => w.data(frame.slice_ref(data)),
             Writer::Offloaded { to, .. } => {
                 let _ = to.send(ToStager::Data(frame.slice_ref(data)));
             }
@@ -163,7 +188,7 @@ fn offload(mut writer: GradientWriter) -> Writer {
         for message in from {
             match message {
                 ToStager::Begin { start, len } => writer.begin_chunk(start, len),
-                ToStager::Data(data) => writer.data(&data),
+                ToStager::Data(data) => writer.data(data),
                 ToStager::End => writer.end_chunk(),
             }
         }
@@ -223,6 +248,8 @@ impl IncomingPush {
                     inner: self.inner.clone(),
                     gradient,
                     staged,
+                    frames: Vec::new(),
+                    values: WholeValues::default(),
                     start: 0,
                     len: 0,
                     filled: 0,
@@ -301,16 +328,13 @@ async fn push(inner: &Arc<Inner>, body: Body) -> Result<u64, Status> {
         None => None,
     };
     received?;
-    let (Some((worker, base, step)), Some(writer)) = (key, writer) else {
+    let (Some((worker, base, step)), Some(mut writer)) = (key, writer) else {
         return Err(Status::invalid_argument("empty push: no chunks"));
     };
     order
         .finish()
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     inner.metrics.push_bytes.inc_by(bytes);
-    let GradientWriter {
-        gradient, staged, ..
-    } = writer;
     let mut state = inner.lock();
     state.last_contact = Instant::now();
     let state = &mut *state;
@@ -319,9 +343,15 @@ async fn push(inner: &Arc<Inner>, body: Body) -> Result<u64, Status> {
         .shard
         .as_mut()
         .ok_or_else(|| Status::internal("shard missing"))?;
-    let outcome = match staged {
-        Some(push) => shard.push_staged(worker, base, step, push, gradient, Instant::now()),
-        None => shard.push(worker, base, step, gradient, Instant::now()),
+    let outcome = match writer.staged.take() {
+        Some(push) => {
+            if !shard.staged_is_current(&push) {
+                writer.assemble();
+            }
+            let gradient = std::mem::take(&mut writer.gradient);
+            shard.push_staged(worker, base, step, push, gradient, Instant::now())
+        }
+        None => shard.push(worker, base, step, writer.gradient, Instant::now()),
     }
     .map_err(status_of)?;
     let version = shard.version();
