@@ -18,7 +18,7 @@ use kubetrain_api::{
     OptimizerSpec, TrainingSpec,
 };
 use kubetrain_trainer::local;
-use kubetrain_trainer::model::OptimizerState;
+use kubetrain_trainer::model::{Optimizer, OptimizerState};
 use kubetrain_trainer::net;
 use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
 use kubetrain_trainer::proto::*;
@@ -119,35 +119,68 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
-/// Raw TCP: send `bytes`, read them back, `rounds` times; median seconds per round.
-fn raw_tcp_round_trip(bytes: usize, rounds: usize) -> f64 {
+/// Raw TCP: send `bytes`, read as many back, `rounds` times; median seconds per round.
+/// Without `update` the server echoes what it read. With it, the server is the least a
+/// parameter server on a bare socket must do: read the gradient straight into an `f32`
+/// buffer, apply the optimizer in place and send the parameters back (little-endian hosts,
+/// as every one this runs on).
+fn raw_tcp_round_trip(bytes: usize, rounds: usize, update: Option<&OptimizerSpec>) -> f64 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let values = bytes / 4;
+    let mut optimizer = update.map(|spec| Optimizer::new(spec, values));
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         s.set_nodelay(true).unwrap();
-        let mut buf = vec![0u8; bytes];
+        let mut grad = vec![0.0f32; values];
+        let mut params = vec![0.5f32; values];
         for _ in 0..=rounds {
-            s.read_exact(&mut buf).unwrap();
-            s.write_all(&buf).unwrap();
+            s.read_exact(bytemuck::cast_slice_mut(&mut grad)).unwrap();
+            match &mut optimizer {
+                Some(optimizer) => {
+                    optimizer.apply(&mut params, &grad).unwrap();
+                    s.write_all(bytemuck::cast_slice(&params)).unwrap();
+                }
+                None => s.write_all(bytemuck::cast_slice(&grad)).unwrap(),
+            }
         }
     });
     let mut c = TcpStream::connect(addr).unwrap();
     c.set_nodelay(true).unwrap();
-    let out = vec![1u8; bytes];
-    let mut back = vec![0u8; bytes];
+    let out = vec![0.001f32; values];
+    let mut back = vec![0.0f32; values];
     let mut times = Vec::new();
-    // Round 0 warms up the socket buffers and the pages of both buffers.
+    // Round 0 warms up the socket buffers and the pages of every buffer.
     for round in 0..=rounds {
         let started = Instant::now();
-        c.write_all(&out).unwrap();
-        c.read_exact(&mut back).unwrap();
+        c.write_all(bytemuck::cast_slice(&out)).unwrap();
+        c.read_exact(bytemuck::cast_slice_mut(&mut back)).unwrap();
         if round > 0 {
             times.push(started.elapsed().as_secs_f64());
         }
     }
     server.join().unwrap();
     median(times)
+}
+
+/// The job the transport's PS runs: Async, so each push is applied as it arrives, with
+/// the SGD-momentum optimizer of every example job.
+fn transport_training() -> TrainingSpec {
+    let mut spec = training(
+        ModelSpec {
+            kind: ModelKind::Softmax,
+            hidden: vec![],
+        },
+        DatasetSpec {
+            builtin: Some(BuiltinDataset::Digits),
+            ..Default::default()
+        },
+        32,
+        1,
+        0.01,
+    );
+    spec.consistency.kind = kubetrain_api::ConsistencyKind::Async;
+    spec
 }
 
 /// Median seconds per push+pull, per push and per pull, and the payload size.
@@ -169,20 +202,7 @@ fn grpc_round_trip(bin: &Path, rounds: usize, dir: &Path) -> GrpcTimes {
         ps: vec![format!("127.0.0.1:{port}")],
         worker: vec!["127.0.0.1:1".into()],
     };
-    let mut spec = training(
-        ModelSpec {
-            kind: ModelKind::Softmax,
-            hidden: vec![],
-        },
-        DatasetSpec {
-            builtin: Some(BuiltinDataset::Digits),
-            ..Default::default()
-        },
-        32,
-        1,
-        0.01,
-    );
-    spec.consistency.kind = kubetrain_api::ConsistencyKind::Async;
+    let spec = transport_training();
     let mut ps = Command::new(bin)
         .env("KUBETRAIN_CLUSTER", cluster.to_env())
         .env("KUBETRAIN_ROLE", "ps")
@@ -483,48 +503,55 @@ fn main() {
 }
 
 fn transport(args: &Args, bin: &Path, dir: &Path) {
-    let mut pairs = Vec::new();
+    let optimizer = transport_training().optimizer;
+    let mut runs = Vec::new();
     for _ in 0..args.transport_repeats {
         let grpc = grpc_round_trip(bin, args.rounds, dir);
-        let raw = raw_tcp_round_trip(grpc.bytes, args.rounds);
-        pairs.push((grpc, raw));
+        let raw = raw_tcp_round_trip(grpc.bytes, args.rounds, None);
+        let raw_ps = raw_tcp_round_trip(grpc.bytes, args.rounds, Some(&optimizer));
+        runs.push((grpc, raw, raw_ps));
     }
-    let mib = pairs[0].0.bytes as f64 / (1 << 20) as f64;
+    let mib = runs[0].0.bytes as f64 / (1 << 20) as f64;
     println!(
         "## Push + pull of {mib:.1} MiB over loopback, PS in its own process ({} repeats x {} rounds, median per round)\n",
         args.transport_repeats, args.rounds
     );
     println!(
-        "| repeat | raw TCP write + echo | gRPC push + pull | of which push | of which pull | ratio raw / gRPC |\n|---|---|---|---|---|---|"
+        "| repeat | raw TCP write + echo | raw TCP PS, same update | gRPC push + pull | of which push | of which pull | ratio to raw TCP | ratio to raw TCP PS |\n|---|---|---|---|---|---|---|---|"
     );
-    let mut ratios = Vec::new();
-    for (i, (grpc, raw)) in pairs.iter().enumerate() {
-        let ratio = raw / grpc.round;
+    let (mut ratios, mut ps_ratios) = (Vec::new(), Vec::new());
+    for (i, (grpc, raw, raw_ps)) in runs.iter().enumerate() {
+        let (ratio, ps_ratio) = (raw / grpc.round, raw_ps / grpc.round);
         ratios.push(ratio);
+        ps_ratios.push(ps_ratio);
         println!(
-            "| {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {ratio:.2}x |",
+            "| {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {ratio:.2}x | {ps_ratio:.2}x |",
             i + 1,
             raw * 1e3,
+            raw_ps * 1e3,
             grpc.round * 1e3,
             grpc.push * 1e3,
             grpc.pull * 1e3
         );
     }
-    let raw = median(pairs.iter().map(|p| p.1).collect());
-    let grpc = median(pairs.iter().map(|p| p.0.round).collect());
+    let raw = median(runs.iter().map(|r| r.1).collect());
+    let raw_ps = median(runs.iter().map(|r| r.2).collect());
+    let grpc = median(runs.iter().map(|r| r.0.round).collect());
     println!(
-        "\nmedian: raw TCP {:.1} ms ({:.0} MiB/s both ways), gRPC {:.1} ms ({:.0} MiB/s); median ratio gRPC / raw TCP throughput: **{:.2}x** (target >= 0.6x)\n",
+        "\nmedian: raw TCP {:.1} ms ({:.0} MiB/s both ways), raw TCP PS {:.1} ms, gRPC {:.1} ms ({:.0} MiB/s); median ratio gRPC / raw TCP throughput: **{:.2}x** (target >= 0.6x); gRPC / raw TCP PS doing the same SGD-momentum update: {:.2}x\n",
         raw * 1e3,
         2.0 * mib / raw,
+        raw_ps * 1e3,
         grpc * 1e3,
         2.0 * mib / grpc,
-        median(ratios)
+        median(ratios),
+        median(ps_ratios)
     );
 
     // Where the gRPC time goes: the conversions and the optimizer alone, in this process,
     // best of 5 (the first pass over fresh memory pays page faults).
-    let values = vec![0.5f32; pairs[0].0.bytes / 4];
-    let mut opt = kubetrain_trainer::model::Optimizer::new(
+    let values = vec![0.5f32; runs[0].0.bytes / 4];
+    let mut opt = Optimizer::new(
         &OptimizerSpec {
             kind: OptimizerKind::Sgd,
             learning_rate: 0.01,
