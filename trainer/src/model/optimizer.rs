@@ -184,20 +184,9 @@ impl Optimizer {
     }
 
     /// Stages the update of `params[offset..offset + grad.len()]`, which must follow the
-    /// part staged before. Bit for bit what [`Optimizer::apply`] computes.
-    pub fn stage(
-        &self,
-        staged: &mut StagedUpdate,
-        params: &[f32],
-        offset: usize,
-        grad: &[f32],
-    ) -> Result<(), ModelError> {
-        self.stage_values(staged, params, offset, grad.iter().copied())
-    }
-
-    /// [`Optimizer::stage`] for a gradient still in its wire form, little-endian `f32`
-    /// values at any alignment, so that a parameter server stages straight from the bytes
-    /// it received instead of copying them into a gradient first.
+    /// part staged before. Bit for bit what [`Optimizer::apply`] computes. The gradient is
+    /// in its wire form, little-endian `f32` values at any alignment, so that a parameter
+    /// server stages straight from the bytes it received instead of copying them first.
     pub fn stage_le(
         &self,
         staged: &mut StagedUpdate,
@@ -205,21 +194,7 @@ impl Optimizer {
         offset: usize,
         grad: &[[u8; 4]],
     ) -> Result<(), ModelError> {
-        self.stage_values(
-            staged,
-            params,
-            offset,
-            grad.iter().map(|b| f32::from_le_bytes(*b)),
-        )
-    }
-
-    fn stage_values(
-        &self,
-        staged: &mut StagedUpdate,
-        params: &[f32],
-        offset: usize,
-        grad: impl ExactSizeIterator<Item = f32>,
-    ) -> Result<(), ModelError> {
+        let grad = grad.iter().map(|b| f32::from_le_bytes(*b));
         let end = offset + grad.len();
         let len = staged.params.len();
         if offset != staged.done
@@ -362,6 +337,11 @@ mod tests {
         assert_eq!(opt.state().step(), 1);
     }
 
+    /// Values in their wire form.
+    fn le(values: &[f32]) -> Vec<[u8; 4]> {
+        values.iter().map(|v| v.to_le_bytes()).collect()
+    }
+
     #[test]
     fn staged_updates_equal_applied_ones() {
         let mut sgd0 = spec(OptimizerKind::Sgd);
@@ -376,14 +356,12 @@ mod tests {
                 let g: Vec<f32> = (0..7).map(|i| (i as f32 - step as f32) * 0.3).collect();
                 applied.apply(&mut p, &g).unwrap();
                 let mut staged = staged_opt.begin_staged(scratch, 7);
-                // The middle of the gradient arrives in wire form, as a PS receives it.
-                let wire: Vec<[u8; 4]> = g.iter().map(|v| v.to_le_bytes()).collect();
-                staged_opt.stage(&mut staged, &q, 0, &g[..3]).unwrap();
-                staged_opt.stage(&mut staged, &q, 3, &g[3..3]).unwrap();
-                staged_opt
-                    .stage_le(&mut staged, &q, 3, &wire[3..6])
-                    .unwrap();
-                staged_opt.stage(&mut staged, &q, 6, &g[6..]).unwrap();
+                let wire = le(&g);
+                for (offset, piece) in [(0, 0..3), (3, 3..3), (3, 3..7)] {
+                    staged_opt
+                        .stage_le(&mut staged, &q, offset, &wire[piece])
+                        .unwrap();
+                }
                 // Nothing moves before the commit.
                 assert_ne!(q, p);
                 let (next, rest) = staged_opt.commit_staged(staged).unwrap();
@@ -400,9 +378,13 @@ mod tests {
         let opt = Optimizer::new(&spec(OptimizerKind::Sgd), 4);
         let params = vec![0.0; 4];
         let mut staged = opt.begin_staged(StagedUpdate::default(), 4);
-        assert!(opt.stage(&mut staged, &params, 2, &[1.0]).is_err());
-        opt.stage(&mut staged, &params, 0, &[1.0, 1.0]).unwrap();
-        assert!(opt.stage(&mut staged, &params, 2, &[1.0; 3]).is_err());
+        assert!(opt.stage_le(&mut staged, &params, 2, &le(&[1.0])).is_err());
+        opt.stage_le(&mut staged, &params, 0, &le(&[1.0, 1.0]))
+            .unwrap();
+        assert!(
+            opt.stage_le(&mut staged, &params, 2, &le(&[1.0; 3]))
+                .is_err()
+        );
         let mut opt = opt;
         assert!(opt.commit_staged(staged).is_err());
     }

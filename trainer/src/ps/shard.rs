@@ -288,29 +288,16 @@ impl Shard {
         })
     }
 
-    /// Stages the next piece of the gradient. Once another push has been applied the staged
-    /// update is stale and staging stops; the push then falls back to a plain apply.
-    pub fn stage(&self, push: &mut StagedPush, offset: usize, gradient: &[f32]) {
-        self.stage_with(push, |optimizer, update, params| {
-            optimizer.stage(update, params, offset, gradient)
-        });
-    }
-
-    /// [`Shard::stage`] for a piece still in wire form (little-endian values).
+    /// Stages the next piece of the gradient, in its wire form (little-endian values). Once
+    /// another push has been applied the staged update is stale and staging stops; the push
+    /// then falls back to a plain apply.
     pub fn stage_le(&self, push: &mut StagedPush, offset: usize, gradient: &[[u8; 4]]) {
-        self.stage_with(push, |optimizer, update, params| {
-            optimizer.stage_le(update, params, offset, gradient)
-        });
-    }
-
-    fn stage_with(
-        &self,
-        push: &mut StagedPush,
-        stage: impl FnOnce(&Optimizer, &mut StagedUpdate, &[f32]) -> Result<(), ModelError>,
-    ) {
         if push.live
             && (push.version != self.version
-                || stage(&self.optimizer, &mut push.update, &self.params).is_err())
+                || self
+                    .optimizer
+                    .stage_le(&mut push.update, &self.params, offset, gradient)
+                    .is_err())
         {
             push.live = false;
         }
@@ -490,6 +477,11 @@ mod tests {
 
     use super::*;
 
+    /// A gradient piece as it arrives on the wire.
+    fn le(values: &[f32]) -> Vec<[u8; 4]> {
+        values.iter().map(|v| v.to_le_bytes()).collect()
+    }
+
     fn shard(consistency: Consistency, workers: usize) -> (Shard, Instant) {
         let spec = OptimizerSpec {
             kind: OptimizerKind::Sgd,
@@ -593,8 +585,8 @@ mod tests {
         let mut s = momentum_shard(2);
         let mut a = s.begin_staged(0).unwrap();
         let mut b = s.begin_staged(0).unwrap();
-        s.stage(&mut a, 0, &g1[..1]);
-        s.stage(&mut b, 0, &g2);
+        s.stage_le(&mut a, 0, &le(&g1[..1]));
+        s.stage_le(&mut b, 0, &le(&g2));
         // Nothing changes before a push is complete.
         assert_eq!(s.params(), &[1.0, 2.0, 3.0]);
         assert_eq!(
@@ -602,7 +594,8 @@ mod tests {
             Ok(PushOutcome::Applied { version: 1 })
         );
         // `a` was staged against version 0: it must fall back to the whole gradient.
-        s.stage(&mut a, 1, &g1[1..]);
+        s.stage_le(&mut a, 1, &le(&g1[1..]));
+        assert!(!s.staged_is_current(&a));
         assert_eq!(
             s.push_staged(0, 0, 0, a, g1.clone(), now),
             Ok(PushOutcome::Applied { version: 2 })
@@ -620,7 +613,7 @@ mod tests {
         let now = Instant::now();
         let mut s = momentum_shard(1);
         let mut a = s.begin_staged(0).unwrap();
-        s.stage(&mut a, 0, &[5.0, 5.0]);
+        s.stage_le(&mut a, 0, &le(&[5.0, 5.0]));
         drop(a);
         assert_eq!((s.params(), s.version()), (&[1.0, 2.0, 3.0][..], 0));
         assert!(s.begin_staged(4).is_none());
