@@ -216,12 +216,7 @@ fn parameter_server_rejects_bad_input_without_crashing() {
         // A pull that expects a different shard size is refused by the worker's side.
         let err = pull_framed(14).await.unwrap_err();
         assert_eq!(err.code(), Code::Internal, "{err}");
-        client
-            .shutdown(ShutdownRequest {
-                reason: "test over".into(),
-            })
-            .await
-            .unwrap();
+        shut_down_ps(&mut client).await;
     });
     assert!(ps.wait(Duration::from_secs(30)).success(), "{}", ps.logs());
 }

@@ -52,6 +52,19 @@ async fn pull(channel: &Channel, worker_id: u32, min_version: u64) -> (u64, Vec<
         .unwrap()
 }
 
+/// One worker's whole push, framed as the worker frames it; the shard's version after it.
+async fn push(channel: &Channel, worker_id: u32, base_version: u64, grad: &Arc<Vec<f32>>) -> u64 {
+    tensor_wire::push_tensor(
+        channel,
+        head(worker_id, base_version),
+        grad.clone(),
+        0..PARAMS,
+        DEADLINE,
+    )
+    .await
+    .unwrap()
+}
+
 fn head(worker_id: u32, base_version: u64) -> PushChunk {
     PushChunk {
         worker_id,
@@ -110,10 +123,7 @@ fn large_pushes_apply_exactly_and_atomically() {
 
         // A whole push is exactly one optimizer step.
         let g1 = gradient(1);
-        let version =
-            tensor_wire::push_tensor(&channel, head(0, 0), g1.clone(), 0..PARAMS, DEADLINE)
-                .await
-                .unwrap();
+        let version = push(&channel, 0, 0, &g1).await;
         assert_eq!(version, 1);
         sgd(&mut expected, &mut velocity, &g1);
         assert_eq!(pull(&channel, 0, 1).await, (1, expected.clone()));
@@ -153,10 +163,7 @@ fn large_pushes_apply_exactly_and_atomically() {
         // Let the PS stage what it got before the other push lands.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let g3 = gradient(3);
-        let version =
-            tensor_wire::push_tensor(&channel, head(1, 1), g3.clone(), 0..PARAMS, DEADLINE)
-                .await
-                .unwrap();
+        let version = push(&channel, 1, 1, &g3).await;
         assert_eq!(version, 2);
         for chunk in slow_chunks {
             send.send(chunk).await.unwrap();
@@ -190,12 +197,7 @@ fn large_pushes_apply_exactly_and_atomically() {
         sgd(&mut expected, &mut velocity, &g4);
         assert_eq!(pull(&channel, 0, 4).await, (4, expected));
 
-        control
-            .shutdown(ShutdownRequest {
-                reason: "test over".into(),
-            })
-            .await
-            .unwrap();
+        shut_down_ps(&mut control).await;
     });
     assert!(ps.wait(Duration::from_secs(30)).success(), "{}", ps.logs());
 }

@@ -214,3 +214,17 @@ pub fn digits_training(
         "consistency": consistency,
     })
 }
+
+/// Ends a test's PS the way the chief does, so that the test can then expect a clean exit.
+pub async fn shut_down_ps(
+    client: &mut kubetrain_trainer::proto::parameter_server_client::ParameterServerClient<
+        tonic::transport::Channel,
+    >,
+) {
+    client
+        .shutdown(kubetrain_trainer::proto::ShutdownRequest {
+            reason: "test over".into(),
+        })
+        .await
+        .unwrap();
+}
