@@ -5,10 +5,14 @@
 //! `cargo build --release -p kubetrain-trainer && target/release/trainer-bench`
 //! (the multi-process parts run the `kubetrain-trainer` binary next to this one).
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::pin::Pin;
 use std::process::{Command, Stdio};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -24,6 +28,8 @@ use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
 use kubetrain_trainer::proto::*;
 use kubetrain_trainer::ps::checkpoint::{self, ShardCheckpoint};
 use kubetrain_trainer::tensor_wire;
+use tonic::codegen::Service;
+use tonic::server::NamedService;
 
 #[derive(Parser)]
 struct Args {
@@ -65,6 +71,10 @@ struct Args {
     /// Throughput runs: repeats.
     #[arg(long, default_value_t = 3)]
     throughput_repeats: usize,
+    /// Internal: serve the discarding PS on this port (the transport's ceiling) and
+    /// nothing else.
+    #[arg(long, hide = true)]
+    discarding_ps_port: Option<u16>,
 }
 
 fn free_port() -> u16 {
@@ -191,12 +201,17 @@ struct GrpcTimes {
     bytes: usize,
 }
 
+/// The transport's model: 2048 -> 2047 softmax, 4,194,303 parameters, one value short of
+/// 16 MiB.
+const TRANSPORT_WIDTHS: [usize; 2] = [2048, 2047];
+
+fn transport_params() -> usize {
+    TRANSPORT_WIDTHS[0] * TRANSPORT_WIDTHS[1] + TRANSPORT_WIDTHS[1]
+}
+
 /// gRPC: push a 16 MiB gradient to a PS in its own process (the real `kubetrain-trainer`
 /// binary) and pull the parameters back, as a worker does.
 fn grpc_round_trip(bin: &Path, rounds: usize, dir: &Path) -> GrpcTimes {
-    // 2048 -> 2047 softmax: 4,194,303 parameters, one value short of 16 MiB.
-    let widths = [2048usize, 2047];
-    let params = widths[0] * widths[1] + widths[1];
     let port = free_port();
     let cluster = ClusterSpec {
         ps: vec![format!("127.0.0.1:{port}")],
@@ -217,51 +232,95 @@ fn grpc_round_trip(bin: &Path, rounds: usize, dir: &Path) -> GrpcTimes {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
+    let times = push_pull_rounds(port, rounds, Server::TrainerPs, dir);
+    let status = ps.wait().unwrap();
+    assert!(status.success(), "the PS failed; logs in {}", dir.display());
+    times
+}
+
+/// The same rounds against [`serve_discarding_ps`] in its own process (this binary again):
+/// the same HTTP/2 connection, framing and answers as the real PS, but a push is read and
+/// dropped, and every pull answers one fixed vector. No parameter server that applies the
+/// push can be faster, so this is the ceiling for the ratio on this machine.
+fn discarding_round_trip(rounds: usize, dir: &Path) -> GrpcTimes {
+    let port = free_port();
+    let mut server = Command::new(std::env::current_exe().unwrap())
+        .args(["--discarding-ps-port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("discarding-ps.err")).unwrap())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let times = push_pull_rounds(port, rounds, Server::Discarding, dir);
+    let _ = server.kill();
+    let _ = server.wait();
+    times
+}
+
+/// Which server [`push_pull_rounds`] talks to.
+#[derive(Clone, Copy, PartialEq)]
+enum Server {
+    /// The real PS: registered with first, shut down after.
+    TrainerPs,
+    /// [`serve_discarding_ps`]: no registration, killed after.
+    Discarding,
+}
+
+/// One worker's push+pull rounds over the worker's own calls (`tensor_wire`), on a runtime
+/// shaped like the worker's.
+fn push_pull_rounds(port: u16, rounds: usize, server: Server, dir: &Path) -> GrpcTimes {
+    let params = transport_params();
     let client_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let times = client_runtime.block_on(async {
+    client_runtime.block_on(async {
         let started = Instant::now();
+        let channel = net::channel(&format!("127.0.0.1:{port}")).unwrap();
+        let deadline = Duration::from_secs(30);
+        let grad = std::sync::Arc::new(vec![0.001f32; params]);
+        let push = |version: u64, step: u64| {
+            let head = PushChunk {
+                worker_id: 0,
+                base_version: version,
+                step,
+                ..Default::default()
+            };
+            tensor_wire::push_tensor(&channel, head, grad.clone(), 0..params, deadline)
+        };
+        // Until the server is up: the PS's registration, or (discarding) a first push.
         let mut client = loop {
-            let channel = net::channel(&format!("127.0.0.1:{port}")).unwrap();
-            let mut c = ParameterServerClient::new(channel)
+            let c = ParameterServerClient::new(channel.clone())
                 .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(net::MAX_MESSAGE_BYTES);
-            let req = RegisterRequest {
-                worker_id: 0,
-                total_params: params as u64,
-                widths: widths.iter().map(|&w| w as u32).collect(),
+            let up = match server {
+                Server::TrainerPs => {
+                    let req = RegisterRequest {
+                        worker_id: 0,
+                        total_params: params as u64,
+                        widths: TRANSPORT_WIDTHS.iter().map(|&w| w as u32).collect(),
+                    };
+                    c.clone().register(req).await.is_ok()
+                }
+                Server::Discarding => push(0, 0).await.is_ok(),
             };
-            if c.register(req).await.is_ok() {
+            if up {
                 break c;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
-                "the PS did not come up; logs in {}",
+                "the server did not come up; logs in {}",
                 dir.display()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let grad = std::sync::Arc::new(vec![0.001f32; params]);
-        // The worker's own calls (`tensor_wire`), on the same connection.
-        let channel = net::channel(&format!("127.0.0.1:{port}")).unwrap();
-        let deadline = Duration::from_secs(30);
         let mut version = 0;
         let mut buffer = Vec::new();
         let (mut rounds_t, mut pushes, mut pulls) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..=rounds {
             let started = Instant::now();
-            let head = PushChunk {
-                worker_id: 0,
-                base_version: version,
-                step: round as u64,
-                ..Default::default()
-            };
-            tensor_wire::push_tensor(&channel, head, grad.clone(), 0..params, deadline)
-                .await
-                .unwrap();
+            push(version, round as u64).await.unwrap();
             let pushed = started.elapsed().as_secs_f64();
             let request = PullRequest {
                 worker_id: 0,
@@ -288,21 +347,75 @@ fn grpc_round_trip(bin: &Path, rounds: usize, dir: &Path) -> GrpcTimes {
                 pulls.push(t - pushed);
             }
         }
-        let _ = client
-            .shutdown(ShutdownRequest {
-                reason: "bench over".into(),
-            })
-            .await;
+        if server == Server::TrainerPs {
+            let _ = client
+                .shutdown(ShutdownRequest {
+                    reason: "bench over".into(),
+                })
+                .await;
+        }
         GrpcTimes {
             round: median(rounds_t),
             push: median(pushes),
             pull: median(pulls),
             bytes: params * 4,
         }
+    })
+}
+
+/// The least a gRPC parameter server can do (see [`discarding_round_trip`]).
+#[derive(Clone)]
+struct DiscardingPs(std::sync::Arc<Vec<f32>>);
+
+impl NamedService for DiscardingPs {
+    const NAME: &'static str = "kubetrain.v1.ParameterTransfer";
+}
+
+impl Service<http::Request<tonic::body::Body>> for DiscardingPs {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let params = self.0.clone();
+        Box::pin(async move {
+            let (head, body) = request.into_parts();
+            let answer = match head.uri.path() {
+                tensor_wire::PUSH_PATH => tensor_wire::read_request(body, |_frame| Ok(()))
+                    .await
+                    .map(|()| tensor_wire::push_answer(1)),
+                tensor_wire::PULL_PATH => tensor_wire::read_single::<PullRequest>(body)
+                    .await
+                    .map(|_| tensor_wire::parameters_answer(1, params)),
+                path => Err(tonic::Status::unimplemented(format!("no method {path}"))),
+            };
+            Ok(match answer {
+                Ok(pieces) => tensor_wire::ok_response(pieces),
+                Err(status) => tensor_wire::error_response(status),
+            })
+        })
+    }
+}
+
+/// Serves [`DiscardingPs`] on `port` with the PS's transport settings and runtime, until
+/// killed.
+fn serve_discarding_ps(port: u16) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let params = std::sync::Arc::new(vec![0.5f32; transport_params()]);
+        net::server()
+            .add_service(DiscardingPs(params))
+            .serve_with_incoming(net::incoming(listener))
+            .await
+            .unwrap();
     });
-    let status = ps.wait().unwrap();
-    assert!(status.success(), "the PS failed; logs in {}", dir.display());
-    times
 }
 
 struct RunResult {
@@ -447,6 +560,10 @@ fn rss_cell(run: &RunResult) -> String {
 
 fn main() {
     let args = Args::parse();
+    if let Some(port) = args.discarding_ps_port {
+        serve_discarding_ps(port);
+        return;
+    }
     let bin = std::env::current_exe()
         .unwrap()
         .with_file_name("kubetrain-trainer");
@@ -507,9 +624,10 @@ fn transport(args: &Args, bin: &Path, dir: &Path) {
     let mut runs = Vec::new();
     for _ in 0..args.transport_repeats {
         let grpc = grpc_round_trip(bin, args.rounds, dir);
+        let ceiling = discarding_round_trip(args.rounds, dir);
         let raw = raw_tcp_round_trip(grpc.bytes, args.rounds, None);
         let raw_ps = raw_tcp_round_trip(grpc.bytes, args.rounds, Some(&optimizer));
-        runs.push((grpc, raw, raw_ps));
+        runs.push((grpc, ceiling, raw, raw_ps));
     }
     let mib = runs[0].0.bytes as f64 / (1 << 20) as f64;
     println!(
@@ -517,34 +635,40 @@ fn transport(args: &Args, bin: &Path, dir: &Path) {
         args.transport_repeats, args.rounds
     );
     println!(
-        "| repeat | raw TCP write + echo | raw TCP PS, same update | gRPC push + pull | of which push | of which pull | ratio to raw TCP | ratio to raw TCP PS |\n|---|---|---|---|---|---|---|---|"
+        "| repeat | raw TCP write + echo | raw TCP PS, same update | gRPC, PS discards the push | gRPC push + pull (PS) | of which push | of which pull | ratio to raw TCP | ceiling: discarding PS to raw TCP | ratio to raw TCP PS |\n|---|---|---|---|---|---|---|---|---|---|"
     );
-    let (mut ratios, mut ps_ratios) = (Vec::new(), Vec::new());
-    for (i, (grpc, raw, raw_ps)) in runs.iter().enumerate() {
-        let (ratio, ps_ratio) = (raw / grpc.round, raw_ps / grpc.round);
+    let (mut ratios, mut ceilings, mut ps_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (grpc, discard, raw, raw_ps)) in runs.iter().enumerate() {
+        let (ratio, ceiling, ps_ratio) =
+            (raw / grpc.round, raw / discard.round, raw_ps / grpc.round);
         ratios.push(ratio);
+        ceilings.push(ceiling);
         ps_ratios.push(ps_ratio);
         println!(
-            "| {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {ratio:.2}x | {ps_ratio:.2}x |",
+            "| {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {ratio:.2}x | {ceiling:.2}x | {ps_ratio:.2}x |",
             i + 1,
             raw * 1e3,
             raw_ps * 1e3,
+            discard.round * 1e3,
             grpc.round * 1e3,
             grpc.push * 1e3,
             grpc.pull * 1e3
         );
     }
-    let raw = median(runs.iter().map(|r| r.1).collect());
-    let raw_ps = median(runs.iter().map(|r| r.2).collect());
+    let raw = median(runs.iter().map(|r| r.2).collect());
+    let raw_ps = median(runs.iter().map(|r| r.3).collect());
+    let discard = median(runs.iter().map(|r| r.1.round).collect());
     let grpc = median(runs.iter().map(|r| r.0.round).collect());
     println!(
-        "\nmedian: raw TCP {:.1} ms ({:.0} MiB/s both ways), raw TCP PS {:.1} ms, gRPC {:.1} ms ({:.0} MiB/s); median ratio gRPC / raw TCP throughput: **{:.2}x** (target >= 0.6x); gRPC / raw TCP PS doing the same SGD-momentum update: {:.2}x\n",
+        "\nmedian: raw TCP {:.1} ms ({:.0} MiB/s both ways), raw TCP PS {:.1} ms, discarding gRPC PS {:.1} ms, gRPC PS {:.1} ms ({:.0} MiB/s); median ratio gRPC / raw TCP throughput: **{:.2}x** (target >= 0.6x); the same with a PS that discards every push (no PS can beat it): {:.2}x; gRPC / raw TCP PS doing the same SGD-momentum update: {:.2}x\n",
         raw * 1e3,
         2.0 * mib / raw,
         raw_ps * 1e3,
+        discard * 1e3,
         grpc * 1e3,
         2.0 * mib / grpc,
         median(ratios),
+        median(ceilings),
         median(ps_ratios)
     );
 

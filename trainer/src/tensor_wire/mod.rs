@@ -99,6 +99,27 @@ pub fn error_response(status: Status) -> http::Response<tonic::body::Body> {
     status.into_http()
 }
 
+/// A Push answer: the shard's version after the push, then the OK trailers.
+pub fn push_answer(version: u64) -> Pieces {
+    Pieces::with_ok_trailers(std::iter::once(encode_message(&PushResponse { version })))
+}
+
+/// A Pull answer: `values` at `version`, in chunks that borrow the vector (no copy on
+/// little-endian hosts), then the OK trailers.
+pub fn parameters_answer(version: u64, values: Arc<Vec<f32>>) -> Pieces {
+    let total_len = values.len();
+    let pieces = net::encode_chunks(values, 0..total_len).flat_map(move |(offset, data)| {
+        let head = TensorChunk {
+            version,
+            offset,
+            total_len: total_len as u64,
+            data: Bytes::new(),
+        };
+        encode_tensor(&head, data)
+    });
+    Pieces::with_ok_trailers(pieces)
+}
+
 /// Calls `path` with the request body `pieces`; returns the answer's body once its headers
 /// say the call was taken (`None`: it succeeded with nothing to say). The deadline travels
 /// as `grpc-timeout` for the server; the caller also bounds its own wait.

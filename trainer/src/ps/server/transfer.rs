@@ -17,7 +17,7 @@ use tonic::server::NamedService;
 
 use super::{Inner, PULL_WAIT, status_of};
 use crate::net::{self, ChunkOrder, WholeValues};
-use crate::proto::{PullRequest, PushChunk, PushResponse, TensorChunk};
+use crate::proto::{PullRequest, PushChunk};
 use crate::ps::shard::{PullDecision, PushOutcome, StagedPush};
 use crate::tensor_wire::{self, Piece, Pieces, Splitter};
 
@@ -43,11 +43,7 @@ impl Service<http::Request<Body>> for TransferService {
         Box::pin(async move {
             let (head, body) = request.into_parts();
             let answer = match head.uri.path() {
-                tensor_wire::PUSH_PATH => push(&inner, body).await.map(|version| {
-                    Pieces::with_ok_trailers(std::iter::once(tensor_wire::encode_message(
-                        &PushResponse { version },
-                    )))
-                }),
+                tensor_wire::PUSH_PATH => push(&inner, body).await.map(tensor_wire::push_answer),
                 tensor_wire::PULL_PATH => pull(&inner, body).await,
                 path => Err(Status::unimplemented(format!("no method {path}"))),
             };
@@ -418,14 +414,5 @@ async fn pull(inner: &Arc<Inner>, body: Body) -> Result<Pieces, Status> {
         .metrics
         .request_duration
         .observe(started.elapsed().as_secs_f64());
-    let pieces = net::encode_chunks(payload, 0..total_len).flat_map(move |(offset, data)| {
-        let head = TensorChunk {
-            version,
-            offset,
-            total_len: total_len as u64,
-            data: Bytes::new(),
-        };
-        tensor_wire::encode_tensor(&head, data)
-    });
-    Ok(Pieces::with_ok_trailers(pieces))
+    Ok(tensor_wire::parameters_answer(version, payload))
 }
