@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod ps;
 pub mod tensor_wire;
+pub mod wire_tensor;
 pub mod worker;
 
 /// Generated gRPC code for `proto/kubetrain/v1/*.proto`, clients included, so the operator

@@ -166,55 +166,6 @@ pub fn from_le_in_place(values: &mut [f32]) {
     let _ = values;
 }
 
-/// Cuts a tensor's little-endian bytes, which arrive in pieces cut anywhere (HTTP/2
-/// frames), into runs of whole values, so they can be used where they lie; only a value
-/// split between two pieces is put together, in a 4-byte carry.
-#[derive(Debug, Default)]
-pub struct WholeValues {
-    carry: [u8; 4],
-    carried: usize,
-    /// Values emitted since the last [`WholeValues::reset`].
-    values: usize,
-}
-
-impl WholeValues {
-    /// Starts over, for the next chunk.
-    pub fn reset(&mut self) {
-        *self = Self::default();
-    }
-
-    /// Feeds the next piece; `emit(index, run)` gets each run of whole values, `index`
-    /// counting values from the last reset.
-    pub fn feed(&mut self, mut piece: &[u8], mut emit: impl FnMut(usize, &[[u8; 4]])) {
-        if self.carried > 0 {
-            let take = (4 - self.carried).min(piece.len());
-            self.carry[self.carried..self.carried + take].copy_from_slice(&piece[..take]);
-            self.carried += take;
-            piece = &piece[take..];
-            if self.carried < 4 {
-                return;
-            }
-            emit(self.values, std::slice::from_ref(&self.carry));
-            self.values += 1;
-            self.carried = 0;
-        }
-        let whole = piece.len() / 4 * 4;
-        let run: &[[u8; 4]] = bytemuck::cast_slice(&piece[..whole]);
-        if !run.is_empty() {
-            emit(self.values, run);
-            self.values += run.len();
-        }
-        let rest = &piece[whole..];
-        self.carry[..rest.len()].copy_from_slice(rest);
-        self.carried = rest.len();
-    }
-
-    /// Bytes of a value still waiting for the rest of it.
-    pub fn pending(&self) -> usize {
-        self.carried
-    }
-}
-
 /// A chunk of a tensor that does not fit where it claims to go.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {
@@ -374,9 +325,6 @@ impl Default for Assembler {
 
 #[cfg(test)]
 mod tests {
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
-
     use super::*;
 
     #[test]
@@ -430,38 +378,5 @@ mod tests {
             asm.finish(),
             Err(ChunkError::Truncated { got: 2, total: 4 })
         ));
-    }
-
-    #[test]
-    fn whole_values_survive_any_cutting() {
-        let values: Vec<f32> = (0..97).map(|i| i as f32 * 0.37 - 11.0).collect();
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let mut rng = StdRng::seed_from_u64(7);
-        for _ in 0..200 {
-            let mut cuts: Vec<usize> = (0..rng.random_range(0..12))
-                .map(|_| rng.random_range(0..=bytes.len()))
-                .collect();
-            cuts.extend([0, bytes.len()]);
-            cuts.sort_unstable();
-            let mut whole = WholeValues::default();
-            let mut got = Vec::new();
-            for piece in cuts.windows(2) {
-                whole.feed(&bytes[piece[0]..piece[1]], |index, run| {
-                    assert_eq!(index, got.len(), "runs come in order, none skipped");
-                    got.extend(run.iter().map(|b| f32::from_le_bytes(*b)));
-                });
-            }
-            assert_eq!(whole.pending(), 0);
-            assert_eq!(got, values, "cuts {cuts:?}");
-        }
-        // A value cut off at the end stays pending until reset.
-        let mut whole = WholeValues::default();
-        whole.feed(&bytes[..6], |_, _| {});
-        assert_eq!(whole.pending(), 2);
-        whole.reset();
-        whole.feed(&bytes[4..8], |index, run| {
-            assert_eq!((index, run.len()), (0, 1));
-        });
-        assert_eq!(whole.pending(), 0);
     }
 }

@@ -1,6 +1,7 @@
-//! Large pushes, which the PS stages on a blocking thread while it keeps receiving, apply
-//! exactly the optimizer's update; a push that breaks off changes nothing; a push that
-//! another push overtakes is applied after it, in the order they completed.
+//! Large pushes, which the PS keeps as received and applies from the frames' bytes on
+//! several threads, apply exactly the optimizer's update; a push that breaks off changes
+//! nothing; a push that another push overtakes is applied after it, in the order they
+//! completed.
 
 mod common;
 
@@ -17,8 +18,8 @@ use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// A 1024 -> 300 softmax: 307,500 parameters, above the PS's threshold for staging off
-/// the receiving task.
+/// A 1024 -> 300 softmax: 307,500 parameters, above the PS's threshold for applying a
+/// push on a blocking thread, split over several.
 const WIDTHS: [u32; 2] = [1024, 300];
 const PARAMS: usize = 1024 * 300 + 300;
 const LR: f32 = 0.05;
@@ -128,7 +129,7 @@ fn large_pushes_apply_exactly_and_atomically() {
         sgd(&mut expected, &mut velocity, &g1);
         assert_eq!(pull(&channel, 0, 1).await, (1, expected.clone()));
 
-        // Pushes that break off, after some chunks were staged, change nothing.
+        // Pushes that break off, after some chunks were received, change nothing.
         let mut stock = ParameterTransferClient::new(channel.clone());
         let g2 = gradient(2);
         let mut out_of_order = chunks(0, 1, &g2);
@@ -160,7 +161,7 @@ fn large_pushes_apply_exactly_and_atomically() {
         for chunk in slow_chunks.by_ref().take(half) {
             send.send(chunk).await.unwrap();
         }
-        // Let the PS stage what it got before the other push lands.
+        // Let the PS receive what it got before the other push lands.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let g3 = gradient(3);
         let version = push(&channel, 1, 1, &g3).await;
@@ -177,7 +178,7 @@ fn large_pushes_apply_exactly_and_atomically() {
 
         // One chunk larger than an HTTP/2 frame (1 MiB), whose fields before the payload
         // are not a whole number of values long: the frame boundary cuts a value in two,
-        // as any client with other frame sizes may, and the PS stages it all the same.
+        // as any client with other frame sizes may, and the PS applies it all the same.
         let g4 = gradient(4);
         let one_chunk = PushChunk {
             total_len: PARAMS as u64,

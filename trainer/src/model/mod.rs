@@ -1,14 +1,15 @@
 //! Pure model math over `ndarray`: dense networks, softmax cross-entropy, optimizers.
 //!
 //! Nothing here knows about the network or the runtime, so the same code runs on a worker,
-//! on a parameter server (optimizers) and in the single-process reference trainer.
+//! on a parameter server (optimizers, which also take a gradient as the bytes it arrived
+//! in, [`crate::wire_tensor`]) and in the single-process reference trainer.
 
 mod network;
 mod optimizer;
 mod stage;
 
 pub use network::{Evaluation, Network, as_matrix};
-pub use optimizer::{Optimizer, OptimizerState, StagedUpdate};
+pub use optimizer::{Optimizer, OptimizerState};
 pub use stage::{StageModel, Stash};
 
 /// A model call was given inputs of the wrong shape.

@@ -1,6 +1,9 @@
+use std::ops::Range;
+
 use kubetrain_api::{OptimizerKind, OptimizerSpec};
 
 use super::ModelError;
+use crate::wire_tensor::WireTensor;
 
 /// An optimizer over one contiguous slice of the parameters, with its own state.
 ///
@@ -92,207 +95,210 @@ impl Optimizer {
 
     /// One update: `params -= step(grad)`.
     pub fn apply(&mut self, params: &mut [f32], grad: &[f32]) -> Result<(), ModelError> {
-        if grad.len() != params.len() || self.state.vectors()[0].len() != params.len() {
+        self.check_lengths(params.len(), grad.len())?;
+        let (step, state) = self.begin_update();
+        update(step, params, state, grad.iter().copied());
+        Ok(())
+    }
+
+    /// The same update from the gradient in its wire form, as received: little-endian
+    /// values in pieces cut anywhere, read where they lie instead of being copied into a
+    /// vector first. The elements are split into `threads` contiguous parts, each updated
+    /// on its own thread (the caller's included), since the pass is bound by how fast one
+    /// core moves memory. Bit for bit what [`Optimizer::apply`] computes.
+    pub fn apply_wire(
+        &mut self,
+        params: &mut [f32],
+        grad: &WireTensor,
+        threads: usize,
+    ) -> Result<(), ModelError> {
+        if !grad.is_whole() {
             return Err(ModelError::GradientLength {
                 expected: params.len(),
                 got: grad.len(),
             });
         }
-        let lr = self.learning_rate;
-        match &mut self.state {
-            OptimizerState::Sgd { velocity } => {
-                if self.momentum == 0.0 {
-                    for (p, g) in params.iter_mut().zip(grad) {
-                        *p -= lr * g;
-                    }
+        self.check_lengths(params.len(), grad.len())?;
+        let len = params.len();
+        let threads = threads.clamp(1, len.max(1));
+        let (step, state) = self.begin_update();
+        std::thread::scope(|scope| {
+            let (mut params, mut state, mut start) = (params, state, 0);
+            for part in 1..=threads {
+                let end = len * part / threads;
+                let (mine, rest) = std::mem::take(&mut params).split_at_mut(end - start);
+                let (my_state, rest_state) = state.split_at_mut(end - start);
+                (params, state) = (rest, rest_state);
+                let range = start..end;
+                let work = move || update_from_wire(step, mine, my_state, grad, range);
+                if part == threads {
+                    work();
                 } else {
-                    let mu = self.momentum;
-                    for ((p, g), v) in params.iter_mut().zip(grad).zip(velocity.iter_mut()) {
-                        *v = mu * *v + g;
-                        *p -= lr * *v;
-                    }
+                    scope.spawn(work);
                 }
+                start = end;
             }
+        });
+        Ok(())
+    }
+
+    fn check_lengths(&self, params: usize, grad: usize) -> Result<(), ModelError> {
+        if grad != params || self.state.vectors()[0].len() != params {
+            return Err(ModelError::GradientLength {
+                expected: params,
+                got: grad,
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts one update: Adam counts it, and its bias corrections use the new count.
+    fn begin_update(&mut self) -> (Step, StateSlices<'_>) {
+        let mut step = Step {
+            lr: self.learning_rate,
+            mu: self.momentum,
+            b1: self.beta1,
+            b2: self.beta2,
+            eps: self.epsilon,
+            c1: 1.0,
+            c2: 1.0,
+        };
+        let state = match &mut self.state {
+            OptimizerState::Sgd { .. } if self.momentum == 0.0 => StateSlices::Plain,
+            OptimizerState::Sgd { velocity } => StateSlices::Momentum(velocity),
             OptimizerState::Adam { m, v, t } => {
                 *t += 1;
-                let (b1, b2, eps) = (self.beta1, self.beta2, self.epsilon);
-                let c1 = 1.0 - b1.powi(*t as i32);
-                let c2 = 1.0 - b2.powi(*t as i32);
-                for (((p, g), m), v) in params
-                    .iter_mut()
-                    .zip(grad)
-                    .zip(m.iter_mut())
-                    .zip(v.iter_mut())
-                {
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    let m_hat = *m / c1;
-                    let v_hat = *v / c2;
-                    *p -= lr * m_hat / (v_hat.sqrt() + eps);
-                }
+                step.c1 = 1.0 - self.beta1.powi(*t as i32);
+                step.c2 = 1.0 - self.beta2.powi(*t as i32);
+                StateSlices::Adam { m, v }
             }
-        }
-        Ok(())
+        };
+        (step, state)
     }
 }
 
-/// One update computed piece by piece into buffers of its own, leaving the optimizer and
-/// the parameters untouched until [`Optimizer::commit_staged`]. A parameter server uses it
-/// to apply a gradient while the gradient is still arriving; if the rest never comes the
-/// staged update is simply dropped, and nothing was corrupted.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct StagedUpdate {
-    params: Vec<f32>,
-    /// The optimizer's state vectors after the update, in [`OptimizerState::vectors`] order
-    /// (none for SGD without momentum, whose velocity is unused).
-    state: Vec<Vec<f32>>,
-    done: usize,
+/// The constants of one update.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    lr: f32,
+    mu: f32,
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    /// Adam's bias corrections for this update's step count.
+    c1: f32,
+    c2: f32,
 }
 
-impl StagedUpdate {
-    /// Elements staged so far (always a prefix).
-    pub fn staged(&self) -> usize {
-        self.done
+/// The optimizer's state for the elements an update touches.
+enum StateSlices<'a> {
+    /// SGD without momentum: none.
+    Plain,
+    Momentum(&'a mut [f32]),
+    Adam {
+        m: &'a mut [f32],
+        v: &'a mut [f32],
+    },
+}
+
+impl<'a> StateSlices<'a> {
+    fn split_at_mut(self, mid: usize) -> (Self, Self) {
+        match self {
+            StateSlices::Plain => (StateSlices::Plain, StateSlices::Plain),
+            StateSlices::Momentum(v) => {
+                let (a, b) = v.split_at_mut(mid);
+                (StateSlices::Momentum(a), StateSlices::Momentum(b))
+            }
+            StateSlices::Adam { m, v } => {
+                let ((m1, m2), (v1, v2)) = (m.split_at_mut(mid), v.split_at_mut(mid));
+                (
+                    StateSlices::Adam { m: m1, v: v1 },
+                    StateSlices::Adam { m: m2, v: v2 },
+                )
+            }
+        }
     }
 
-    /// Hands over a spare buffer (say, parameters no longer in use) for the next update's
-    /// parameters, so staging does not allocate.
-    pub fn reuse_params(&mut self, buffer: Vec<f32>) {
-        self.params = buffer;
+    fn part(&mut self, range: Range<usize>) -> StateSlices<'_> {
+        match self {
+            StateSlices::Plain => StateSlices::Plain,
+            StateSlices::Momentum(v) => StateSlices::Momentum(&mut v[range]),
+            StateSlices::Adam { m, v } => StateSlices::Adam {
+                m: &mut m[range.clone()],
+                v: &mut v[range],
+            },
+        }
     }
 }
 
-impl Optimizer {
-    fn stages_state(&self) -> usize {
-        match (&self.state, self.momentum == 0.0) {
-            (OptimizerState::Sgd { .. }, true) => 0,
-            (OptimizerState::Sgd { .. }, false) => 1,
-            (OptimizerState::Adam { .. }, _) => 2,
+/// The update of `params` (and their state) by the gradient values `grad`, element-wise.
+fn update(step: Step, params: &mut [f32], state: StateSlices<'_>, grad: impl Iterator<Item = f32>) {
+    let Step {
+        lr,
+        mu,
+        b1,
+        b2,
+        eps,
+        c1,
+        c2,
+    } = step;
+    match state {
+        StateSlices::Plain => {
+            for (p, g) in params.iter_mut().zip(grad) {
+                *p -= lr * g;
+            }
+        }
+        StateSlices::Momentum(velocity) => {
+            for ((p, g), v) in params.iter_mut().zip(grad).zip(velocity.iter_mut()) {
+                *v = mu * *v + g;
+                *p -= lr * *v;
+            }
+        }
+        StateSlices::Adam { m, v } => {
+            for (((p, g), m), v) in params
+                .iter_mut()
+                .zip(grad)
+                .zip(m.iter_mut())
+                .zip(v.iter_mut())
+            {
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                let m_hat = *m / c1;
+                let v_hat = *v / c2;
+                *p -= lr * m_hat / (v_hat.sqrt() + eps);
+            }
         }
     }
+}
 
-    /// Prepares `scratch` (any earlier staged update, for its buffers) to stage an update of
-    /// all `len` parameters.
-    pub fn begin_staged(&self, mut scratch: StagedUpdate, len: usize) -> StagedUpdate {
-        scratch.params.resize(len, 0.0);
-        scratch.state.resize_with(self.stages_state(), Vec::new);
-        for v in &mut scratch.state {
-            v.resize(len, 0.0);
-        }
-        scratch.done = 0;
-        scratch
-    }
-
-    /// Stages the update of `params[offset..offset + grad.len()]`, which must follow the
-    /// part staged before. Bit for bit what [`Optimizer::apply`] computes. The gradient is
-    /// in its wire form, little-endian `f32` values at any alignment, so that a parameter
-    /// server stages straight from the bytes it received instead of copying them first.
-    pub fn stage_le(
-        &self,
-        staged: &mut StagedUpdate,
-        params: &[f32],
-        offset: usize,
-        grad: &[[u8; 4]],
-    ) -> Result<(), ModelError> {
-        let grad = grad.iter().map(|b| f32::from_le_bytes(*b));
-        let end = offset + grad.len();
-        let len = staged.params.len();
-        if offset != staged.done
-            || end > len
-            || params.len() != len
-            || self.state.vectors()[0].len() != len
-            || staged.state.len() != self.stages_state()
-        {
-            return Err(ModelError::GradientLength {
-                expected: len.saturating_sub(staged.done),
-                got: grad.len(),
-            });
-        }
-        let lr = self.learning_rate;
-        let p_in = &params[offset..end];
-        let p_out = &mut staged.params[offset..end];
-        match (&self.state, staged.state.as_mut_slice()) {
-            (OptimizerState::Sgd { .. }, []) => {
-                for ((out, p), g) in p_out.iter_mut().zip(p_in).zip(grad) {
-                    *out = *p - lr * g;
-                }
-            }
-            (OptimizerState::Sgd { velocity }, [v_out]) => {
-                let mu = self.momentum;
-                for ((((out, p), g), v), v_out) in p_out
-                    .iter_mut()
-                    .zip(p_in)
-                    .zip(grad)
-                    .zip(&velocity[offset..end])
-                    .zip(&mut v_out[offset..end])
-                {
-                    *v_out = mu * *v + g;
-                    *out = *p - lr * *v_out;
-                }
-            }
-            (OptimizerState::Adam { m, v, t }, [m_out, v_out]) => {
-                let t = *t + 1;
-                let (b1, b2, eps) = (self.beta1, self.beta2, self.epsilon);
-                let c1 = 1.0 - b1.powi(t as i32);
-                let c2 = 1.0 - b2.powi(t as i32);
-                for (((((out, p), g), (m, m_out)), v), v_out) in p_out
-                    .iter_mut()
-                    .zip(p_in)
-                    .zip(grad)
-                    .zip(m[offset..end].iter().zip(&mut m_out[offset..end]))
-                    .zip(&v[offset..end])
-                    .zip(&mut v_out[offset..end])
-                {
-                    *m_out = b1 * *m + (1.0 - b1) * g;
-                    *v_out = b2 * *v + (1.0 - b2) * g * g;
-                    let m_hat = *m_out / c1;
-                    let v_hat = *v_out / c2;
-                    *out = *p - lr * m_hat / (v_hat.sqrt() + eps);
-                }
-            }
-            _ => unreachable!("begin_staged sized the state for this optimizer"),
-        }
-        staged.done = end;
-        Ok(())
-    }
-
-    /// Takes a fully staged update: the optimizer moves to its new state and the new
-    /// parameters are returned, with the old state's buffers as scratch for the next one.
-    pub fn commit_staged(
-        &mut self,
-        mut staged: StagedUpdate,
-    ) -> Result<(Vec<f32>, StagedUpdate), ModelError> {
-        let len = self.state.vectors()[0].len();
-        if staged.done != len || staged.params.len() != len {
-            return Err(ModelError::GradientLength {
-                expected: len,
-                got: staged.done,
-            });
-        }
-        match (&mut self.state, staged.state.as_mut_slice()) {
-            (OptimizerState::Sgd { .. }, []) => {}
-            (OptimizerState::Sgd { velocity }, [v]) => std::mem::swap(velocity, v),
-            (OptimizerState::Adam { m, v, t }, [m2, v2]) => {
-                std::mem::swap(m, m2);
-                std::mem::swap(v, v2);
-                *t += 1;
-            }
-            _ => {
-                return Err(ModelError::GradientLength {
-                    expected: len,
-                    got: staged.done,
-                });
-            }
-        }
-        let params = std::mem::take(&mut staged.params);
-        staged.done = 0;
-        Ok((params, staged))
-    }
+/// [`update`] of the elements `range` (of the whole tensor) from the wire gradient; `params`
+/// and `state` hold just those elements.
+fn update_from_wire(
+    step: Step,
+    params: &mut [f32],
+    mut state: StateSlices<'_>,
+    grad: &WireTensor,
+    range: Range<usize>,
+) {
+    let first = range.start;
+    grad.runs(range, |index, run| {
+        let span = index - first..index - first + run.len();
+        update(
+            step,
+            &mut params[span.clone()],
+            state.part(span),
+            run.iter().map(|b| f32::from_le_bytes(*b)),
+        );
+    });
 }
 
 #[cfg(test)]
 mod tests {
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
     use super::*;
+    use crate::wire_tensor::tests::cut_at_random;
 
     fn spec(kind: OptimizerKind) -> OptimizerSpec {
         OptimizerSpec {
@@ -337,56 +343,41 @@ mod tests {
         assert_eq!(opt.state().step(), 1);
     }
 
-    /// Values in their wire form.
-    fn le(values: &[f32]) -> Vec<[u8; 4]> {
-        values.iter().map(|v| v.to_le_bytes()).collect()
-    }
-
     #[test]
-    fn staged_updates_equal_applied_ones() {
+    fn wire_updates_equal_applied_ones() {
         let mut sgd0 = spec(OptimizerKind::Sgd);
         sgd0.momentum = None;
+        let mut rng = StdRng::seed_from_u64(3);
         for spec in [spec(OptimizerKind::Sgd), spec(OptimizerKind::Adam), sgd0] {
-            let mut applied = Optimizer::new(&spec, 7);
-            let mut staged_opt = applied.clone();
-            let mut p: Vec<f32> = (0..7).map(|i| i as f32 * 0.25 - 1.0).collect();
-            let mut q = p.clone();
-            let mut scratch = StagedUpdate::default();
-            for step in 0..4 {
-                let g: Vec<f32> = (0..7).map(|i| (i as f32 - step as f32) * 0.3).collect();
-                applied.apply(&mut p, &g).unwrap();
-                let mut staged = staged_opt.begin_staged(scratch, 7);
-                let wire = le(&g);
-                for (offset, piece) in [(0, 0..3), (3, 3..3), (3, 3..7)] {
-                    staged_opt
-                        .stage_le(&mut staged, &q, offset, &wire[piece])
-                        .unwrap();
+            for threads in [1, 2, 3, 50] {
+                let mut applied = Optimizer::new(&spec, 37);
+                let mut from_wire = applied.clone();
+                let mut p: Vec<f32> = (0..37).map(|i| i as f32 * 0.25 - 1.0).collect();
+                let mut q = p.clone();
+                for step in 0..4 {
+                    let g: Vec<f32> = (0..37).map(|i| (i as f32 - step as f32) * 0.3).collect();
+                    applied.apply(&mut p, &g).unwrap();
+                    let wire = cut_at_random(&g, &mut rng);
+                    from_wire.apply_wire(&mut q, &wire, threads).unwrap();
                 }
-                // Nothing moves before the commit.
-                assert_ne!(q, p);
-                let (next, rest) = staged_opt.commit_staged(staged).unwrap();
-                q = next;
-                scratch = rest;
+                assert_eq!(p, q, "{spec:?}, {threads} threads");
+                assert_eq!(applied, from_wire, "{spec:?}, {threads} threads");
             }
-            assert_eq!(p, q, "{spec:?}");
-            assert_eq!(applied, staged_opt, "{spec:?}");
         }
     }
 
     #[test]
-    fn incomplete_or_out_of_order_staging_is_refused() {
-        let opt = Optimizer::new(&spec(OptimizerKind::Sgd), 4);
-        let params = vec![0.0; 4];
-        let mut staged = opt.begin_staged(StagedUpdate::default(), 4);
-        assert!(opt.stage_le(&mut staged, &params, 2, &le(&[1.0])).is_err());
-        opt.stage_le(&mut staged, &params, 0, &le(&[1.0, 1.0]))
-            .unwrap();
-        assert!(
-            opt.stage_le(&mut staged, &params, 2, &le(&[1.0; 3]))
-                .is_err()
-        );
-        let mut opt = opt;
-        assert!(opt.commit_staged(staged).is_err());
+    fn a_wire_gradient_of_the_wrong_length_changes_nothing() {
+        let mut opt = Optimizer::new(&spec(OptimizerKind::Adam), 4);
+        let before = opt.clone();
+        let mut params = vec![1.0; 4];
+        let mut short = WireTensor::default();
+        short.push(bytes::Bytes::from_static(&[0; 12]));
+        assert!(opt.apply_wire(&mut params, &short, 2).is_err());
+        let mut ragged = WireTensor::default();
+        ragged.push(bytes::Bytes::from_static(&[0; 18]));
+        assert!(opt.apply_wire(&mut params, &ragged, 1).is_err());
+        assert_eq!((opt, params), (before, vec![1.0; 4]));
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod shard;
 use std::ops::Range;
 
 pub use server::run_ps;
-pub use shard::{Consistency, PullDecision, PushOutcome, Shard, ShardError, StagedPush};
+pub use shard::{Consistency, PullDecision, PushOutcome, Shard, ShardError};
 
 /// Cuts `total` parameters into `servers` contiguous ranges whose sizes differ by at most
 /// one, so the largest shard is within `1 + servers/total` of the mean. Equal cuts of the

@@ -2,7 +2,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::model::{ModelError, Optimizer, StagedUpdate};
+use crate::model::{ModelError, Optimizer};
+use crate::wire_tensor::WireTensor;
 
 /// How updates from different workers are combined (from `training.consistency`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,16 +57,6 @@ pub enum PullDecision {
     },
 }
 
-/// A push being applied while it arrives (Async and BoundedStaleness): the update is
-/// staged against the version current at its start and replaces the parameters only when
-/// the whole gradient is in and no other push was applied meanwhile.
-#[derive(Debug)]
-pub struct StagedPush {
-    version: u64,
-    update: StagedUpdate,
-    live: bool,
-}
-
 #[derive(Debug, Clone, Default)]
 struct WorkerState {
     registered: bool,
@@ -96,8 +87,6 @@ pub struct Shard {
     started: Instant,
     /// Gradient buffers already applied, for the next pushes to decode into.
     spare: Vec<Vec<f32>>,
-    /// Buffers of earlier staged updates, for the next ones.
-    spare_staged: Vec<StagedUpdate>,
 }
 
 impl Shard {
@@ -122,7 +111,6 @@ impl Shard {
             failure: None,
             started: now,
             spare: Vec::new(),
-            spare_staged: Vec::new(),
         }
     }
 
@@ -273,85 +261,52 @@ impl Shard {
         }
     }
 
-    /// Starts applying a push chunk by chunk as it arrives, when the consistency model
-    /// applies pushes on arrival (not Sync) and this one is not refused outright. `None`
-    /// means: assemble the whole gradient and [`Shard::push`] it.
-    pub fn begin_staged(&mut self, base: u64) -> Option<StagedPush> {
-        if self.consistency == Consistency::Sync || self.failure.is_some() || base > self.version {
-            return None;
-        }
-        let scratch = self.spare_staged.pop().unwrap_or_default();
-        Some(StagedPush {
-            version: self.version,
-            update: self.optimizer.begin_staged(scratch, self.params.len()),
-            live: true,
-        })
+    /// Whether a push is applied on its own as soon as it is in (Async, BoundedStaleness),
+    /// rather than summed with the other workers' first (Sync).
+    pub fn applies_on_arrival(&self) -> bool {
+        self.consistency != Consistency::Sync
     }
 
-    /// Stages the next piece of the gradient, in its wire form (little-endian values). Once
-    /// another push has been applied the staged update is stale and staging stops; the push
-    /// then falls back to a plain apply.
-    pub fn stage_le(&self, push: &mut StagedPush, offset: usize, gradient: &[[u8; 4]]) {
-        if push.live
-            && (push.version != self.version
-                || self
-                    .optimizer
-                    .stage_le(&mut push.update, &self.params, offset, gradient)
-                    .is_err())
-        {
-            push.live = false;
-        }
-    }
-
-    /// Whether [`Shard::push_staged`] would commit this push as staged. When not, it needs
-    /// the whole gradient to apply it plainly.
-    pub fn staged_is_current(&self, push: &StagedPush) -> bool {
-        push.live && push.version == self.version && push.update.staged() == self.params.len()
-    }
-
-    /// Ends a staged push whose every chunk arrived. Commits the staged update when it is
-    /// still current; otherwise applies `gradient` (the whole gradient that was staged) as
-    /// [`Shard::push`] would. Either way the result equals applying the gradient at this
-    /// moment, and the gradient's buffer is kept for the next push.
-    pub fn push_staged(
+    /// A worker's whole gradient as it was received ([`WireTensor`]), applied in place on
+    /// `threads` threads without being copied into a vector first. Only a complete push
+    /// gets here, so one that breaks off changes nothing. Sync, which sums the gradients
+    /// before applying them, copies it and goes on as [`Shard::push`].
+    pub fn push_wire(
         &mut self,
         worker: u32,
         base: u64,
         step: u64,
-        staged: StagedPush,
-        gradient: Vec<f32>,
+        gradient: &WireTensor,
+        threads: usize,
         now: Instant,
     ) -> Result<PushOutcome, ShardError> {
-        if !self.staged_is_current(&staged) {
-            self.recycle_staged(staged.update);
-            return self.push(worker, base, step, gradient, now);
+        if !self.applies_on_arrival() {
+            let mut values = self.take_spare();
+            values.clear();
+            gradient.extend_into(&mut values);
+            return self.push(worker, base, step, values, now);
         }
-        let StagedPush {
-            version, update, ..
-        } = staged;
-        self.recycle(gradient);
         if let Some(reason) = &self.failure {
             return Err(ShardError::Failed(reason.clone()));
         }
-        self.admit(worker, base, step, now)?;
-        *self.staleness.entry(version - base).or_default() += 1;
-        let (params, mut scratch) = self.optimizer.commit_staged(update)?;
-        let old = std::mem::replace(&mut self.params, Arc::new(params));
-        // The old parameters are the next update's buffer, unless a pull still sends them.
-        if let Ok(old) = Arc::try_unwrap(old) {
-            scratch.reuse_params(old);
+        let expected = self.params.len();
+        if gradient.len() != expected || !gradient.is_whole() {
+            return Err(ShardError::WrongLength {
+                expected,
+                got: gradient.len(),
+            });
         }
-        self.recycle_staged(scratch);
+        self.admit(worker, base, step, now)?;
+        *self.staleness.entry(self.version - base).or_default() += 1;
+        self.optimizer.apply_wire(
+            Arc::make_mut(&mut self.params).as_mut_slice(),
+            gradient,
+            threads,
+        )?;
         self.version += 1;
         Ok(PushOutcome::Applied {
             version: self.version,
         })
-    }
-
-    fn recycle_staged(&mut self, update: StagedUpdate) {
-        if self.spare_staged.len() < self.workers.len().min(2) {
-            self.spare_staged.push(update);
-        }
     }
 
     /// Sync: once every worker still training has pushed, applies the mean of the pending
@@ -477,11 +432,6 @@ mod tests {
 
     use super::*;
 
-    /// A gradient piece as it arrives on the wire.
-    fn le(values: &[f32]) -> Vec<[u8; 4]> {
-        values.iter().map(|v| v.to_le_bytes()).collect()
-    }
-
     fn shard(consistency: Consistency, workers: usize) -> (Shard, Instant) {
         let spec = OptimizerSpec {
             kind: OptimizerKind::Sgd,
@@ -578,54 +528,62 @@ mod tests {
         )
     }
 
-    #[test]
-    fn staged_pushes_equal_plain_ones_even_when_overtaken() {
-        let now = Instant::now();
-        let (g1, g2) = (vec![1.0, -1.0, 0.5], vec![0.25, 2.0, -3.0]);
-        let mut s = momentum_shard(2);
-        let mut a = s.begin_staged(0).unwrap();
-        let mut b = s.begin_staged(0).unwrap();
-        s.stage_le(&mut a, 0, &le(&g1[..1]));
-        s.stage_le(&mut b, 0, &le(&g2));
-        // Nothing changes before a push is complete.
-        assert_eq!(s.params(), &[1.0, 2.0, 3.0]);
-        assert_eq!(
-            s.push_staged(1, 0, 0, b, g2.clone(), now),
-            Ok(PushOutcome::Applied { version: 1 })
-        );
-        // `a` was staged against version 0: it must fall back to the whole gradient.
-        s.stage_le(&mut a, 1, &le(&g1[1..]));
-        assert!(!s.staged_is_current(&a));
-        assert_eq!(
-            s.push_staged(0, 0, 0, a, g1.clone(), now),
-            Ok(PushOutcome::Applied { version: 2 })
-        );
-        // The same as plain pushes in the order they completed.
-        let mut reordered = momentum_shard(2);
-        reordered.push(1, 0, 0, g2.clone(), now).unwrap();
-        reordered.push(0, 0, 0, g1.clone(), now).unwrap();
-        assert_eq!(s.params(), reordered.params());
-        assert_eq!(s.optimizer(), reordered.optimizer());
+    /// `values` as received in two pieces, the cut inside a value.
+    fn wire(values: &[f32]) -> WireTensor {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut wire = WireTensor::default();
+        wire.push(bytes::Bytes::copy_from_slice(&bytes[..5]));
+        wire.push(bytes::Bytes::copy_from_slice(&bytes[5..]));
+        wire
     }
 
     #[test]
-    fn an_unfinished_staged_push_changes_nothing() {
+    fn wire_pushes_equal_plain_ones() {
         let now = Instant::now();
-        let mut s = momentum_shard(1);
-        let mut a = s.begin_staged(0).unwrap();
-        s.stage_le(&mut a, 0, &le(&[5.0, 5.0]));
-        drop(a);
-        assert_eq!((s.params(), s.version()), (&[1.0, 2.0, 3.0][..], 0));
-        assert!(s.begin_staged(4).is_none());
-        let (mut sync, _) = shard(Consistency::Sync, 1);
-        assert!(sync.begin_staged(0).is_none());
-        let b = s.begin_staged(0).unwrap();
-        // Incomplete: falls back to the (whole) gradient handed in.
+        let (g1, g2) = (vec![1.0, -1.0, 0.5], vec![0.25, 2.0, -3.0]);
+        let mut s = momentum_shard(2);
         assert_eq!(
-            s.push_staged(0, 0, 0, b, vec![1.0; 3], now),
+            s.push_wire(1, 0, 0, &wire(&g2), 2, now),
             Ok(PushOutcome::Applied { version: 1 })
         );
-        assert_eq!(s.params(), &[0.5, 1.5, 2.5]);
+        assert_eq!(
+            s.push_wire(0, 0, 0, &wire(&g1), 1, now),
+            Ok(PushOutcome::Applied { version: 2 })
+        );
+        let mut plain = momentum_shard(2);
+        plain.push(1, 0, 0, g2.clone(), now).unwrap();
+        plain.push(0, 0, 0, g1.clone(), now).unwrap();
+        assert_eq!(s.params(), plain.params());
+        assert_eq!(s.optimizer(), plain.optimizer());
+        assert_eq!(s.staleness_histogram(), plain.staleness_histogram());
+        // Sync sums it with the others' first, as a plain push.
+        let (mut sync, _) = shard(Consistency::Sync, 1);
+        assert_eq!(
+            sync.push_wire(0, 0, 0, &wire(&[1.0, 2.0]), 2, now),
+            Ok(PushOutcome::Applied { version: 1 })
+        );
+        assert_eq!(sync.params(), &[-1.0, -2.0]);
+    }
+
+    #[test]
+    fn a_refused_wire_push_changes_nothing() {
+        let now = Instant::now();
+        let mut s = momentum_shard(1);
+        let before = (s.params().to_vec(), s.optimizer().clone());
+        assert!(matches!(
+            s.push_wire(0, 0, 0, &wire(&[1.0, 1.0]), 1, now),
+            Err(ShardError::WrongLength { .. })
+        ));
+        assert!(matches!(
+            s.push_wire(0, 4, 0, &wire(&[1.0; 3]), 1, now),
+            Err(ShardError::Stale { .. })
+        ));
+        assert!(matches!(
+            s.push_wire(3, 0, 0, &wire(&[1.0; 3]), 1, now),
+            Err(ShardError::UnknownWorker { .. })
+        ));
+        assert_eq!((s.params().to_vec(), s.optimizer().clone()), before);
+        assert_eq!(s.version(), 0);
     }
 
     #[test]

@@ -1,0 +1,157 @@
+//! A tensor as it was received: its little-endian `f32` bytes, kept in the pieces (HTTP/2
+//! frames) they arrived in instead of being copied into a vector. A piece may end inside a
+//! value. The parameter server applies a push straight from these bytes.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+
+/// The received bytes of one tensor, in order.
+#[derive(Debug, Default, Clone)]
+pub struct WireTensor {
+    pieces: Vec<Bytes>,
+    bytes: usize,
+}
+
+impl WireTensor {
+    /// Appends the next piece of the tensor's bytes.
+    pub fn push(&mut self, piece: Bytes) {
+        self.bytes += piece.len();
+        self.pieces.push(piece);
+    }
+
+    /// Whole values received so far.
+    pub fn len(&self) -> usize {
+        self.bytes / 4
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// Whether the bytes are a whole number of values.
+    pub fn is_whole(&self) -> bool {
+        self.bytes.is_multiple_of(4)
+    }
+
+    /// Calls `emit(index, run)` for the values `range` (indices of values), in order, in runs
+    /// that borrow the pieces; only a value cut between two pieces is put together, on the
+    /// way. Indices past [`WireTensor::len`] are not emitted.
+    pub fn runs(&self, range: Range<usize>, mut emit: impl FnMut(usize, &[[u8; 4]])) {
+        let (lo, hi) = (range.start * 4, range.end.min(self.len()) * 4);
+        let mut whole = WholeValues::default();
+        let mut at = 0;
+        for piece in &self.pieces {
+            let (start, end) = (at, at + piece.len());
+            at = end;
+            if end <= lo {
+                continue;
+            }
+            if start >= hi {
+                break;
+            }
+            let part = &piece[lo.saturating_sub(start)..hi.min(end) - start];
+            whole.feed(part, |index, run| emit(range.start + index, run));
+        }
+    }
+
+    /// The values as native `f32`s, appended to `out`.
+    pub fn extend_into(&self, out: &mut Vec<f32>) {
+        out.reserve(self.len());
+        self.runs(0..self.len(), |_, run| {
+            out.extend(run.iter().map(|b| f32::from_le_bytes(*b)));
+        });
+    }
+}
+
+/// Cuts bytes that arrive in pieces cut anywhere into runs of whole values; only a value
+/// split between two pieces is put together, in a 4-byte carry.
+#[derive(Debug, Default)]
+struct WholeValues {
+    carry: [u8; 4],
+    carried: usize,
+    /// Values emitted so far.
+    values: usize,
+}
+
+impl WholeValues {
+    /// Feeds the next piece; `emit(index, run)` gets each run of whole values, `index`
+    /// counting values from the first piece.
+    fn feed(&mut self, mut piece: &[u8], mut emit: impl FnMut(usize, &[[u8; 4]])) {
+        if self.carried > 0 {
+            let take = (4 - self.carried).min(piece.len());
+            self.carry[self.carried..self.carried + take].copy_from_slice(&piece[..take]);
+            self.carried += take;
+            piece = &piece[take..];
+            if self.carried < 4 {
+                return;
+            }
+            emit(self.values, std::slice::from_ref(&self.carry));
+            self.values += 1;
+            self.carried = 0;
+        }
+        let whole = piece.len() / 4 * 4;
+        let run: &[[u8; 4]] = bytemuck::cast_slice(&piece[..whole]);
+        if !run.is_empty() {
+            emit(self.values, run);
+            self.values += run.len();
+        }
+        let rest = &piece[whole..];
+        self.carry[..rest.len()].copy_from_slice(rest);
+        self.carried = rest.len();
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    /// `values` as wire bytes cut at random places.
+    pub(crate) fn cut_at_random(values: &[f32], rng: &mut StdRng) -> WireTensor {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut cuts: Vec<usize> = (0..rng.random_range(0..12))
+            .map(|_| rng.random_range(0..=bytes.len()))
+            .collect();
+        cuts.extend([0, bytes.len()]);
+        cuts.sort_unstable();
+        let mut wire = WireTensor::default();
+        for piece in cuts.windows(2) {
+            wire.push(Bytes::copy_from_slice(&bytes[piece[0]..piece[1]]));
+        }
+        wire
+    }
+
+    #[test]
+    fn any_range_of_any_cutting_gives_its_values_in_order() {
+        let values: Vec<f32> = (0..97).map(|i| i as f32 * 0.37 - 11.0).collect();
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let wire = cut_at_random(&values, &mut rng);
+            assert_eq!(wire.len(), values.len());
+            let start = rng.random_range(0..=values.len());
+            let end = rng.random_range(start..=values.len());
+            let mut got = Vec::new();
+            wire.runs(start..end, |index, run| {
+                assert_eq!(index, start + got.len(), "runs come in order, none skipped");
+                got.extend(run.iter().map(|b| f32::from_le_bytes(*b)));
+            });
+            assert_eq!(got, values[start..end]);
+            let mut all = Vec::new();
+            wire.extend_into(&mut all);
+            assert_eq!(all, values);
+        }
+    }
+
+    #[test]
+    fn a_value_cut_off_at_the_end_is_not_a_value() {
+        let mut wire = WireTensor::default();
+        wire.push(Bytes::from_static(&[0, 0, 128, 63, 0, 0]));
+        assert_eq!((wire.len(), wire.is_whole()), (1, false));
+        let mut got = Vec::new();
+        wire.runs(0..5, |_, run| got.extend_from_slice(run));
+        assert_eq!(got, [1.0f32.to_le_bytes()]);
+    }
+}
