@@ -19,8 +19,8 @@ fn main() -> ExitCode {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     // A data-parallel worker does its math on a blocking thread and only I/O on the async
     // ones, one step at a time: a single async thread saves the cross-thread wake-ups that
-    // made each push+pull ~30% slower (1 worker, batch 256). A PS keeps the default: with
-    // two threads, receiving a large push overlaps applying it.
+    // made each push+pull ~30% slower (1 worker, batch 256). A PS keeps the default, one
+    // thread per core: it serves every worker's pushes and pulls at once.
     if cli.mode == "DataParallel" && cli.role == Role::Worker {
         runtime.worker_threads(1);
     }
