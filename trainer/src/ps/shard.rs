@@ -75,8 +75,11 @@ pub struct Shard {
     pub start: usize,
     pub end: usize,
     /// Shared with pulls in flight; an update copies only if one still holds the old
-    /// version (copy-on-write), so steady-state pulls cost no copy at all.
+    /// version (copy-on-write, [`params_mut`]), so steady-state pulls cost no copy at all.
     params: Arc<Vec<f32>>,
+    /// Earlier versions that pulls were still sending when they were replaced; once the
+    /// last such pull ends, the next copy-on-write reuses one instead of allocating.
+    retired: Vec<Arc<Vec<f32>>>,
     optimizer: Optimizer,
     version: u64,
     consistency: Consistency,
@@ -103,6 +106,7 @@ impl Shard {
             start,
             end: start + params.len(),
             params: Arc::new(params),
+            retired: Vec::new(),
             optimizer,
             version,
             consistency,
@@ -251,7 +255,7 @@ impl Shard {
             Consistency::Async | Consistency::BoundedStaleness(_) => {
                 *self.staleness.entry(version - base).or_default() += 1;
                 self.optimizer
-                    .apply(Arc::make_mut(&mut self.params).as_mut_slice(), &gradient)?;
+                    .apply(params_mut(&mut self.params, &mut self.retired), &gradient)?;
                 self.version += 1;
                 self.recycle(gradient);
                 Ok(PushOutcome::Applied {
@@ -299,7 +303,7 @@ impl Shard {
         self.admit(worker, base, step, now)?;
         *self.staleness.entry(self.version - base).or_default() += 1;
         self.optimizer.apply_wire(
-            Arc::make_mut(&mut self.params).as_mut_slice(),
+            params_mut(&mut self.params, &mut self.retired),
             gradient,
             threads,
         )?;
@@ -333,7 +337,7 @@ impl Shard {
         let scale = 1.0 / count as f32;
         sum.iter_mut().for_each(|s| *s *= scale);
         self.optimizer
-            .apply(Arc::make_mut(&mut self.params).as_mut_slice(), &sum)?;
+            .apply(params_mut(&mut self.params, &mut self.retired), &sum)?;
         self.version += 1;
         for buffer in used.into_iter().chain([sum]) {
             self.recycle(buffer);
@@ -423,6 +427,37 @@ impl Shard {
     /// Sets the failure reason (used when the PS itself gives up).
     pub fn fail(&mut self, reason: String) {
         self.failure.get_or_insert(reason);
+    }
+}
+
+/// The parameters, to update in place. If a pull is still sending this version, the update
+/// goes to a copy, in the buffer of an earlier version that no pull holds any more (memory
+/// touched before: no page faults), and the pull keeps the version it is sending.
+fn params_mut<'a>(
+    params: &'a mut Arc<Vec<f32>>,
+    retired: &mut Vec<Arc<Vec<f32>>>,
+) -> &'a mut [f32] {
+    if Arc::get_mut(params).is_none() {
+        let mut copy = take_unshared(retired);
+        copy.clear();
+        copy.extend_from_slice(params);
+        let sent = std::mem::replace(params, Arc::new(copy));
+        // Two cover the pulls of one version in flight while the next is applied; more
+        // would only hold memory.
+        if retired.len() < 2 {
+            retired.push(sent);
+        }
+    }
+    Arc::get_mut(params)
+        .map(Vec::as_mut_slice)
+        .unwrap_or_default()
+}
+
+/// The buffer of a retired version that no pull holds any more (empty if none).
+fn take_unshared(retired: &mut Vec<Arc<Vec<f32>>>) -> Vec<f32> {
+    match retired.iter().position(|v| Arc::strong_count(v) == 1) {
+        Some(i) => Arc::try_unwrap(retired.swap_remove(i)).unwrap_or_default(),
+        None => Vec::new(),
     }
 }
 
@@ -584,6 +619,28 @@ mod tests {
         ));
         assert_eq!((s.params().to_vec(), s.optimizer().clone()), before);
         assert_eq!(s.version(), 0);
+    }
+
+    #[test]
+    fn a_pull_in_flight_keeps_its_version_and_its_buffer_is_reused() {
+        let now = Instant::now();
+        let mut s = momentum_shard(1);
+        let sent = s.snapshot();
+        s.push_wire(0, 0, 0, &wire(&[1.0; 3]), 1, now).unwrap();
+        // The pull still sends version 0, unchanged; the shard moved on in a copy.
+        assert_eq!(*sent, vec![1.0, 2.0, 3.0]);
+        assert_eq!(s.params(), &[0.5, 1.5, 2.5]);
+        let sent_at = sent.as_ptr();
+        drop(sent);
+        // Another pull in flight: the next update's copy goes to version 0's buffer.
+        let second = s.snapshot();
+        s.push(0, 1, 1, vec![1.0; 3], now).unwrap();
+        assert_eq!(s.params().as_ptr(), sent_at);
+        assert_eq!(*second, vec![0.5, 1.5, 2.5]);
+        let mut plain = momentum_shard(1);
+        plain.push(0, 0, 0, vec![1.0; 3], now).unwrap();
+        plain.push(0, 1, 1, vec![1.0; 3], now).unwrap();
+        assert_eq!(s.params(), plain.params());
     }
 
     #[test]
