@@ -115,6 +115,18 @@ const PARALLEL_VALUES: usize = 1 << 18;
 /// 16 MiB SGD-momentum pass went from ~5 ms to ~2.5 ms).
 const MAX_APPLY_THREADS: usize = 4;
 
+/// Looked up once: `available_parallelism` reads the cgroup's CPU quota from files.
+static APPLY_THREADS: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_APPLY_THREADS)
+});
+
+/// The shard exists once the first worker has registered.
+fn not_registered() -> Status {
+    Status::failed_precondition("no worker has registered yet; call Register first")
+}
+
 /// A push as it arrives: its identity and the checks on every chunk.
 struct IncomingPush {
     inner: Arc<Inner>,
@@ -152,9 +164,7 @@ impl IncomingPush {
                 self.inner.check_worker(chunk.worker_id)?;
                 self.key = Some(key);
                 let mut state = self.inner.lock();
-                let shard = state.shard.as_mut().ok_or_else(|| {
-                    Status::failed_precondition("no worker has registered yet; call Register first")
-                })?;
+                let shard = state.shard.as_mut().ok_or_else(not_registered)?;
                 self.gradient = Some(if shard.applies_on_arrival() {
                     Gradient::Kept(WireTensor::default())
                 } else {
@@ -200,11 +210,7 @@ async fn push(inner: &Arc<Inner>, body: Body) -> Result<u64, Status> {
     let started = Instant::now();
     let limit = match inner.lock().shard.as_ref() {
         Some(shard) => shard.end - shard.start,
-        None => {
-            return Err(Status::failed_precondition(
-                "no worker has registered yet; call Register first",
-            ));
-        }
+        None => return Err(not_registered()),
     };
     let mut incoming = IncomingPush {
         inner: inner.clone(),
@@ -235,9 +241,7 @@ async fn push(inner: &Arc<Inner>, body: Body) -> Result<u64, Status> {
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     inner.metrics.push_bytes.inc_by(bytes);
     let version = if limit >= PARALLEL_VALUES {
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(MAX_APPLY_THREADS);
+        let threads = *APPLY_THREADS;
         let inner = inner.clone();
         tokio::task::spawn_blocking(move || apply(&inner, (worker, base, step), gradient, threads))
             .await
@@ -296,9 +300,7 @@ async fn pull(inner: &Arc<Inner>, body: Body) -> Result<Pieces, Status> {
             let mut state = inner.lock();
             state.last_contact = Instant::now();
             let state = &mut *state;
-            let shard = state.shard.as_mut().ok_or_else(|| {
-                Status::failed_precondition("no worker has registered yet; call Register first")
-            })?;
+            let shard = state.shard.as_mut().ok_or_else(not_registered)?;
             match shard
                 .pull_decision(req.worker_id, req.min_version, req.step, Instant::now())
                 .map_err(status_of)?
