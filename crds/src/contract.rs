@@ -10,9 +10,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// JSON `{"ps": ["host:port", ...], "worker": [...]}`: every replica's address, by role.
+/// JSON `{"ps": ["host:port", ...], "worker": [...]}` (plus `chief` and `evaluator` when the
+/// job has them): every replica's address, by role.
 pub const ENV_CLUSTER: &str = "KUBETRAIN_CLUSTER";
-/// This pod's role: `ps` or `worker`.
+/// This pod's role: `chief`, `ps`, `worker` or `evaluator`.
 pub const ENV_ROLE: &str = "KUBETRAIN_ROLE";
 /// This pod's index within its role, from 0.
 pub const ENV_INDEX: &str = "KUBETRAIN_INDEX";
@@ -80,25 +81,32 @@ impl FinalProgress {
     }
 }
 
-/// The role of a replica.
+/// The role of a replica. The order is the order pods are planned in.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// The coordinator of a user's own program (TensorFlow's `chief`); the built-in
+    /// trainer has none and uses worker 0.
+    Chief,
     /// Parameter server.
     Ps,
-    /// Worker (index 0 is the chief).
+    /// Worker (for the built-in trainer, index 0 is the chief).
     Worker,
+    /// A side evaluator of a user's own program, outside the training cluster.
+    Evaluator,
 }
 
 impl Role {
-    /// Both roles, PS first.
-    pub const ALL: [Role; 2] = [Role::Ps, Role::Worker];
+    /// Every role, in planning order.
+    pub const ALL: [Role; 4] = [Role::Chief, Role::Ps, Role::Worker, Role::Evaluator];
 
-    /// The spelling used in pod names, labels and env.
+    /// The spelling used in pod names, labels, env and TF_CONFIG task types.
     pub fn as_str(self) -> &'static str {
         match self {
+            Role::Chief => "chief",
             Role::Ps => "ps",
             Role::Worker => "worker",
+            Role::Evaluator => "evaluator",
         }
     }
 }
@@ -109,19 +117,18 @@ impl fmt::Display for Role {
     }
 }
 
-/// A role name that is neither `ps` nor `worker`.
+/// A role name that is not one of [`Role::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown role {0:?}: expected \"ps\" or \"worker\"")]
+#[error("unknown role {0:?}: expected \"chief\", \"ps\", \"worker\" or \"evaluator\"")]
 pub struct UnknownRole(pub String);
 
 impl FromStr for Role {
     type Err = UnknownRole;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "ps" => Ok(Role::Ps),
-            "worker" => Ok(Role::Worker),
-            other => Err(UnknownRole(other.to_string())),
-        }
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownRole(s.to_string()))
     }
 }
 
@@ -139,12 +146,18 @@ pub fn pod_dns_name(job: &str, namespace: &str, role: Role, index: usize) -> Str
 /// Every replica's `host:port`, by role: the value of `KUBETRAIN_CLUSTER`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClusterSpec {
+    /// The chief, when the job has one (a user's own program only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chief: Vec<String>,
     /// Parameter servers, by index.
     #[serde(default)]
     pub ps: Vec<String>,
-    /// Workers, by index; worker 0 is the chief.
+    /// Workers, by index; for the built-in trainer, worker 0 is the chief.
     #[serde(default)]
     pub worker: Vec<String>,
+    /// The evaluator, when the job has one. Not part of the training cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evaluator: Vec<String>,
 }
 
 /// `KUBETRAIN_CLUSTER` could not be read.
@@ -155,24 +168,34 @@ pub struct ClusterSpec {
 pub struct InvalidClusterSpec(#[from] serde_json::Error);
 
 impl ClusterSpec {
-    /// The addresses of a job's replicas, as the operator plans them.
-    pub fn for_job(job: &str, namespace: &str, ps: usize, workers: usize, port: u16) -> Self {
-        let addresses = |role, n| {
-            (0..n)
+    /// The addresses of a job's replicas, as the operator plans them, from the number of
+    /// replicas of each role.
+    pub fn for_job(
+        job: &str,
+        namespace: &str,
+        replicas: impl Fn(Role) -> usize,
+        port: u16,
+    ) -> Self {
+        let addresses = |role| {
+            (0..replicas(role))
                 .map(|i| format!("{}:{port}", pod_dns_name(job, namespace, role, i)))
                 .collect()
         };
         Self {
-            ps: addresses(Role::Ps, ps),
-            worker: addresses(Role::Worker, workers),
+            chief: addresses(Role::Chief),
+            ps: addresses(Role::Ps),
+            worker: addresses(Role::Worker),
+            evaluator: addresses(Role::Evaluator),
         }
     }
 
     /// The addresses of one role.
     pub fn role(&self, role: Role) -> &[String] {
         match role {
+            Role::Chief => &self.chief,
             Role::Ps => &self.ps,
             Role::Worker => &self.worker,
+            Role::Evaluator => &self.evaluator,
         }
     }
 
@@ -186,16 +209,22 @@ impl ClusterSpec {
         Ok(serde_json::from_str(value)?)
     }
 
-    /// The `TF_CONFIG` value for one replica, in TensorFlow's format:
-    /// `{"cluster": {"ps": [...], "worker": [...]}, "task": {"type": "worker", "index": 0}, "environment": "cloud"}`.
-    /// Roles without replicas are left out of `cluster`, as TensorFlow expects.
+    /// The `TF_CONFIG` value for one replica, as Kubeflow's TFJob writes it:
+    /// `{"cluster": {"chief": [...], "ps": [...], "worker": [...]}, "task": {"type": "worker",
+    /// "index": 0}, "environment": "cloud"}`. Roles without replicas are left out of
+    /// `cluster`, as TensorFlow expects. The evaluator is never part of the training
+    /// cluster: the training replicas do not see it, and its own `cluster` holds only itself.
     pub fn tf_config(&self, role: Role, index: usize) -> String {
-        let mut cluster = BTreeMap::new();
-        for r in Role::ALL {
-            if !self.role(r).is_empty() {
-                cluster.insert(r.as_str(), self.role(r).to_vec());
-            }
-        }
+        let members: &[Role] = if role == Role::Evaluator {
+            &[Role::Evaluator]
+        } else {
+            &[Role::Chief, Role::Ps, Role::Worker]
+        };
+        let cluster = members
+            .iter()
+            .filter(|r| !self.role(**r).is_empty())
+            .map(|r| (r.as_str(), self.role(*r).to_vec()))
+            .collect();
         let config = TfConfig {
             cluster,
             task: TfTask {
@@ -223,7 +252,7 @@ pub struct TfConfig<'a> {
 /// The `task` part of `TF_CONFIG`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct TfTask {
-    /// The TensorFlow job name: `ps` or `worker`.
+    /// The TensorFlow job name: `chief`, `ps`, `worker` or `evaluator`.
     #[serde(rename = "type")]
     pub type_: String,
     /// The index within that job.
@@ -234,9 +263,18 @@ pub struct TfTask {
 mod tests {
     use super::*;
 
+    fn counts(chief: usize, ps: usize, worker: usize, evaluator: usize) -> impl Fn(Role) -> usize {
+        move |role| match role {
+            Role::Chief => chief,
+            Role::Ps => ps,
+            Role::Worker => worker,
+            Role::Evaluator => evaluator,
+        }
+    }
+
     #[test]
     fn cluster_spec_round_trips_through_env() {
-        let spec = ClusterSpec::for_job("digits", "team-a", 2, 3, DEFAULT_PORT);
+        let spec = ClusterSpec::for_job("digits", "team-a", counts(0, 2, 3, 0), DEFAULT_PORT);
         assert_eq!(spec.ps[1], "digits-ps-1.digits.team-a.svc:2222");
         assert_eq!(spec.worker.len(), 3);
         let parsed = ClusterSpec::from_env(&spec.to_env()).unwrap();
@@ -245,7 +283,7 @@ mod tests {
 
     #[test]
     fn cluster_spec_env_has_the_documented_shape() {
-        let spec = ClusterSpec::for_job("j", "ns", 1, 1, 2222);
+        let spec = ClusterSpec::for_job("j", "ns", counts(0, 1, 1, 0), 2222);
         let value: serde_json::Value = serde_json::from_str(&spec.to_env()).unwrap();
         assert_eq!(
             value,
@@ -261,7 +299,7 @@ mod tests {
 
     #[test]
     fn tf_config_is_tensorflows_format() {
-        let spec = ClusterSpec::for_job("j", "ns", 1, 2, 2222);
+        let spec = ClusterSpec::for_job("j", "ns", counts(0, 1, 2, 0), 2222);
         let value: serde_json::Value =
             serde_json::from_str(&spec.tf_config(Role::Worker, 1)).unwrap();
         assert_eq!(
@@ -279,7 +317,7 @@ mod tests {
 
     #[test]
     fn tf_config_round_trips_and_omits_empty_roles() {
-        let spec = ClusterSpec::for_job("j", "ns", 0, 2, 2222);
+        let spec = ClusterSpec::for_job("j", "ns", counts(0, 0, 2, 0), 2222);
         let text = spec.tf_config(Role::Worker, 0);
         let parsed: TfConfig<'_> = serde_json::from_str(&text).unwrap();
         assert!(!parsed.cluster.contains_key("ps"));
@@ -294,10 +332,42 @@ mod tests {
     }
 
     #[test]
+    fn tf_config_of_a_chief_job_keeps_the_evaluator_apart() {
+        let spec = ClusterSpec::for_job("j", "ns", counts(1, 1, 2, 1), 2222);
+        let chief: serde_json::Value =
+            serde_json::from_str(&spec.tf_config(Role::Chief, 0)).unwrap();
+        assert_eq!(
+            chief,
+            serde_json::json!({
+                "cluster": {
+                    "chief": ["j-chief-0.j.ns.svc:2222"],
+                    "ps": ["j-ps-0.j.ns.svc:2222"],
+                    "worker": ["j-worker-0.j.ns.svc:2222", "j-worker-1.j.ns.svc:2222"]
+                },
+                "task": {"type": "chief", "index": 0},
+                "environment": "cloud"
+            })
+        );
+        let evaluator: serde_json::Value =
+            serde_json::from_str(&spec.tf_config(Role::Evaluator, 0)).unwrap();
+        assert_eq!(
+            evaluator,
+            serde_json::json!({
+                "cluster": {"evaluator": ["j-evaluator-0.j.ns.svc:2222"]},
+                "task": {"type": "evaluator", "index": 0},
+                "environment": "cloud"
+            })
+        );
+        // The built-in trainer's variable keeps its two-role shape when there is no chief.
+        let plain = ClusterSpec::for_job("j", "ns", counts(0, 1, 1, 0), 2222);
+        assert!(!plain.to_env().contains("chief"), "{}", plain.to_env());
+    }
+
+    #[test]
     fn roles_parse_and_print() {
         for role in Role::ALL {
             assert_eq!(role.as_str().parse::<Role>().unwrap(), role);
         }
-        assert!("chief".parse::<Role>().is_err());
+        assert!("master".parse::<Role>().is_err());
     }
 }

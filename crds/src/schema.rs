@@ -33,6 +33,24 @@ pub fn worker_replica_spec(generator: &mut SchemaGenerator) -> Schema {
     schema
 }
 
+/// The chief and the evaluator are single replicas, as in Kubeflow's TFJob: TensorFlow
+/// knows one coordinator and one side evaluator per cluster.
+pub fn single_replica_spec(generator: &mut SchemaGenerator) -> Schema {
+    let mut schema = ReplicaSpec::json_schema(generator);
+    if let Some(replicas) = schema
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("replicas"))
+        .and_then(|r| r.as_object_mut())
+    {
+        replicas.insert("maximum".into(), 1.into());
+        replicas.insert(
+            "description".into(),
+            "Number of pods of this role: 0 or 1. Default 1.".into(),
+        );
+    }
+    schema
+}
+
 /// Conditions are a list-map keyed by `type`, so server-side apply merges them per type
 /// instead of replacing the whole list.
 pub fn conditions_list_map(generator: &mut SchemaGenerator) -> Schema {

@@ -9,7 +9,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::schema::{preserve_unknown_object, worker_replica_spec};
+use crate::schema::{preserve_unknown_object, single_replica_spec, worker_replica_spec};
 use crate::status::TrainingJobStatus;
 
 /// One distributed training run: parameter-server and worker replicas, what to train, and
@@ -41,6 +41,13 @@ use crate::status::TrainingJobStatus;
         type_ = "string",
         description = "Workers ready / workers desired",
         json_path = ".status.workersReady"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "string",
+        description = "Ready pods / desired pods of every role: chief, ps, worker, evaluator",
+        json_path = ".status.replicasReady",
+        priority = 1
     ),
     printcolumn(
         name = "Step",
@@ -84,8 +91,9 @@ pub struct TrainingJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingSpec>,
 
-    /// When the job counts as succeeded. `ChiefWorker` (default): as soon as worker 0 (the
-    /// chief) exits 0. `AllWorkers`: once every worker has exited 0.
+    /// When the job counts as succeeded, for jobs without a `chief` replica (with one, the
+    /// chief exiting 0 decides). `ChiefWorker` (default): as soon as worker 0 exits 0.
+    /// `AllWorkers`: once every worker has exited 0.
     #[serde(default)]
     pub success_policy: SuccessPolicy,
 
@@ -108,6 +116,16 @@ pub enum Mode {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaSpecs {
+    /// A coordinator of your own program, for example TensorFlow 2's ParameterServerStrategy
+    /// client, which runs as task type `chief` while the `ps` and `worker` tasks only serve.
+    /// 0 or 1 replica, pod `<job>-chief-0`. When a chief exists it alone decides success:
+    /// the job succeeds when the chief exits 0, and the other pods are then removed as
+    /// runPolicy.cleanPodPolicy says. Not with spec.training: the built-in trainer uses
+    /// worker 0 as its chief.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "single_replica_spec")]
+    pub chief: Option<ReplicaSpec>,
+
     /// Parameter servers. Each holds a contiguous shard of the flattened parameters and the
     /// optimizer state for it. Required (at least 1) for a DataParallel job with the built-in
     /// trainer; leave it out or set `replicas: 0` for ModelParallel. The chief tells the
@@ -120,6 +138,32 @@ pub struct ReplicaSpecs {
     /// job is done. In ModelParallel mode worker i runs pipeline stage i. At least 1.
     #[schemars(schema_with = "worker_replica_spec")]
     pub worker: ReplicaSpec,
+
+    /// A side evaluator of your own program (TensorFlow task type `evaluator`): 0 or 1
+    /// replica, pod `<job>-evaluator-0`. It is not part of the training cluster (its
+    /// TF_CONFIG names only itself) and never decides success; if it is still running when
+    /// the job finishes, it is stopped. Not with spec.training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "single_replica_spec")]
+    pub evaluator: Option<ReplicaSpec>,
+}
+
+impl ReplicaSpecs {
+    /// The spec of a role, if the job has that role.
+    pub fn get(&self, role: crate::contract::Role) -> Option<&ReplicaSpec> {
+        use crate::contract::Role;
+        match role {
+            Role::Chief => self.chief.as_ref(),
+            Role::Ps => self.ps.as_ref(),
+            Role::Worker => Some(&self.worker),
+            Role::Evaluator => self.evaluator.as_ref(),
+        }
+    }
+
+    /// The number of pods of a role (0 when the role is absent).
+    pub fn replicas(&self, role: crate::contract::Role) -> usize {
+        self.get(role).map_or(0, |s| s.replicas.max(0) as usize)
+    }
 }
 
 /// How many pods of one role to run, what they run, and how failures are handled.
@@ -146,7 +190,9 @@ pub struct ReplicaSpec {
     /// `trainer`, else `tensorflow`, else the first container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "preserve_unknown_object")]
-    pub template: Option<PodTemplateSpec>,
+    // Boxed: a PodSpec is kilobytes, and a spec with four roles deserialised inline
+    // overflowed a 2 MiB thread stack in debug builds.
+    pub template: Option<Box<PodTemplateSpec>>,
 }
 
 fn default_replicas() -> i32 {

@@ -31,6 +31,11 @@ pub struct TrainingJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers_ready: Option<String>,
 
+    /// Ready pods out of desired pods for every role the job has, for example
+    /// `chief 1/1, ps 1/1, worker 2/2`: the Replicas column of `kubectl get -o wide`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_ready: Option<String>,
+
     /// Live training progress reported by the chief.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<TrainingProgress>,
@@ -100,12 +105,31 @@ impl JobCondition {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaStatuses {
+    /// The chief pod, when the job has a chief.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chief: Option<ReplicaStatus>,
     /// Parameter-server pods.
     #[serde(default)]
     pub ps: ReplicaStatus,
     /// Worker pods.
     #[serde(default)]
     pub worker: ReplicaStatus,
+    /// The evaluator pod, when the job has an evaluator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluator: Option<ReplicaStatus>,
+}
+
+impl ReplicaStatuses {
+    /// The counts of a role; None for a chief or evaluator the job does not have.
+    pub fn role(&self, role: crate::contract::Role) -> Option<&ReplicaStatus> {
+        use crate::contract::Role;
+        match role {
+            Role::Chief => self.chief.as_ref(),
+            Role::Ps => Some(&self.ps),
+            Role::Worker => Some(&self.worker),
+            Role::Evaluator => self.evaluator.as_ref(),
+        }
+    }
 }
 
 /// Pod counts for one role.

@@ -79,7 +79,36 @@ impl TrainingJobSpec {
                 format!("must be at least 1, got {workers}"),
             );
         }
-        for (role, spec) in [("ps", ps), ("worker", Some(&self.replica_specs.worker))] {
+        let singles = [
+            ("chief", self.replica_specs.chief.as_ref()),
+            ("evaluator", self.replica_specs.evaluator.as_ref()),
+        ];
+        for (role, spec) in singles {
+            let Some(spec) = spec else { continue };
+            if !(0..=1).contains(&spec.replicas) {
+                fail(
+                    &format!("spec.replicaSpecs.{role}.replicas"),
+                    format!("must be 0 or 1, got {}", spec.replicas),
+                );
+            }
+            if self.training.is_some() && spec.replicas > 0 {
+                fail(
+                    &format!("spec.replicaSpecs.{role}"),
+                    format!(
+                        "the built-in trainer (spec.training) has no {role}: worker 0 is its chief \
+                         and evaluates as it trains. Remove replicaSpecs.{role}, or remove \
+                         spec.training and give every role a template that runs your own program"
+                    ),
+                );
+            }
+        }
+        let roles = [
+            ("chief", self.replica_specs.chief.as_ref()),
+            ("ps", ps),
+            ("worker", Some(&self.replica_specs.worker)),
+            ("evaluator", self.replica_specs.evaluator.as_ref()),
+        ];
+        for (role, spec) in roles {
             let Some(spec) = spec else { continue };
             if let Some(template) = &spec.template {
                 let containers = template.spec.as_ref().map_or(0, |s| s.containers.len());
@@ -130,7 +159,10 @@ impl TrainingJobSpec {
         if let Some(gang) = &policy.scheduling_policy
             && let Some(min) = gang.min_available
         {
-            let total = ps_replicas.max(0) + workers.max(0);
+            let total: i32 = roles
+                .iter()
+                .filter_map(|(_, spec)| spec.map(|s| s.replicas.max(0)))
+                .sum();
             if min < 1 || min > total {
                 fail(
                     "spec.runPolicy.schedulingPolicy.minAvailable",

@@ -46,7 +46,15 @@ fn crd_names_and_subresources() {
         .collect();
     assert_eq!(
         columns,
-        ["State", "Ready", "Step", "Loss", "Accuracy", "Age"]
+        [
+            "State", "Ready", "Replicas", "Step", "Loss", "Accuracy", "Age"
+        ]
+    );
+    let replicas = &version.additional_printer_columns.as_ref().unwrap()[2];
+    assert_eq!(
+        replicas.priority,
+        Some(1),
+        "Replicas shows with -o wide only"
     );
 }
 
@@ -165,18 +173,27 @@ fn every_schema_property_is_documented() {
     );
 }
 
+/// Every TrainingJob under examples/ (one level of folders deep), by its path there.
 fn examples() -> Vec<(String, TrainingJob)> {
+    let root = repo_root().join("examples");
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(repo_root().join("examples")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            let job: TrainingJob = serde_yaml::from_str(&text)
-                .unwrap_or_else(|e| panic!("{} is not a TrainingJob: {e}", path.display()));
-            out.push((
-                path.file_name().unwrap().to_string_lossy().into_owned(),
-                job,
-            ));
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() && dir == root {
+                dirs.push(path);
+                continue;
+            }
+            let is_job = path.extension().is_some_and(|e| e == "yaml")
+                && path.file_name().is_some_and(|n| n != "kustomization.yaml");
+            if is_job {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let job: TrainingJob = serde_yaml::from_str(&text)
+                    .unwrap_or_else(|e| panic!("{} is not a TrainingJob: {e}", path.display()));
+                let name = path.strip_prefix(&root).unwrap();
+                out.push((name.to_string_lossy().into_owned(), job));
+            }
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -193,7 +210,8 @@ fn every_example_parses_and_is_valid() {
         "async.yaml",
         "bounded-staleness.yaml",
         "model-parallel.yaml",
-        "tensorflow.yaml",
+        "tensorflow/ps-strategy.yaml",
+        "tensorflow/multi-worker.yaml",
     ] {
         assert!(names.contains(&required), "examples/{required} is missing");
     }
@@ -222,15 +240,22 @@ fn quickstart_is_the_small_data_parallel_job() {
 }
 
 #[test]
-fn tensorflow_example_needs_no_training_block() {
-    let (_, job) = examples()
-        .into_iter()
-        .find(|(n, _)| n == "tensorflow.yaml")
-        .unwrap();
-    assert!(job.spec.training.is_none());
-    let template = job.spec.replica_specs.worker.template.as_ref().unwrap();
+fn tensorflow_examples_need_no_training_block() {
+    let examples = examples();
+    let find = |name: &str| &examples.iter().find(|(n, _)| n == name).unwrap().1;
+    let ps = find("tensorflow/ps-strategy.yaml");
+    assert!(ps.spec.training.is_none());
+    let chief = ps.spec.replica_specs.chief.as_ref().expect("a chief");
+    assert_eq!(chief.replicas, 1);
+    let template = chief.template.as_ref().unwrap();
     assert_eq!(
         template.spec.as_ref().unwrap().containers[0].name,
         "tensorflow"
+    );
+    let mwms = find("tensorflow/multi-worker.yaml");
+    assert!(mwms.spec.replica_specs.ps.is_none());
+    assert_eq!(
+        mwms.spec.success_policy,
+        kubetrain_api::SuccessPolicy::AllWorkers
     );
 }

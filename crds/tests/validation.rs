@@ -202,3 +202,51 @@ fn without_training_every_role_needs_a_template() {
     assert!(errors[0].starts_with("spec.replicaSpecs.ps.template: "));
     assert!(errors[1].starts_with("spec.replicaSpecs.worker.template: "));
 }
+
+#[test]
+fn the_built_in_trainer_has_no_chief_or_evaluator() {
+    for role in ["chief", "evaluator"] {
+        assert_one_error(
+            serde_json::json!({"spec": {"replicaSpecs": {role: {"replicas": 1}}}}),
+            &format!("spec.replicaSpecs.{role}"),
+            "worker 0 is its chief",
+        );
+    }
+}
+
+#[test]
+fn chief_and_evaluator_are_single_replicas_of_a_users_program() {
+    let template =
+        serde_json::json!({"spec": {"containers": [{"name": "tensorflow", "image": "tf"}]}});
+    let own = |extra: serde_json::Value| {
+        let mut patch = serde_json::json!({"spec": {"training": null, "replicaSpecs": {
+            "ps": {"replicas": 1, "template": template},
+            "worker": {"replicas": 2, "template": template},
+            "chief": {"replicas": 1, "template": template},
+            "evaluator": {"replicas": 1, "template": template},
+        }}});
+        merge(&mut patch, extra);
+        patch
+    };
+    assert_eq!(
+        errors_with(own(serde_json::json!({}))),
+        Vec::<String>::new()
+    );
+    assert_one_error(
+        own(serde_json::json!({"spec": {"replicaSpecs": {"chief": {"replicas": 2}}}})),
+        "spec.replicaSpecs.chief.replicas",
+        "must be 0 or 1, got 2",
+    );
+    assert_one_error(
+        own(serde_json::json!({"spec": {"replicaSpecs": {"evaluator": {"template": null}}}})),
+        "spec.replicaSpecs.evaluator.template",
+        "your own image",
+    );
+    // minAvailable counts the chief and the evaluator too.
+    assert_eq!(
+        errors_with(own(
+            serde_json::json!({"spec": {"runPolicy": {"schedulingPolicy": {"gang": true, "minAvailable": 5}}}})
+        )),
+        Vec::<String>::new()
+    );
+}

@@ -10,7 +10,6 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ObjectMeta};
 use kube::{Resource, ResourceExt};
 use kubetrain_api::TrainingJob;
-use kubetrain_api::contract::Role;
 use serde_json::{Value, json};
 
 use crate::plan;
@@ -78,7 +77,7 @@ pub fn wanted(job: &TrainingJob) -> bool {
 
 /// Pods that must be placeable together: `minAvailable`, or every replica of the job.
 pub fn min_member(job: &TrainingJob) -> i32 {
-    let all = (plan::replicas(job, Role::Ps) + plan::replicas(job, Role::Worker)) as i32;
+    let all = plan::replica_ids(job).len() as i32;
     job.spec
         .run_policy
         .scheduling_policy
@@ -269,7 +268,7 @@ mod tests {
     #[test]
     fn volcano_group_defaults_min_member_to_every_replica_and_carries_queue_and_priority() {
         let job = job(gang(None));
-        let all = (plan::replicas(&job, Role::Ps) + plan::replicas(&job, Role::Worker)) as i32;
+        let all = plan::replica_ids(&job).len() as i32;
         let group = pod_group(&job, GangScheduler::Volcano);
         assert_eq!(
             group.types.as_ref().map(|t| t.api_version.as_str()),

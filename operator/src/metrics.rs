@@ -197,9 +197,8 @@ impl Metrics {
         drop(states);
 
         for role in kubetrain_api::contract::Role::ALL {
-            let restarts = match role {
-                kubetrain_api::contract::Role::Ps => status.replica_statuses.ps.restarts,
-                kubetrain_api::contract::Role::Worker => status.replica_statuses.worker.restarts,
+            let Some(restarts) = status.replica_statuses.role(role).map(|r| r.restarts) else {
+                continue;
             };
             self.pod_restarts
                 .get_or_create(&RoleLabels {

@@ -72,18 +72,16 @@ impl ReplicaId {
 
 /// The replica spec of a role, if the job has that role.
 pub fn replica_spec(job: &TrainingJob, role: Role) -> Option<&ReplicaSpec> {
-    match role {
-        Role::Ps => job.spec.replica_specs.ps.as_ref(),
-        Role::Worker => Some(&job.spec.replica_specs.worker),
-    }
+    job.spec.replica_specs.get(role)
 }
 
 /// The number of replicas of a role (0 when the role is absent).
 pub fn replicas(job: &TrainingJob, role: Role) -> usize {
-    replica_spec(job, role).map_or(0, |s| s.replicas.max(0) as usize)
+    job.spec.replica_specs.replicas(role)
 }
 
-/// Every replica the job should have, PS first, in index order.
+/// Every replica the job should have, in role order (chief, ps, worker, evaluator), then
+/// index order.
 pub fn replica_ids(job: &TrainingJob) -> Vec<ReplicaId> {
     Role::ALL
         .into_iter()
@@ -162,13 +160,8 @@ pub fn pod_restart_policy(policy: RestartPolicy) -> &'static str {
 pub fn contract_env(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettings) -> Vec<EnvVar> {
     let namespace = job.namespace().unwrap_or_default();
     let name = job.name_any();
-    let cluster = ClusterSpec::for_job(
-        &name,
-        &namespace,
-        replicas(job, Role::Ps),
-        replicas(job, Role::Worker),
-        settings.port,
-    );
+    let cluster =
+        ClusterSpec::for_job(&name, &namespace, |role| replicas(job, role), settings.port);
     let value = |name: &str, value: String| EnvVar {
         name: name.to_string(),
         value: Some(value),
@@ -271,7 +264,8 @@ pub fn pod(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettings) -> Po
     let spec = replica_spec(job, replica.role).expect("replica ids come from the job's roles");
     let template = spec
         .template
-        .clone()
+        .as_deref()
+        .cloned()
         .unwrap_or_else(|| default_template(settings));
 
     let mut labels = template
@@ -569,7 +563,7 @@ mod tests {
         assert_eq!(metrics_port(pod), None);
 
         // A user's own image (no spec.training) serves no kubetrain metrics.
-        let tensorflow = job(include_str!("../../examples/tensorflow.yaml"));
+        let tensorflow = job(include_str!("../../examples/tensorflow/ps-strategy.yaml"));
         let pod = &pods(&tensorflow, &PlanSettings::default())[0];
         assert!(!env_of(pod).contains_key(contract::ENV_METRICS_PORT));
         assert_eq!(metrics_port(pod), None);
@@ -590,15 +584,15 @@ mod tests {
 
     #[test]
     fn a_users_template_is_kept_and_the_env_goes_into_the_tensorflow_container() {
-        let job = job(include_str!("../../examples/tensorflow.yaml"));
+        let job = job(include_str!("../../examples/tensorflow/ps-strategy.yaml"));
         let pods = pods(&job, &PlanSettings::default());
-        assert_eq!(pods.len(), 3);
-        let spec = pods[1].spec.as_ref().unwrap();
+        assert_eq!(pods.len(), 4);
+        let spec = pods[2].spec.as_ref().unwrap();
         let container = &spec.containers[0];
         assert_eq!(container.name, "tensorflow");
         assert_eq!(
             container.image.as_deref(),
-            Some("tensorflow/tensorflow:2.16.1")
+            Some("tensorflow/tensorflow:2.21.0")
         );
         let requests = container
             .resources
@@ -608,14 +602,70 @@ mod tests {
             .as_ref()
             .unwrap();
         assert_eq!(
-            requests["memory"].0, "4Gi",
-            "the worker template, not the PS one"
+            requests["memory"].0, "2Gi",
+            "the worker template, not the chief's or the PS's"
         );
-        let env = env_of(&pods[1]);
+        let env = env_of(&pods[2]);
         assert!(env.contains_key(contract::ENV_TF_CONFIG));
         assert!(
             !env.contains_key(contract::ENV_TRAINING),
             "no training block, no KUBETRAIN_TRAINING"
+        );
+    }
+
+    #[test]
+    fn chief_and_evaluator_pods_are_planned_like_the_other_roles() {
+        let mut job = job(include_str!("../../examples/tensorflow/ps-strategy.yaml"));
+        let mut evaluator = job.spec.replica_specs.ps.clone().unwrap();
+        evaluator.replicas = 1;
+        job.spec.replica_specs.evaluator = Some(evaluator);
+        let pods = pods(&job, &PlanSettings::default());
+        let names: Vec<_> = pods.iter().map(|p| p.name_any()).collect();
+        assert_eq!(
+            names,
+            [
+                "tf-ps-chief-0",
+                "tf-ps-ps-0",
+                "tf-ps-worker-0",
+                "tf-ps-worker-1",
+                "tf-ps-evaluator-0"
+            ]
+        );
+        for (pod, role) in pods
+            .iter()
+            .zip(["chief", "ps", "worker", "worker", "evaluator"])
+        {
+            let labels = pod.metadata.labels.as_ref().unwrap();
+            assert_eq!(labels[contract::LABEL_ROLE], role);
+            assert_eq!(labels[contract::LABEL_JOB_NAME], "tf-ps");
+            let spec = pod.spec.as_ref().unwrap();
+            assert_eq!(spec.hostname.as_deref(), Some(pod.name_any().as_str()));
+            assert_eq!(spec.subdomain.as_deref(), Some("tf-ps"));
+            assert_eq!(
+                pod.metadata.owner_references.as_ref().unwrap()[0].uid,
+                "uid-1"
+            );
+            let tf: serde_json::Value =
+                serde_json::from_str(&env_of(pod)[contract::ENV_TF_CONFIG]).unwrap();
+            assert_eq!(tf["task"]["type"], role);
+            let cluster = tf["cluster"].as_object().unwrap();
+            if role == "evaluator" {
+                assert_eq!(cluster.keys().collect::<Vec<_>>(), ["evaluator"]);
+            } else {
+                assert_eq!(
+                    cluster.keys().collect::<Vec<_>>(),
+                    ["chief", "ps", "worker"]
+                );
+                assert_eq!(cluster["chief"][0], "tf-ps-chief-0.tf-ps.team.svc:2222");
+            }
+        }
+        let chief = &pods[0];
+        assert_eq!(
+            ReplicaId::from_pod(chief),
+            Some(ReplicaId {
+                role: Role::Chief,
+                index: 0
+            })
         );
     }
 

@@ -132,13 +132,20 @@ pub fn decide_with_gang(
     d.status.observed_generation = job.metadata.generation;
     let by_replica = index_pods(pods);
     d.run(pods, &by_replica);
-    d.status.replica_statuses.ps = replica_status(job, Role::Ps, pods, &d.status);
-    d.status.replica_statuses.worker = replica_status(job, Role::Worker, pods, &d.status);
+    let has = |role| plan::replica_spec(job, role).is_some();
+    let counts = |role| replica_status(job, role, pods, &d.status);
+    d.status.replica_statuses = kubetrain_api::ReplicaStatuses {
+        chief: has(Role::Chief).then(|| counts(Role::Chief)),
+        ps: counts(Role::Ps),
+        worker: counts(Role::Worker),
+        evaluator: has(Role::Evaluator).then(|| counts(Role::Evaluator)),
+    };
     d.status.workers_ready = Some(format!(
         "{}/{}",
         d.status.replica_statuses.worker.ready,
         plan::replicas(job, Role::Worker)
     ));
+    d.status.replicas_ready = Some(replicas_ready(job, &d.status.replica_statuses));
     sort_conditions(&mut d.status.conditions);
     Decision {
         status: d.status,
@@ -522,14 +529,17 @@ impl Decider<'_> {
 
     fn success(&self, by_replica: &BTreeMap<ReplicaId, &Pod>) -> Option<String> {
         let workers = plan::replicas(self.job, Role::Worker);
-        let succeeded = |index| {
+        let role_succeeded = |role, index| {
             by_replica
-                .get(&ReplicaId {
-                    role: Role::Worker,
-                    index,
-                })
+                .get(&ReplicaId { role, index })
                 .is_some_and(|p| phase(p) == "Succeeded")
         };
+        let succeeded = |index| role_succeeded(Role::Worker, index);
+        // As in Kubeflow's TFJob: a chief, when there is one, alone decides success.
+        if plan::replicas(self.job, Role::Chief) > 0 {
+            return role_succeeded(Role::Chief, 0)
+                .then(|| "the chief completed successfully".to_string());
+        }
         match self.job.spec.success_policy {
             SuccessPolicy::ChiefWorker if succeeded(0) => {
                 Some("the chief (worker 0) completed successfully".into())
@@ -692,14 +702,19 @@ impl Decider<'_> {
         let mut kept_failed = Vec::new();
         for pod in pods.iter().filter(|p| !is_terminating(p)) {
             let finished = matches!(phase(pod), "Succeeded" | "Failed");
+            let role = ReplicaId::from_pod(pod).map(|r| r.role);
             // Parameter servers only serve the workers: once the job is over they go, even
             // when the chief already told them to exit.
-            let ps = ReplicaId::from_pod(pod).is_some_and(|r| r.role == Role::Ps);
-            let remove = match policy {
-                CleanPodPolicy::All => true,
-                CleanPodPolicy::Running => !finished || ps,
-                CleanPodPolicy::None => false,
-            };
+            let ps = role == Some(Role::Ps);
+            // An evaluator waits for checkpoints that no longer come: it never outlives
+            // the job, whatever the policy keeps.
+            let idle_evaluator = role == Some(Role::Evaluator) && !finished;
+            let remove = idle_evaluator
+                || match policy {
+                    CleanPodPolicy::All => true,
+                    CleanPodPolicy::Running => !finished || ps,
+                    CleanPodPolicy::None => false,
+                };
             if remove {
                 self.delete(pod);
             } else if phase(pod) == "Failed" {
@@ -857,6 +872,19 @@ fn replica_status(
         failed: count(&|p| phase(p) == "Failed"),
         restarts: recreated + ours.iter().map(|p| restart_count(p)).sum::<i32>(),
     }
+}
+
+/// `chief 1/1, ps 1/1, worker 2/2`: ready out of desired pods of every role the job has.
+fn replicas_ready(job: &TrainingJob, statuses: &kubetrain_api::ReplicaStatuses) -> String {
+    Role::ALL
+        .into_iter()
+        .filter(|role| plan::replicas(job, *role) > 0)
+        .map(|role| {
+            let ready = statuses.role(role).map_or(0, |s| s.ready);
+            format!("{role} {ready}/{}", plan::replicas(job, role))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Whether the job has reached Succeeded or Failed.

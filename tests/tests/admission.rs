@@ -104,17 +104,25 @@ async fn kubectl_applies_the_crd_and_it_is_established() {
 async fn every_example_is_accepted_by_the_server() {
     let ns = namespace_with_crd("examples-dry-run").await;
     let dir = envtest::workspace_root().join("examples");
-    let mut examples: Vec<_> = std::fs::read_dir(&dir)
-        .expect("examples/")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
+    let yaml_in = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .expect("examples/")
+            .map(|e| e.expect("dir entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
+            .collect()
+    };
+    let mut examples = yaml_in(&dir);
+    examples.extend(yaml_in(&dir.join("tensorflow")));
     examples.sort();
-    assert!(examples.len() >= 6, "examples: {examples:?}");
+    assert!(examples.len() >= 7, "examples: {examples:?}");
+    // The TensorFlow examples' kustomization (ConfigMap and jobs) too, as a user applies it.
+    examples.push(dir.join("tensorflow"));
     for example in &examples {
         let path = example.to_str().expect("utf-8 path");
+        let how = if example.is_dir() { "-k" } else { "-f" };
         let out = kubectl(
-            &["apply", "--dry-run=server", "-n", &ns.name, "-f", path],
+            &["apply", "--dry-run=server", "-n", &ns.name, how, path],
             None,
         )
         .await;
@@ -215,6 +223,14 @@ async fn bad_manifests_are_rejected_with_the_field_named() {
         *job.pointer_mut(pointer)
             .unwrap_or_else(|| panic!("{case}: {pointer} not in the base job")) = value;
         assert_rejected(&ns, case, job, field).await;
+    }
+    // A second chief or evaluator: TensorFlow knows one of each per cluster.
+    for role in ["chief", "evaluator"] {
+        let mut job = valid_job(&format!("two-{role}s"));
+        job["spec"]["training"] = Value::Null;
+        job["spec"]["replicaSpecs"][role] = json!({"replicas": 2});
+        let field = format!("spec.replicaSpecs.{role}.replicas");
+        assert_rejected(&ns, &format!("two {role}s"), job, &field).await;
     }
     // The base job itself is fine: the rejections above are about the one field.
     let object: DynamicObject = serde_json::from_value(valid_job("good")).expect("job JSON");
@@ -336,4 +352,25 @@ async fn kubectl_get_tj_prints_the_columns() {
         text(&out)
     );
     assert_eq!(row.len(), 7, "an Age column: {}", text(&out));
+
+    // `-o wide` adds every role's ready pods.
+    api.patch_status(
+        "cols",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"replicasReady": "chief 1/1, ps 1/1, worker 2/2"}})),
+    )
+    .await
+    .expect("patch status");
+    let out = kubectl(&["get", "tj", "-n", &ns.name, "-o", "wide"], None).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .contains("REPLICAS"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("chief 1/1, ps 1/1, worker 2/2"), "{stdout}");
 }

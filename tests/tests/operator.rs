@@ -66,11 +66,7 @@ async fn create(ns: &TestNamespace, job: &TrainingJob) -> TrainingJob {
 }
 
 fn replicas(job: &TrainingJob, role: Role) -> usize {
-    match role {
-        Role::Ps => job.spec.replica_specs.ps.as_ref().map_or(0, |p| p.replicas),
-        Role::Worker => job.spec.replica_specs.worker.replicas,
-    }
-    .max(0) as usize
+    job.spec.replica_specs.replicas(role)
 }
 
 fn pod_names(job: &str, ps: usize, workers: usize) -> Vec<String> {
@@ -178,10 +174,11 @@ fn check_pod(pod: &Pod, job: &TrainingJob, role: Role, index: usize) {
     assert_eq!(spec.subdomain.as_deref(), Some(name.as_str()));
     assert_controlled_by(&pod_name, pod.metadata.owner_references.as_ref(), job);
 
-    let replica = match role {
-        Role::Ps => job.spec.replica_specs.ps.as_ref().expect("ps spec"),
-        Role::Worker => &job.spec.replica_specs.worker,
-    };
+    let replica = job
+        .spec
+        .replica_specs
+        .get(role)
+        .unwrap_or_else(|| panic!("{pod_name}: the job has no {role} spec"));
     let expected_policy = match replica.restart_policy {
         RestartPolicy::Never | RestartPolicy::ExitCode => "Never",
         RestartPolicy::OnFailure => "OnFailure",
@@ -199,8 +196,7 @@ fn check_pod(pod: &Pod, job: &TrainingJob, role: Role, index: usize) {
     let cluster = ClusterSpec::for_job(
         &name,
         &ns,
-        replicas(job, Role::Ps),
-        replicas(job, Role::Worker),
+        |role| replicas(job, role),
         contract::DEFAULT_PORT,
     );
     let got_cluster = ClusterSpec::from_env(

@@ -216,6 +216,7 @@ fn grpc_round_trip(bin: &Path, rounds: usize, dir: &Path) -> GrpcTimes {
     let cluster = ClusterSpec {
         ps: vec![format!("127.0.0.1:{port}")],
         worker: vec!["127.0.0.1:1".into()],
+        ..ClusterSpec::default()
     };
     let spec = transport_training();
     let mut ps = Command::new(bin)
@@ -455,6 +456,7 @@ fn distributed(
         worker: (0..workers)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect(),
+        ..ClusterSpec::default()
     };
     std::fs::create_dir_all(dir).unwrap();
     let spawn = |role: &str, index: usize| {
