@@ -11,6 +11,7 @@ pub mod leader;
 pub mod local;
 pub mod metrics;
 pub mod plan;
+pub mod podsim;
 pub mod progress;
 pub mod status;
 pub mod telemetry;

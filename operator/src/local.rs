@@ -3,10 +3,13 @@
 //! This is a thin shell, like the controller: `plan` makes the pods, `status::decide`
 //! decides everything, and this module plays the parts a cluster would (the kubelet that
 //! runs containers and restarts them in place, DNS that maps pod names to addresses).
-//! Each pod gets its own loopback address 127.X.Y.Z, so every replica listens on the
-//! contract port as it would in a cluster.
+//! Addresses, names and mounts come from [`crate::podsim`], as in the test kubelet: each
+//! pod gets its own loopback address and a host port for its contract port, so programs
+//! that bind `0.0.0.0:<port>` (TensorFlow's servers) work too, and each runs in a working
+//! directory of its own that survives its restarts, as a container's does.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
@@ -27,6 +30,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::plan::{self, PlanSettings, ReplicaId};
+use crate::podsim::forward::PortForward;
+use crate::podsim::network::{DnsContext, DnsKey, PodAddress, PodNetwork};
+use crate::podsim::paths::PathMap;
 use crate::status::{self, Action};
 
 /// `kubetrain local` options.
@@ -51,6 +57,25 @@ pub struct LocalArgs {
     /// Plain periodic lines instead of progress bars (the default when not on a terminal).
     #[arg(long)]
     pub no_progress_bars: bool,
+    /// Mount a host directory at a container path, as `HOST_DIR:CONTAINER_PATH` (for
+    /// example `examples/tensorflow:/opt/train`, where the cluster mounts a ConfigMap).
+    /// Command lines and env values that name the container path name the directory
+    /// instead. Repeat for more mounts.
+    #[arg(short = 'v', long = "volume", value_name = "HOST_DIR:CONTAINER_PATH", value_parser = parse_volume)]
+    pub volumes: Vec<(PathBuf, String)>,
+}
+
+fn parse_volume(text: &str) -> Result<(PathBuf, String), String> {
+    let (host, container) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?} is not HOST_DIR:CONTAINER_PATH"))?;
+    if !container.starts_with('/') {
+        return Err(format!(
+            "the container path {container:?} must be absolute, as a volumeMount's mountPath is"
+        ));
+    }
+    let host = std::fs::canonicalize(host).map_err(|e| format!("host directory {host:?}: {e}"))?;
+    Ok((host, container.to_string()))
 }
 
 /// Output formats of `-o`.
@@ -177,7 +202,9 @@ fn trainer_program(explicit: Option<PathBuf>) -> TrainerProgram {
 /// One pod, played by a local process.
 struct LocalPod {
     pod: Pod,
-    ip: String,
+    address: PodAddress,
+    /// `podIP:<contract port>` forwarded to the mapped port, as in the test kubelet.
+    _forward: Option<PortForward>,
     child: Option<Child>,
     restarts: i32,
     last_exit: Option<i32>,
@@ -205,6 +232,11 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
         path: run_dir.clone(),
         source,
     })?;
+    // Pods run in directories of their own, so every path handed to them is absolute.
+    let run_dir = std::fs::canonicalize(&run_dir).map_err(|source| LocalError::CreateRunDir {
+        path: run_dir.clone(),
+        source,
+    })?;
     let follow = match &args.follow {
         Some(f) => Some(parse_follow(&job, f)?),
         None => None,
@@ -212,17 +244,13 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
 
     let settings = PlanSettings::default();
     let program = trainer_program(args.trainer_bin.clone());
-    let ips = loopback_plan(&job);
-    let namespace = job.namespace().unwrap_or_default();
-    let names: Vec<(String, String)> = ips
-        .iter()
-        .map(|(r, ip)| {
-            (
-                contract::pod_dns_name(&name, &namespace, r.role, r.index),
-                ip.clone(),
-            )
-        })
-        .collect();
+    let mut world = World {
+        network: PodNetwork::new(settings.port),
+        mounts: PathMap::default(),
+    };
+    for (host, container) in &args.volumes {
+        world.mounts.mount(container.clone(), host.clone());
+    }
     let observed: SharedObserved = Arc::default();
     let view = View::new(&job, !args.no_progress_bars && follow.is_none());
     view.line(format!(
@@ -240,7 +268,7 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
     loop {
         // The kubelet's part: notice exits, restart in place as the pod's policy says.
         for local in pods.values_mut() {
-            kubelet_step(local, &program, &observed, follow, &names).await?;
+            kubelet_step(local, &program, &observed, follow, &mut world).await?;
         }
 
         let observed_pods: Vec<Pod> = pods.values().map(|p| p.pod.clone()).collect();
@@ -262,16 +290,24 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
                 Action::CreatePod(replica) => {
                     let pod = plan::pod(&job, replica, &settings);
                     let log_path = run_dir.join(format!("{}.log", pod.name_any()));
+                    let address = world.network.address(&own_dns_key(&pod));
+                    let forward = PortForward::start(
+                        SocketAddr::from((address.ip, settings.port)),
+                        SocketAddr::from((address.ip, address.port)),
+                    )
+                    .await
+                    .ok();
                     let mut local = LocalPod {
                         pod,
-                        ip: ips[&replica].clone(),
+                        address,
+                        _forward: forward,
                         child: None,
                         restarts: 0,
                         last_exit: None,
                         restart_at: Some(Instant::now()),
                         log_path,
                     };
-                    set_pending(&mut local.pod, &local.ip);
+                    set_pending(&mut local.pod, &local.address.ip.to_string());
                     pods.insert(replica, local);
                 }
                 Action::DeletePod { name: pod_name, .. } => {
@@ -351,16 +387,21 @@ fn parse_follow(job: &TrainingJob, text: &str) -> Result<ReplicaId, LocalError> 
     }
 }
 
-/// A loopback address per replica, in a block chosen per run so that parallel runs on one
-/// machine do not collide on the contract port.
-fn loopback_plan(job: &TrainingJob) -> BTreeMap<ReplicaId, String> {
-    let seed = std::process::id() as u64 ^ Timestamp::now().as_nanosecond() as u64;
-    let (b, c) = ((seed % 250) as u8 + 1, ((seed >> 8) % 250) as u8 + 1);
-    plan::replica_ids(job)
-        .into_iter()
-        .enumerate()
-        .map(|(i, replica)| (replica, format!("127.{b}.{c}.{}", i + 1)))
-        .collect()
+/// What the local "cluster" gives every pod: addresses and mounts.
+struct World {
+    network: PodNetwork,
+    mounts: PathMap,
+}
+
+/// The pod's DNS identity: namespace, subdomain (the job's Service), hostname.
+fn own_dns_key(pod: &Pod) -> DnsKey {
+    let spec = pod.spec.as_ref();
+    (
+        pod.namespace().unwrap_or_default(),
+        spec.and_then(|s| s.subdomain.clone()).unwrap_or_default(),
+        spec.and_then(|s| s.hostname.clone())
+            .unwrap_or_else(|| pod.name_any()),
+    )
 }
 
 fn set_pending(pod: &mut Pod, ip: &str) {
@@ -384,7 +425,7 @@ async fn kubelet_step(
     program: &TrainerProgram,
     observed: &SharedObserved,
     follow: Option<ReplicaId>,
-    names: &[(String, String)],
+    world: &mut World,
 ) -> Result<(), LocalError> {
     if let Some(child) = local.child.as_mut()
         && let Ok(Some(exit)) = child.try_wait()
@@ -437,7 +478,7 @@ async fn kubelet_step(
     {
         local.restart_at = None;
         let replica = ReplicaId::from_pod(&local.pod).expect("planned pods carry replica labels");
-        let child = spawn(local, program, observed, follow == Some(replica), names).await?;
+        let child = spawn(local, program, observed, follow == Some(replica), world).await?;
         local.child = Some(child);
         let last = if local.restarts > 0 {
             local.last_exit
@@ -535,7 +576,7 @@ async fn spawn(
     program: &TrainerProgram,
     observed: &SharedObserved,
     follow: bool,
-    names: &[(String, String)],
+    world: &mut World,
 ) -> Result<Child, LocalError> {
     let pod_name = local.pod.name_any();
     let spec = local.pod.spec.as_ref().expect("planned pods have a spec");
@@ -543,6 +584,17 @@ async fn spawn(
 
     let mut argv: Vec<String> = container.command.clone().unwrap_or_default();
     argv.extend(container.args.clone().unwrap_or_default());
+    let argv: Vec<String> = argv.iter().map(|a| world.mounts.apply(a)).collect();
+    let workdir = local.log_path.with_extension("d");
+    std::fs::create_dir_all(&workdir).map_err(|source| LocalError::CreateRunDir {
+        path: workdir.clone(),
+        source,
+    })?;
+    let (namespace, subdomain, _) = own_dns_key(&local.pod);
+    let dns = DnsContext {
+        namespace: &namespace,
+        subdomain: (!subdomain.is_empty()).then_some(subdomain.as_str()),
+    };
     let (cmd_program, rest): (PathBuf, Vec<String>) = match argv.split_first() {
         Some((first, rest)) if first != "kubetrain-trainer" => {
             (PathBuf::from(first), rest.to_vec())
@@ -557,6 +609,7 @@ async fn spawn(
     let mut command = Command::new(&cmd_program);
     command
         .args(&rest)
+        .current_dir(&workdir)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", std::env::var("HOME").unwrap_or_default())
@@ -579,9 +632,9 @@ async fn spawn(
             // Every local trainer shares this machine's ports with whatever else runs
             // here (a Prometheus on 9090, say), and nothing scrapes them.
             (Some(_), _) if env.name == contract::ENV_METRICS_PORT => continue,
-            (Some(v), _) => map_names(v, names),
+            (Some(v), _) => world.mounts.apply(&world.network.rewrite(v, &dns)),
             // The only downward-API value the plan uses is the pod's IP.
-            (None, Some(_)) if env.name == contract::ENV_POD_IP => local.ip.clone(),
+            (None, Some(_)) if env.name == contract::ENV_POD_IP => local.address.ip.to_string(),
             _ => continue,
         };
         command.env(&env.name, value);
@@ -627,13 +680,6 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(
             let _ = file.write_all(format!("{line}\n").as_bytes()).await;
         }
     }
-}
-
-/// Cluster DNS names of the job's pods become their loopback addresses.
-fn map_names(value: &str, names: &[(String, String)]) -> String {
-    names.iter().fold(value.to_string(), |v, (dns, ip)| {
-        v.replace(dns.as_str(), ip)
-    })
 }
 
 /// Parses the trainer's progress lines: `kubetrain-trainer: <kind> ... key=value ...`.
@@ -818,19 +864,22 @@ impl View {
             .find(|c| c.is_true())
             .map_or("Pending".to_string(), |c| c.type_.clone());
         let progress = status.progress.unwrap_or_default();
-        let roles = format!(
-            "ps {}/{} running, {} restarts | workers {}/{} running, {} restarts",
-            pods.iter()
-                .filter(|(r, p)| r.role == Role::Ps && p.child.is_some())
-                .count(),
-            plan::replicas(job, Role::Ps),
-            status.replica_statuses.ps.restarts,
-            pods.iter()
-                .filter(|(r, p)| r.role == Role::Worker && p.child.is_some())
-                .count(),
-            plan::replicas(job, Role::Worker),
-            status.replica_statuses.worker.restarts,
-        );
+        let roles = Role::ALL
+            .into_iter()
+            .filter(|role| plan::replicas(job, *role) > 0)
+            .map(|role| {
+                let running = pods
+                    .iter()
+                    .filter(|(r, p)| r.role == role && p.child.is_some())
+                    .count();
+                let restarts = status.replica_statuses.role(role).map_or(0, |r| r.restarts);
+                format!(
+                    "{role} {running}/{} running, {restarts} restarts",
+                    plan::replicas(job, role)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" | ");
         let metrics = format!(
             "loss {} | accuracy {} | {} samples/s",
             progress.loss.map_or("-".into(), |l| format!("{l:.4}")),
@@ -877,6 +926,24 @@ impl View {
     }
 }
 
+/// `ps 0, workers 1`, plus the chief and the evaluator when the job has them.
+fn restarts_by_role(job: &TrainingJob, status: &kubetrain_api::TrainingJobStatus) -> String {
+    Role::ALL
+        .into_iter()
+        .filter(|role| *role == Role::Ps || *role == Role::Worker || plan::replicas(job, *role) > 0)
+        .map(|role| {
+            let restarts = status.replica_statuses.role(role).map_or(0, |r| r.restarts);
+            let name = if role == Role::Worker {
+                "workers"
+            } else {
+                role.as_str()
+            };
+            format!("{name} {restarts}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn report(job: &TrainingJob, observed: &Observed, wall: Duration, run_dir: &Path) -> String {
     let status = job.status.clone().unwrap_or_default();
     let state = status
@@ -886,7 +953,7 @@ fn report(job: &TrainingJob, observed: &Observed, wall: Duration, run_dir: &Path
         .map(|c| format!("{} ({}): {}", c.type_, c.reason, c.message))
         .unwrap_or_else(|| "unknown".into());
     let final_line = observed.final_line.clone().unwrap_or_default();
-    let progress = status.progress.unwrap_or_default();
+    let progress = status.progress.clone().unwrap_or_default();
     let accuracy = field::<f64>(&final_line, "test_accuracy")
         .or(field(&final_line, "accuracy"))
         .or(progress.accuracy);
@@ -916,13 +983,7 @@ fn report(job: &TrainingJob, observed: &Observed, wall: Duration, run_dir: &Path
                 .samples_per_second
                 .map_or("-".into(), |s| format!("{s:.0}")),
         ),
-        (
-            "restarts",
-            format!(
-                "ps {}, workers {}",
-                status.replica_statuses.ps.restarts, status.replica_statuses.worker.restarts
-            ),
-        ),
+        ("restarts", restarts_by_role(job, &status)),
         ("logs", run_dir.display().to_string()),
         ("checkpoints", checkpoints),
     ];

@@ -11,18 +11,18 @@
 //!   file name), so `kubetrain-trainer` becomes the workspace-built binary; a
 //!   container without `command` runs [`KubeletConfig::default_command`] (the
 //!   image's entrypoint, i.e. the trainer).
-//! * **Addresses.** Every pod gets its own loopback address, reported as
-//!   `status.podIP` and passed as `POD_IP` (the downward-API name). The trainer
-//!   binds `$POD_IP:<port>` when set, so two pods can both use port 2222.
-//!   Addresses are `127.A.B.C` with `A` derived from this process's PID, so
-//!   test binaries running in parallel (e.g. under nextest) do not collide.
-//! * **Names.** Processes cannot have their own `/etc/hosts`, so env values are
-//!   rewritten instead: `<host>.<subdomain>.<ns>.svc[.cluster.local]`,
-//!   `<host>.<subdomain>.<ns>` (own namespace) and `<host>.<subdomain>` (own
-//!   subdomain) become that pod's address. The address is allocated at first
-//!   sight of the *name*, whether in a pod or in an env string, and never
-//!   changes, so a pod may start before the peers it names exist: they get the
-//!   address reserved for them when they appear. No waiting is needed.
+//! * **Addresses and names** come from `kubetrain_operator::podsim`, which
+//!   `kubetrain local` uses too. Every pod gets its own loopback address,
+//!   reported as `status.podIP` and passed as `POD_IP`, and a host port of its
+//!   own for the contract port, so a program that binds `0.0.0.0:<port>` (as
+//!   TensorFlow's servers do) never collides with another pod. Pod DNS names in
+//!   env values become those addresses, `:2222` after a name the mapped port;
+//!   `podIP:2222` is forwarded to the mapped port for whoever dials it (the
+//!   operator's progress client). An address is fixed at first sight of its
+//!   name, so a pod may start before the peers it names exist.
+//! * **Volumes.** ConfigMap volumes are written from the API into the pod's
+//!   directory, emptyDirs are directories there, hostPaths are themselves; the
+//!   main container's mount paths in argv and env point at them.
 //! * **Restarts.** `restartPolicy` is followed like a kubelet: `Always`
 //!   restarts on any exit, `OnFailure` on a non-zero exit, `Never` never;
 //!   restarts happen in place after an exponential backoff, with
@@ -44,11 +44,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write as _};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -63,10 +62,14 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, ResourceExt};
 use kubetrain_api::contract;
+use kubetrain_operator::podsim::forward::PortForward;
+use kubetrain_operator::podsim::network::{DnsContext, DnsKey, PodAddress, PodNetwork};
+use kubetrain_operator::podsim::paths::PathMap;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::process::{Target, Watchdog};
+use crate::volumes;
 
 /// The label every pod of a TrainingJob carries (DESIGN.md §2).
 pub const JOB_NAME_LABEL: &str = "kubetrain.io/job-name";
@@ -112,6 +115,12 @@ pub enum KubeletError {
         #[source]
         source: kube::Error,
     },
+    #[error("pod {pod}: volume {volume}: {message}")]
+    MountVolume {
+        pod: String,
+        volume: String,
+        message: String,
+    },
     #[error("deleting terminating pod {pod}: {source}")]
     DeletePod {
         pod: String,
@@ -140,6 +149,9 @@ pub struct KubeletConfig {
     pub max_restart_backoff: Duration,
     /// Reported as `status.hostIP`.
     pub host_ip: Ipv4Addr,
+    /// The pods' contract port: mapped to a host port of each pod's own, and forwarded
+    /// from `podIP:<this port>` (see `kubetrain_operator::podsim`).
+    pub contract_port: u16,
 }
 
 impl KubeletConfig {
@@ -155,6 +167,7 @@ impl KubeletConfig {
             restart_backoff: Duration::from_millis(200),
             max_restart_backoff: Duration::from_secs(5),
             host_ip: Ipv4Addr::LOCALHOST,
+            contract_port: contract::DEFAULT_PORT,
         }
     }
 
@@ -181,36 +194,6 @@ impl KubeletConfig {
     }
 }
 
-/// Identity of a pod's DNS name: (namespace, subdomain, hostname).
-type DnsKey = (String, String, String);
-
-/// Loopback addresses handed out by name, stable for the kubelet's life.
-#[derive(Debug, Default)]
-struct IpTable {
-    by_name: HashMap<DnsKey, Ipv4Addr>,
-}
-
-/// Process-wide counter, so several kubelets in one test binary never hand
-/// out the same address.
-static NEXT_IP: AtomicU32 = AtomicU32::new(0);
-/// Second octet, from the PID: separates concurrently running test binaries.
-static IP_PREFIX: LazyLock<u8> =
-    LazyLock::new(|| u8::try_from(1 + std::process::id() % 254).unwrap_or(1));
-
-fn allocate_ip() -> Ipv4Addr {
-    let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
-    // Last octet 2..=251 keeps clear of .0/.1/.255; 250 × 256 addresses per process.
-    let third = u8::try_from((n / 250) % 256).unwrap_or(0);
-    let fourth = u8::try_from(n % 250 + 2).unwrap_or(2);
-    Ipv4Addr::new(127, *IP_PREFIX, third, fourth)
-}
-
-impl IpTable {
-    fn ip_for(&mut self, key: &DnsKey) -> Ipv4Addr {
-        *self.by_name.entry(key.clone()).or_insert_with(allocate_ip)
-    }
-}
-
 /// Why a pod's process is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
@@ -230,7 +213,7 @@ struct PodHandle {
 #[derive(Debug)]
 struct Shared {
     config: KubeletConfig,
-    ips: Mutex<IpTable>,
+    network: Mutex<PodNetwork>,
     /// Live process groups by pod key, so `Drop` can kill them synchronously.
     groups: Mutex<HashMap<(String, String), u32>>,
 }
@@ -247,8 +230,8 @@ impl Kubelet {
     /// runtime; the kubelet lives on that runtime.
     pub fn start(client: Client, config: KubeletConfig) -> Self {
         let shared = Arc::new(Shared {
+            network: Mutex::new(PodNetwork::new(config.contract_port)),
             config,
-            ips: Mutex::new(IpTable::default()),
             groups: Mutex::new(HashMap::new()),
         });
         let task = tokio::spawn(dispatch(client, shared.clone()));
@@ -273,11 +256,20 @@ impl Kubelet {
     /// The loopback address given to `<hostname>.<subdomain>` in `namespace`
     /// (allocating it if nobody asked before).
     pub fn pod_ip(&self, namespace: &str, subdomain: &str, hostname: &str) -> Ipv4Addr {
-        self.shared.ips.lock().expect("ip table lock").ip_for(&(
-            namespace.to_string(),
-            subdomain.to_string(),
-            hostname.to_string(),
-        ))
+        self.pod_address(namespace, subdomain, hostname).ip
+    }
+
+    /// The address and mapped contract port of `<hostname>.<subdomain>` in `namespace`.
+    pub fn pod_address(&self, namespace: &str, subdomain: &str, hostname: &str) -> PodAddress {
+        self.shared
+            .network
+            .lock()
+            .expect("pod network lock")
+            .address(&(
+                namespace.to_string(),
+                subdomain.to_string(),
+                hostname.to_string(),
+            ))
     }
 
     /// Stops the kubelet and kills all pod processes.
@@ -459,15 +451,36 @@ async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot
         .and_then(|s| s.restart_policy.clone())
         .unwrap_or_else(|| "Always".to_string());
     let config = &shared.config;
-    let pod_ip = {
-        let mut ips = shared.ips.lock().expect("ip table lock");
-        ips.ip_for(&own_dns_key(&pod))
-    };
+    let address = shared
+        .network
+        .lock()
+        .expect("pod network lock")
+        .address(&own_dns_key(&pod));
+    let pod_ip = address.ip;
     let mut reporter = StatusReporter::new(api.clone(), &pod, pod_ip, config.host_ip);
 
-    let launch = {
-        let mut ips = shared.ips.lock().expect("ip table lock");
-        prepare_launch(&pod, config, pod_ip, &mut ips)
+    let log = log_path(&config.log_dir, &ns, &name);
+    let workdir = log.with_extension("d");
+    let launch = match volumes::mount(&api, &pod, &workdir).await {
+        Ok(mounts) => {
+            let mut network = shared.network.lock().expect("pod network lock");
+            prepare_launch(&pod, config, pod_ip, &mut network, &mounts)
+        }
+        Err(err) => Err(err),
+    };
+    // Whoever dials podIP:<contract port>, as the operator does for progress, reaches
+    // the program on its mapped port. Held for the pod's life.
+    let _forward = match PortForward::start(
+        SocketAddr::from((pod_ip, config.contract_port)),
+        SocketAddr::from((pod_ip, address.port)),
+    )
+    .await
+    {
+        Ok(forward) => Some(forward),
+        Err(err) => {
+            tracing::warn!(%err, pod = %name, "test kubelet: contract port not forwarded");
+            None
+        }
     };
     let launch = match launch {
         Ok(l) => l,
@@ -480,8 +493,6 @@ async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot
         }
     };
 
-    let log = log_path(&config.log_dir, &ns, &name);
-    let workdir = log.with_extension("d");
     let mut restarts: i32 = 0;
     let mut backoff = config.restart_backoff;
     loop {
@@ -764,7 +775,8 @@ fn prepare_launch(
     pod: &Pod,
     config: &KubeletConfig,
     pod_ip: Ipv4Addr,
-    ips: &mut IpTable,
+    network: &mut PodNetwork,
+    mounts: &PathMap,
 ) -> Result<Launch, KubeletError> {
     let pod_name = pod.name_any();
     let container = main_container(pod).ok_or_else(|| KubeletError::NoContainer {
@@ -775,7 +787,7 @@ fn prepare_launch(
     let program = match command.split_first() {
         Some((argv0, rest)) => {
             args.splice(0..0, rest.iter().cloned());
-            substitute(argv0, &config.commands)
+            substitute(&mounts.apply(argv0), &config.commands)
         }
         None => config
             .default_command
@@ -786,6 +798,7 @@ fn prepare_launch(
             })?,
     };
 
+    let args = args.iter().map(|a| mounts.apply(a)).collect();
     let (ns, subdomain, hostname) = own_dns_key(pod);
     // A process cannot have a file mounted at the container's termination-message path, so
     // a host file stands in for it, and env values naming that path name the file instead.
@@ -795,7 +808,6 @@ fn prepare_launch(
         .unwrap_or_else(|| contract::DEFAULT_TERMINATION_MESSAGE_PATH.to_string());
     let termination_log =
         log_path(&config.log_dir, &ns, &pod_name).with_extension("termination-log");
-    let mut resolve = |key: &DnsKey| ips.ip_for(key);
     let ctx = DnsContext {
         namespace: &ns,
         subdomain: (!subdomain.is_empty()).then_some(subdomain.as_str()),
@@ -803,7 +815,7 @@ fn prepare_launch(
     let mut env: Vec<(String, String)> = Vec::new();
     for var in container.env.iter().flatten() {
         let value = match (&var.value, &var.value_from) {
-            (Some(v), _) => rewrite_dns_names(v, &ctx, &mut resolve),
+            (Some(v), _) => mounts.apply(&network.rewrite(v, &ctx)),
             (None, None) => String::new(),
             (None, Some(source)) => match &source.field_ref {
                 Some(field) => field_value(pod, &field.field_path, pod_ip, config.host_ip)
@@ -876,69 +888,6 @@ fn field_value(pod: &Pod, path: &str, pod_ip: Ipv4Addr, host_ip: Ipv4Addr) -> Op
         _ => keyed("metadata.labels['", &meta.labels)
             .or_else(|| keyed("metadata.annotations['", &meta.annotations))?,
     })
-}
-
-/// The pod whose env is being rewritten: its namespace and subdomain decide
-/// which short names resolve.
-struct DnsContext<'a> {
-    namespace: &'a str,
-    subdomain: Option<&'a str>,
-}
-
-/// Replaces pod DNS names in `value` by the pods' loopback addresses.
-///
-/// Recognised, per maximal run of `[A-Za-z0-9.-]`:
-/// `h.s.ns.svc.cluster.local`, `h.s.ns.svc`, `h.s.<own ns>`, `h.<own subdomain>`.
-/// Anything else (file names, versions, URLs' other parts) is left alone.
-fn rewrite_dns_names(
-    value: &str,
-    ctx: &DnsContext<'_>,
-    resolve: &mut impl FnMut(&DnsKey) -> Ipv4Addr,
-) -> String {
-    let is_dns = |c: char| c.is_ascii_alphanumeric() || c == '.' || c == '-';
-    let mut out = String::with_capacity(value.len());
-    let mut rest = value;
-    while !rest.is_empty() {
-        let start = rest.find(is_dns).unwrap_or(rest.len());
-        out.push_str(&rest[..start]);
-        rest = &rest[start..];
-        let end = rest.find(|c| !is_dns(c)).unwrap_or(rest.len());
-        let token = &rest[..end];
-        rest = &rest[end..];
-        // A sentence-ending dot is not part of the name.
-        let trimmed = token.trim_end_matches('.');
-        match pod_dns_key(trimmed, ctx) {
-            Some(key) => {
-                out.push_str(&resolve(&key).to_string());
-                out.push_str(&token[trimmed.len()..]);
-            }
-            None => out.push_str(token),
-        }
-    }
-    out
-}
-
-fn pod_dns_key(name: &str, ctx: &DnsContext<'_>) -> Option<DnsKey> {
-    let labels: Vec<&str> = name.split('.').collect();
-    if labels.iter().any(|l| !is_dns_label(l)) {
-        return None;
-    }
-    let key = |h: &str, s: &str, ns: &str| Some((ns.to_string(), s.to_string(), h.to_string()));
-    match labels.as_slice() {
-        [h, s, ns, "svc", "cluster", "local"] | [h, s, ns, "svc"] => key(h, s, ns),
-        [h, s, ns] if *ns == ctx.namespace => key(h, s, ns),
-        [h, s] if Some(*s) == ctx.subdomain => key(h, s, ctx.namespace),
-        _ => None,
-    }
-}
-
-fn is_dns_label(l: &str) -> bool {
-    !l.is_empty()
-        && l.len() <= 63
-        && !l.starts_with('-')
-        && !l.ends_with('-')
-        && l.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 /// Writes pod status the way a kubelet would, via JSON merge patches on the
@@ -1134,67 +1083,6 @@ fn terminated_state(exit: &Exit) -> ContainerState {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rewrite(value: &str) -> (String, Vec<DnsKey>) {
-        let ctx = DnsContext {
-            namespace: "ns1",
-            subdomain: Some("digits"),
-        };
-        let mut seen = Vec::new();
-        let out = rewrite_dns_names(value, &ctx, &mut |k: &DnsKey| {
-            seen.push(k.clone());
-            Ipv4Addr::new(127, 9, 0, u8::try_from(seen.len()).unwrap())
-        });
-        (out, seen)
-    }
-
-    #[test]
-    fn rewrites_every_pod_dns_form() {
-        let (out, seen) = rewrite(
-            r#"{"ps":["digits-ps-0.digits.ns1.svc:2222"],"worker":["digits-worker-0.digits.ns1.svc.cluster.local:2222","digits-worker-1.digits:2222","digits-worker-2.digits.ns1:2222"]}"#,
-        );
-        assert_eq!(
-            out,
-            r#"{"ps":["127.9.0.1:2222"],"worker":["127.9.0.2:2222","127.9.0.3:2222","127.9.0.4:2222"]}"#
-        );
-        assert_eq!(
-            seen[0],
-            ("ns1".into(), "digits".into(), "digits-ps-0".into())
-        );
-        assert_eq!(seen[2].2, "digits-worker-1");
-    }
-
-    #[test]
-    fn leaves_other_dotted_words_alone() {
-        for v in [
-            "model.bin",
-            "/data/train.csv",
-            "v1.2.3",
-            "example.com",
-            "a.b.other-ns",
-            "http://10.0.0.1:80/x",
-        ] {
-            assert_eq!(rewrite(v).0, v, "{v}");
-        }
-    }
-
-    #[test]
-    fn keeps_sentence_dot_and_other_namespaces() {
-        let (out, seen) = rewrite("peer is w-0.job.other.svc.");
-        assert_eq!(out, "peer is 127.9.0.1.");
-        assert_eq!(seen[0].0, "other");
-    }
-
-    #[test]
-    fn ip_table_is_stable_and_distinct() {
-        let mut t = IpTable::default();
-        let a = ("n".to_string(), "s".to_string(), "a".to_string());
-        let b = ("n".to_string(), "s".to_string(), "b".to_string());
-        let ia = t.ip_for(&a);
-        assert_eq!(t.ip_for(&a), ia);
-        assert_ne!(t.ip_for(&b), ia);
-        assert!(ia.is_loopback());
-    }
 
     #[test]
     fn substitutes_by_name_or_file_name() {

@@ -5,6 +5,8 @@
 //! * [`kubelet`]: a test kubelet that runs pods as local processes and reports
 //!   their status, so pods created by the operator actually run.
 //! * [`process`]: the process-cleanup guarantees both rely on.
+//! * [`tensorflow`]: the cached virtualenv with real TensorFlow.
+//! * [`volumes`]: the test kubelet's ConfigMap, emptyDir and hostPath mounts.
 //!
 //! See `tests/README.md` for what this harness does not emulate.
 #![forbid(unsafe_code)]
@@ -13,6 +15,8 @@ pub mod envtest;
 pub mod kubelet;
 pub mod operator;
 pub mod process;
+pub mod tensorflow;
+pub mod volumes;
 
 pub use envtest::{ApiServer, Binaries, EnvtestError, TestNamespace, shared};
 pub use kubelet::{Kubelet, KubeletConfig, KubeletError};

@@ -1,0 +1,18 @@
+//! Pods played by local processes: what `kubetrain local` and the test kubelet share.
+//!
+//! A process is not a pod: it has no network namespace of its own, no cluster DNS and no
+//! volumes. This module gives both runners one answer to each of those, so that a program
+//! sees the same world under `kubetrain local` as under the end-to-end harness:
+//!
+//! - [`network`]: every pod gets its own loopback address, and its contract port is mapped
+//!   to a host port of its own, so programs that bind `0.0.0.0:<port>` (TensorFlow's
+//!   servers do) never collide. Cluster DNS names in the pod's env become those addresses.
+//! - [`forward`]: the pod's contract port on its own address is forwarded to the mapped
+//!   port, so whoever dials `podIP:2222`, as the operator does for progress, still
+//!   arrives.
+//! - [`paths`]: container paths of mounted volumes become host directories in argv and
+//!   env.
+
+pub mod forward;
+pub mod network;
+pub mod paths;
