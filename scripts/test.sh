@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The project's one test command (README, .ci/run): installs the real API-server harness
-# binaries if they are not cached yet, then runs every test in the workspace.
+# The project's one test command (README, .ci/run): installs what the tests run for real if
+# it is not cached yet (the API-server harness binaries, a virtualenv with TensorFlow), then
+# runs every test in the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ -f tests/envtest/install.sh ]; then
-  bash tests/envtest/install.sh
-fi
+bash tests/envtest/install.sh
+bash tests/tensorflow/install.sh
 exec cargo test --workspace --locked "$@"

@@ -112,6 +112,7 @@ pub struct JobWatch {
     stream: ObjectStream<TrainingJob>,
     last: Option<TrainingJob>,
     history: Vec<String>,
+    timeout: Duration,
 }
 
 impl JobWatch {
@@ -125,7 +126,14 @@ impl JobWatch {
             name: name.to_string(),
             last: None,
             history: Vec::new(),
+            timeout: TIMEOUT,
         }
+    }
+
+    /// Waits up to `timeout` instead of [`TIMEOUT`], for jobs that run real programs.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// The lifecycle states seen so far, in order, consecutive repeats folded
@@ -139,13 +147,13 @@ impl JobWatch {
         self.last.as_ref()
     }
 
-    /// Waits until `done` holds for the job; panics after [`TIMEOUT`] with the job's
+    /// Waits until `done` holds for the job; panics after the timeout with the job's
     /// current status, its pods and the states seen.
     pub async fn until(&mut self, what: &str, done: impl Fn(&TrainingJob) -> bool) -> TrainingJob {
         if let Some(job) = self.last.as_ref().filter(|j| done(j)) {
             return job.clone();
         }
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
             match tokio::time::timeout_at(deadline, self.stream.next()).await {
                 Err(_) => self.fail(what, "timed out").await,
@@ -232,9 +240,9 @@ impl JobWatch {
             .map(|l| pod_summary(&l.items))
             .unwrap_or_else(|e| format!("could not list pods: {e}"));
         panic!(
-            "TrainingJob {} never reached {what} ({why} after {TIMEOUT:?}).\n\
+            "TrainingJob {} never reached {what} ({why} after {:?}).\n\
              states seen: {:?}\ncurrent status: {status}\npods: {pods}",
-            self.name, self.history
+            self.name, self.timeout, self.history
         );
     }
 }

@@ -1,0 +1,364 @@
+//! Bring your own TensorFlow (issue 17), proven with real TensorFlow (`tensorflow-cpu` from
+//! PyPI, see `kubetrain_e2e::tensorflow`), not a stand-in:
+//!
+//! - TensorFlow's own `TFConfigClusterResolver` reads the TF_CONFIG the operator plans;
+//! - a ParameterServerStrategy program (chief + 1 PS + 2 workers), a
+//!   MultiWorkerMirroredStrategy program (2 workers, AllWorkers), and a worker that fails
+//!   once each reach Succeeded, under `kubetrain local` and end to end (`kubectl apply`,
+//!   the operator, the test kubelet).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::ListParams;
+use kubetrain_api::TrainingJob;
+use kubetrain_api::condition::types;
+use kubetrain_api::contract::{self, Role};
+use kubetrain_e2e::envtest::{self, TestNamespace, namespace_with_crd};
+use kubetrain_e2e::kubelet::{Kubelet, KubeletConfig};
+use kubetrain_e2e::operator::{JobWatch, OperatorTask, lifecycle, wait_until};
+use kubetrain_e2e::tensorflow;
+use kubetrain_operator::plan::{self, PlanSettings};
+use tokio::io::AsyncWriteExt;
+
+/// A TensorFlow job here takes tens of seconds (imports alone take several on 2 cores).
+const TF_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn root() -> PathBuf {
+    envtest::workspace_root()
+}
+
+fn load(path: &str) -> TrainingJob {
+    let text = std::fs::read_to_string(root().join(path)).unwrap();
+    let mut job: TrainingJob = serde_yaml::from_str(&text).unwrap();
+    job.metadata.namespace = Some("team".into());
+    job
+}
+
+/// Runs `script` with the virtualenv's python, `input` on stdin; returns stdout.
+async fn run_python(script: &str, input: &str) -> String {
+    let mut child = tokio::process::Command::new(tensorflow::python())
+        .args(["-c", script])
+        .env("TF_CPP_MIN_LOG_LEVEL", "2")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(TF_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("python finishes")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// What TensorFlow's resolver makes of each TF_CONFIG on stdin (a JSON list).
+const RESOLVE: &str = r#"
+import json, os, sys
+import tensorflow as tf
+answers = []
+for config in json.load(sys.stdin):
+    os.environ["TF_CONFIG"] = config
+    r = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    answers.append({
+        "cluster": r.cluster_spec().as_dict(),
+        "task_type": r.task_type,
+        "task_id": r.task_id,
+    })
+print(json.dumps(answers))
+"#;
+
+#[tokio::test]
+async fn tensorflow_reads_the_tf_config_the_operator_writes() {
+    let mut job = load("examples/tensorflow/ps-strategy.yaml");
+    let mut evaluator = job.spec.replica_specs.ps.clone().unwrap();
+    evaluator.replicas = 1;
+    job.spec.replica_specs.evaluator = Some(evaluator);
+    let pods = plan::pods(&job, &PlanSettings::default());
+    let tf_config = |pod: &Pod| -> String {
+        let spec = pod.spec.as_ref().unwrap();
+        let container = &spec.containers[plan::main_container_index(&spec.containers)];
+        let env = container.env.as_ref().unwrap();
+        env.iter()
+            .find(|e| e.name == contract::ENV_TF_CONFIG)
+            .and_then(|e| e.value.clone())
+            .unwrap()
+    };
+    let configs: Vec<String> = pods.iter().map(tf_config).collect();
+    // The resolver takes `environment` from its constructor only, so check it here.
+    for config in &configs {
+        let value: serde_json::Value = serde_json::from_str(config).unwrap();
+        assert_eq!(value["environment"], "cloud", "{config}");
+    }
+    let answers = run_python(RESOLVE, &serde_json::to_string(&configs).unwrap()).await;
+    let answers: Vec<serde_json::Value> = serde_json::from_str(answers.trim()).unwrap();
+
+    let address =
+        |role: Role, i: usize| format!("{}:2222", contract::pod_dns_name("tf-ps", "team", role, i));
+    let training = serde_json::json!({
+        "chief": [address(Role::Chief, 0)],
+        "ps": [address(Role::Ps, 0)],
+        "worker": [address(Role::Worker, 0), address(Role::Worker, 1)],
+    });
+    assert_eq!(answers.len(), 5);
+    for (pod, answer) in pods.iter().zip(&answers) {
+        let replica = plan::ReplicaId::from_pod(pod).unwrap();
+        let expected_cluster = if replica.role == Role::Evaluator {
+            serde_json::json!({"evaluator": [address(Role::Evaluator, 0)]})
+        } else {
+            training.clone()
+        };
+        assert_eq!(
+            answer,
+            &serde_json::json!({
+                "cluster": expected_cluster,
+                "task_type": replica.role.as_str(),
+                "task_id": replica.index,
+            }),
+            "{}",
+            pod.name_any()
+        );
+    }
+}
+
+/// Runs `kubetrain local` on a manifest with the given `-v` mounts; returns the final job
+/// (`-o yaml`) and the run's log directory.
+async fn run_local(manifest: &str, volumes: &[(&str, &str)]) -> (TrainingJob, PathBuf, String) {
+    let kubetrain = tokio::task::spawn_blocking(|| {
+        envtest::workspace_binary("kubetrain-operator", "kubetrain")
+    })
+    .await
+    .unwrap();
+    let runs = tempfile::tempdir().unwrap().keep();
+    let mut command = tokio::process::Command::new(kubetrain);
+    command
+        .current_dir(root())
+        .args(["local", "-f", manifest, "--no-progress-bars", "-o", "yaml"])
+        .arg("--run-dir")
+        .arg(&runs)
+        .env("PATH", tensorflow::path_with_venv())
+        .env("TF_CPP_MIN_LOG_LEVEL", "2")
+        .kill_on_drop(true);
+    for (host, container) in volumes {
+        command.arg("-v").arg(format!("{host}:{container}"));
+    }
+    let out = tokio::time::timeout(TF_TIMEOUT, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("kubetrain local -f {manifest} did not finish"))
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let run_dir = std::fs::read_dir(&runs)
+        .unwrap()
+        .next()
+        .expect("a run directory")
+        .unwrap()
+        .path();
+    assert!(
+        out.status.success(),
+        "kubetrain local -f {manifest}: {}\n{stderr}\n{}",
+        out.status,
+        logs_of(&run_dir)
+    );
+    let job: TrainingJob = serde_yaml::from_slice(&out.stdout).unwrap();
+    (job, run_dir, stderr)
+}
+
+/// Every pod log of a local run, for failure messages.
+fn logs_of(run_dir: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            out.push_str(&format!("--- {}\n", path.display()));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+fn succeeded(job: &TrainingJob) -> bool {
+    lifecycle(job).is_some_and(|c| c.type_ == types::SUCCEEDED)
+}
+
+#[tokio::test]
+async fn ps_strategy_succeeds_under_kubetrain_local() {
+    let (job, run_dir, report) = run_local(
+        "examples/tensorflow/ps-strategy.yaml",
+        &[("examples/tensorflow", "/opt/train")],
+    )
+    .await;
+    assert!(succeeded(&job), "{:?}\n{report}", job.status);
+    let status = job.status.unwrap();
+    assert_eq!(status.replica_statuses.chief.as_ref().unwrap().succeeded, 1);
+    let chief_log = std::fs::read_to_string(run_dir.join("tf-ps-chief-0.log")).unwrap();
+    assert!(
+        chief_log.contains("final eval loss"),
+        "the chief ran the training loop to its end:\n{chief_log}"
+    );
+    // The servers never exit by themselves; the job ended them (cleanPodPolicy Running).
+    assert_eq!(status.replica_statuses.ps.succeeded, 0);
+    assert!(
+        report.contains("the chief completed successfully"),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn multi_worker_mirrored_succeeds_under_kubetrain_local() {
+    let (job, _, report) = run_local(
+        "examples/tensorflow/multi-worker.yaml",
+        &[("examples/tensorflow", "/opt/train")],
+    )
+    .await;
+    assert!(succeeded(&job), "{:?}\n{report}", job.status);
+    let status = job.status.unwrap();
+    assert_eq!(status.replica_statuses.worker.succeeded, 2, "{status:?}");
+    assert_eq!(status.replica_statuses.worker.restarts, 0);
+}
+
+#[tokio::test]
+async fn a_worker_that_fails_once_is_restarted_under_kubetrain_local() {
+    let (job, run_dir, report) = run_local(
+        "tests/fixtures/tensorflow/fail-once.yaml",
+        &[
+            ("examples/tensorflow", "/opt/train"),
+            ("tests/fixtures/tensorflow", "/opt/test"),
+        ],
+    )
+    .await;
+    assert!(succeeded(&job), "{:?}\n{report}", job.status);
+    let status = job.status.unwrap();
+    assert_eq!(status.replica_statuses.worker.succeeded, 2, "{status:?}");
+    assert_eq!(status.replica_statuses.worker.restarts, 1, "{status:?}");
+    let log = std::fs::read_to_string(run_dir.join("tf-fail-once-worker-1.log")).unwrap();
+    assert!(log.contains("on purpose"), "{log}");
+}
+
+/// The test kubelet running `python` as the virtualenv's.
+fn tensorflow_kubelet(ns: &TestNamespace, logs: &Path) -> Kubelet {
+    let config = KubeletConfig::new(&ns.name, logs).command("python", tensorflow::python());
+    Kubelet::start(ns.client.clone(), config)
+}
+
+async fn kubectl(ns: &TestNamespace, args: &[&str]) {
+    let server = envtest::shared().await.unwrap();
+    let out = server
+        .kubectl()
+        .current_dir(root())
+        .args(["-n", &ns.name])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The names of the job's pods that still exist.
+async fn pods_left(ns: &TestNamespace, job: &str) -> Vec<String> {
+    let pods: kube::Api<Pod> = ns.api();
+    let list = pods
+        .list(&ListParams::default().labels(&plan::job_selector(job)))
+        .await
+        .unwrap();
+    let mut names: Vec<String> = list.items.iter().map(|p| p.name_any()).collect();
+    names.sort();
+    names
+}
+
+/// Waits until exactly `expected` of the job's pods are left.
+async fn until_pods_left(ns: &TestNamespace, job: &str, expected: &[&str]) {
+    wait_until(&format!("{job} to keep only {expected:?}"), || async {
+        let left = pods_left(ns, job).await;
+        if left == expected {
+            Ok(())
+        } else {
+            Err(format!("pods: {left:?}"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensorflow_examples_succeed_end_to_end() {
+    let ns = namespace_with_crd("tensorflow").await;
+    let logs = tempfile::tempdir().unwrap();
+    let kubelet = tensorflow_kubelet(&ns, logs.path());
+    let _operator = OperatorTask::start(&ns);
+    let mut ps = JobWatch::new(&ns, "tf-ps").with_timeout(TF_TIMEOUT);
+    let mut mwms = JobWatch::new(&ns, "tf-mwms").with_timeout(TF_TIMEOUT);
+
+    // As a user would: the kustomization makes the programs' ConfigMap and both jobs.
+    kubectl(&ns, &["apply", "-k", "examples/tensorflow"]).await;
+
+    let done = ps.until_state(types::SUCCEEDED).await;
+    let status = done.status.unwrap();
+    assert_eq!(status.replica_statuses.chief.as_ref().unwrap().succeeded, 1);
+    let chief_log = kubelet.logs(&ns.name, "tf-ps-chief-0");
+    assert!(chief_log.contains("final eval loss"), "{chief_log}");
+    // cleanPodPolicy Running: the serving PS and workers go, the finished chief stays.
+    until_pods_left(&ns, "tf-ps", &["tf-ps-chief-0"]).await;
+
+    let done = mwms.until_state(types::SUCCEEDED).await;
+    assert_eq!(done.status.unwrap().replica_statuses.worker.succeeded, 2);
+    until_pods_left(&ns, "tf-mwms", &["tf-mwms-worker-0", "tf-mwms-worker-1"]).await;
+    kubelet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_fails_once_succeeds_end_to_end() {
+    let ns = namespace_with_crd("tensorflow-fail-once").await;
+    let logs = tempfile::tempdir().unwrap();
+    let kubelet = tensorflow_kubelet(&ns, logs.path());
+    let _operator = OperatorTask::start(&ns);
+    let mut watch = JobWatch::new(&ns, "tf-fail-once").with_timeout(TF_TIMEOUT);
+
+    let program = "--from-file=examples/tensorflow/mwms.py";
+    kubectl(
+        &ns,
+        &["create", "configmap", "tensorflow-programs", program],
+    )
+    .await;
+    let fail_once = "--from-file=tests/fixtures/tensorflow/fail_once.py";
+    kubectl(
+        &ns,
+        &["create", "configmap", "tensorflow-fail-once", fail_once],
+    )
+    .await;
+    kubectl(
+        &ns,
+        &["apply", "-f", "tests/fixtures/tensorflow/fail-once.yaml"],
+    )
+    .await;
+
+    let done = watch.until_state(types::SUCCEEDED).await;
+    let status = done.status.unwrap();
+    assert_eq!(status.replica_statuses.worker.succeeded, 2, "{status:?}");
+    assert_eq!(status.replica_statuses.worker.restarts, 1, "{status:?}");
+    assert!(
+        kubelet
+            .logs(&ns.name, "tf-fail-once-worker-1")
+            .contains("on purpose")
+    );
+    kubelet.shutdown().await;
+}
