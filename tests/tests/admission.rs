@@ -374,3 +374,33 @@ async fn kubectl_get_tj_prints_the_columns() {
     );
     assert!(stdout.contains("chief 1/1, ps 1/1, worker 2/2"), "{stdout}");
 }
+
+#[tokio::test]
+async fn kubectl_explain_documents_the_chief_and_the_evaluator() {
+    let _ns = namespace_with_crd("explain").await;
+    for (role, words) in [
+        ("chief", "alone decides success"),
+        ("evaluator", "not part of the training cluster"),
+    ] {
+        let field = format!("trainingjob.spec.replicaSpecs.{role}");
+        // The server publishes a CRD's schema to its OpenAPI document a moment after the
+        // CRD is established.
+        let explained =
+            kubetrain_e2e::operator::wait_until(&format!("kubectl explain {field}"), || {
+                let field = field.clone();
+                async move {
+                    let out = kubectl(&["explain", &field], None).await;
+                    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+                    if out.status.success() && stdout.contains("replicas") {
+                        Ok(stdout)
+                    } else {
+                        Err(text(&out))
+                    }
+                }
+            })
+            .await;
+        let flat = explained.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(flat.contains(words), "{explained}");
+        assert!(flat.contains("0 or 1"), "{explained}");
+    }
+}

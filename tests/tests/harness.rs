@@ -416,8 +416,16 @@ async fn kubelet_resolves_peer_names_to_their_pod_ips() {
     k.run(b).await;
     let b = k.wait("job-ps-0", "Succeeded").await;
     let b_ip = b.status.and_then(|s| s.pod_ip).expect("podIP");
+    // The contract port is mapped to a host port of the pod's own, so a program binding
+    // 0.0.0.0:<port> cannot collide with another pod's.
+    let address = k.kubelet.pod_address(&ns, "job", "job-ps-0");
+    assert_eq!(address.ip.to_string(), b_ip);
+    assert_ne!(address.port, 2222);
     let logs = k.kubelet.logs(&ns, "job-worker-0");
-    assert!(logs.contains(&format!("peer={b_ip}:2222")), "{logs}");
+    assert!(
+        logs.contains(&format!("peer={b_ip}:{}", address.port)),
+        "{logs}"
+    );
 }
 
 /// The PID from the kubelet's `kubetrain-local://<pgid>` container ID.

@@ -70,9 +70,14 @@ fn replicas(job: &TrainingJob, role: Role) -> usize {
 }
 
 fn pod_names(job: &str, ps: usize, workers: usize) -> Vec<String> {
-    let mut names: Vec<String> = (0..ps)
-        .map(|i| contract::pod_name(job, Role::Ps, i))
-        .chain((0..workers).map(|i| contract::pod_name(job, Role::Worker, i)))
+    pod_names_of_roles(job, &[(Role::Ps, ps), (Role::Worker, workers)])
+}
+
+/// `<job>-<role>-<i>` for `n` pods of each role, sorted.
+fn pod_names_of_roles(job: &str, counts: &[(Role, usize)]) -> Vec<String> {
+    let mut names: Vec<String> = counts
+        .iter()
+        .flat_map(|&(role, n)| (0..n).map(move |i| contract::pod_name(job, role, i)))
         .collect();
     names.sort();
     names
@@ -288,13 +293,18 @@ fn assert_applied_by_operator(what: &str, metadata: &ObjectMeta) {
 async fn every_example_gets_its_pods_and_headless_service() {
     let (ns, _operator) = setup("op-examples").await;
     let dir = envtest::workspace_root().join("examples");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("examples/")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
+    let jobs_in = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .expect("examples/")
+            .map(|e| e.expect("dir entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
+            .collect()
+    };
+    let mut files = jobs_in(&dir);
+    files.extend(jobs_in(&dir.join("tensorflow")));
     files.sort();
-    assert!(files.len() >= 6, "examples: {files:?}");
+    assert!(files.len() >= 7, "examples: {files:?}");
     for path in &files {
         let out = server()
             .await
@@ -324,8 +334,10 @@ async fn every_example_gets_its_pods_and_headless_service() {
             condition(&job, types::CREATED).map(|c| c.reason.as_str()),
             Some(reasons::PODS_CREATED)
         );
-        let (ps, workers) = (replicas(&job, Role::Ps), replicas(&job, Role::Worker));
-        let list = wait_for_exactly(&pods, &job_name, &pod_names(&job_name, ps, workers)).await;
+        let counts: Vec<(Role, usize)> =
+            Role::ALL.iter().map(|&r| (r, replicas(&job, r))).collect();
+        let expected = pod_names_of_roles(&job_name, &counts);
+        let list = wait_for_exactly(&pods, &job_name, &expected).await;
         for pod in &list {
             let labels = pod.labels();
             let role: Role = labels[contract::LABEL_ROLE].parse().expect("role label");

@@ -360,5 +360,12 @@ async fn a_worker_that_fails_once_succeeds_end_to_end() {
             .logs(&ns.name, "tf-fail-once-worker-1")
             .contains("on purpose")
     );
+    // cleanPodPolicy Running keeps the finished workers for their logs.
+    until_pods_left(
+        &ns,
+        "tf-fail-once",
+        &["tf-fail-once-worker-0", "tf-fail-once-worker-1"],
+    )
+    .await;
     kubelet.shutdown().await;
 }
