@@ -1,7 +1,7 @@
-//! Prometheus metrics (`kubetrain_trainer_*`) and a minimal `/metrics` HTTP endpoint.
+//! Prometheus metrics (`kubetrain_trainer_*`) and their `/metrics` HTTP endpoint.
 //!
-//! The endpoint is a few lines over a TCP listener: one GET path, no keep-alive, so a
-//! full HTTP stack would not earn its weight here.
+//! The endpoint is axum, as the operator's is: a hand-written server that read the request
+//! in one go failed any request split across TCP segments.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +12,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::error::TrainerError;
@@ -102,41 +101,100 @@ pub async fn serve(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| TrainerError::Metrics { addr, source })?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
-                continue;
-            };
-            let registry = registry.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 2048];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    socket.read(&mut buf),
-                )
-                .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-                let request = String::from_utf8_lossy(&buf[..n]);
-                let path = request.split_whitespace().nth(1).unwrap_or("");
-                let (status, body) = if path == "/metrics" || path.starts_with("/metrics?") {
-                    let mut body = String::new();
-                    match encode(&mut body, &registry) {
-                        Ok(()) => ("200 OK", body),
-                        Err(_) => ("500 Internal Server Error", String::new()),
-                    }
-                } else {
-                    ("404 Not Found", "try /metrics\n".to_string())
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
-                let _ = socket.shutdown().await;
-            });
+    Ok(serve_on(listener, registry))
+}
+
+/// Serves `registry` at `/metrics` on a bound listener.
+pub fn serve_on(listener: TcpListener, registry: Arc<Registry>) -> tokio::task::JoinHandle<()> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let metrics = get(move || {
+        let registry = registry.clone();
+        async move {
+            let mut body = String::new();
+            match encode(&mut body, &registry) {
+                Ok(()) => (
+                    StatusCode::OK,
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                ),
+                Err(_) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    "encoding the metrics failed\n".to_string(),
+                ),
+            }
         }
-    }))
+    });
+    let app = axum::Router::new()
+        .route("/metrics", metrics)
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics\n") });
+    tokio::spawn(async move {
+        // Serving ends only with an accept error the listener cannot recover from; the
+        // trainer's work does not depend on its metrics.
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::warn!(%error, "the metrics endpoint stopped");
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let mut registry = Registry::default();
+        ChiefMetrics::default().register(&mut registry);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        (addr, serve_on(listener, Arc::new(registry)))
+    }
+
+    #[tokio::test]
+    async fn a_request_split_across_writes_is_answered_whole() {
+        let (addr, _server) = server().await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.set_nodelay(true).unwrap();
+        client.write_all(b"GET /metr").await.unwrap();
+        client.flush().await.unwrap();
+        // Half a request must get no answer: the server waits for the rest.
+        let mut early = [0u8; 1];
+        let answered = tokio::time::timeout(Duration::from_millis(200), client.read(&mut early));
+        assert!(
+            answered.await.is_err(),
+            "the server answered half a request"
+        );
+        client
+            .write_all(b"ics HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        client.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(
+            response.contains("application/openmetrics-text"),
+            "{response}"
+        );
+        assert!(response.contains("kubetrain_trainer_step"), "{response}");
+    }
+
+    #[tokio::test]
+    async fn other_paths_are_not_found() {
+        let (addr, _server) = server().await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        client.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+        assert!(response.ends_with("try /metrics\n"), "{response}");
+    }
 }

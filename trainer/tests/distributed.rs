@@ -17,9 +17,8 @@ fn http_get(port: u16, path: &str) -> String {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    // One write: the metrics server answers after its first read, so a request split
-    // over several writes could be answered (and the socket closed) half-sent.
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    // Connection: close, so the end of the answer is the end of the stream.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).unwrap();
     let mut body = String::new();
     let _ = stream.read_to_string(&mut body);
