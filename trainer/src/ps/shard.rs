@@ -361,7 +361,8 @@ impl Shard {
         w.last_seen = Some(now);
         // Pulling for step t means t steps are done.
         w.clock = w.clock.max(step);
-        if min_version > version + 1 {
+        // Steps and versions come off the wire: no value may wrap an addition here.
+        if min_version > version.saturating_add(1) {
             return Ok(PullDecision::Restarted { version });
         }
         match self.consistency {
@@ -375,7 +376,7 @@ impl Shard {
                     .map(|w| w.clock)
                     .min();
                 match slowest {
-                    Some(slowest) if step > slowest + s => Ok(PullDecision::Wait),
+                    Some(slowest) if step > slowest.saturating_add(s) => Ok(PullDecision::Wait),
                     _ => Ok(PullDecision::Ready),
                 }
             }
@@ -672,6 +673,24 @@ mod tests {
         // A finished worker no longer holds anyone back.
         s.mark_done(1, now).unwrap();
         assert_eq!(s.pull_decision(0, 0, 9, now), Ok(PullDecision::Ready));
+    }
+
+    #[test]
+    fn a_step_at_the_end_of_the_range_wraps_nothing() {
+        let (mut s, now) = shard(Consistency::BoundedStaleness(2), 2);
+        // A rogue pull claims both workers are at the last step there is. The first is
+        // held back by the second, which is still at 0.
+        assert_eq!(s.pull_decision(0, 0, u64::MAX, now), Ok(PullDecision::Wait));
+        assert_eq!(
+            s.pull_decision(1, 0, u64::MAX, now),
+            Ok(PullDecision::Ready)
+        );
+        // slowest + staleness once wrapped to 1, and every later pull waited for good.
+        assert_eq!(s.pull_decision(0, 0, 5, now), Ok(PullDecision::Ready));
+        assert_eq!(
+            s.pull_decision(0, u64::MAX, 5, now),
+            Ok(PullDecision::Restarted { version: 0 })
+        );
     }
 
     #[test]
