@@ -31,7 +31,26 @@ pub enum Command {
     Crd,
 }
 
-pub use crate::gang::GangScheduler;
+use crate::gang::GangScheduler;
+
+/// The values of `--gang-scheduler`. The pure `gang` module knows no command line, so the
+/// flag's spelling lives here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GangSchedulerArg {
+    /// Volcano (`scheduling.volcano.sh/v1beta1` PodGroups, scheduler `volcano`).
+    Volcano,
+    /// scheduler-plugins coscheduling (`scheduling.x-k8s.io/v1alpha1` PodGroups).
+    SchedulerPlugins,
+}
+
+impl From<GangSchedulerArg> for GangScheduler {
+    fn from(arg: GangSchedulerArg) -> Self {
+        match arg {
+            GangSchedulerArg::Volcano => GangScheduler::Volcano,
+            GangSchedulerArg::SchedulerPlugins => GangScheduler::SchedulerPlugins,
+        }
+    }
+}
 
 /// `kubetrain operator` options; each has an environment variable too.
 #[derive(clap::Args, Debug)]
@@ -74,5 +93,31 @@ pub struct OperatorArgs {
     pub trainer_metrics_port: u16,
     /// Create PodGroups for this gang scheduler for jobs with schedulingPolicy.gang.
     #[arg(long, env = "KUBETRAIN_GANG_SCHEDULER", value_enum)]
-    pub gang_scheduler: Option<GangScheduler>,
+    pub gang_scheduler: Option<GangSchedulerArg>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gang_scheduler_flag_values_map_to_the_schedulers() {
+        for (flag, scheduler) in [
+            ("volcano", GangScheduler::Volcano),
+            ("scheduler-plugins", GangScheduler::SchedulerPlugins),
+        ] {
+            let cli = Cli::try_parse_from(["kubetrain", "operator", "--gang-scheduler", flag])
+                .unwrap_or_else(|e| panic!("{flag}: {e}"));
+            let Command::Operator(args) = cli.command else {
+                panic!("not the operator subcommand");
+            };
+            assert_eq!(
+                args.gang_scheduler.map(GangScheduler::from),
+                Some(scheduler)
+            );
+        }
+        assert!(
+            Cli::try_parse_from(["kubetrain", "operator", "--gang-scheduler", "kueue"]).is_err()
+        );
+    }
 }

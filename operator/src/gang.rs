@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::plan;
 
 /// Gang schedulers the operator can create PodGroups for (`--gang-scheduler`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GangScheduler {
     /// Volcano (`scheduling.volcano.sh/v1beta1` PodGroups, scheduler `volcano`).
     Volcano,

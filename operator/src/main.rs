@@ -47,7 +47,7 @@ async fn run_operator(args: OperatorArgs) -> Result<(), Box<dyn std::error::Erro
     let server = tokio::spawn(metrics::serve(addr, metrics.clone()));
     let settings = PlanSettings {
         trainer_image: args.trainer_image,
-        gang_scheduler: args.gang_scheduler,
+        gang_scheduler: args.gang_scheduler.map(Into::into),
         trainer_metrics_port: (args.trainer_metrics_port != 0).then_some(args.trainer_metrics_port),
         ..PlanSettings::default()
     };
