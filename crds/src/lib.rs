@@ -8,6 +8,7 @@ pub mod contract;
 mod schema;
 pub mod spec;
 pub mod status;
+pub mod unknown_fields;
 pub mod validation;
 
 pub use spec::*;

@@ -172,7 +172,7 @@ impl TrainingJobSpec {
         }
 
         if let Some(training) = &self.training {
-            self.validate_training(training, ps_replicas, workers, &mut fail);
+            check_training(training, self.mode, ps_replicas, workers, &mut fail);
         }
 
         if errors.is_empty() {
@@ -181,43 +181,73 @@ impl TrainingJobSpec {
             Err(InvalidSpec(errors))
         }
     }
+}
 
-    fn validate_training(
-        &self,
-        training: &TrainingSpec,
-        ps_replicas: i32,
-        workers: i32,
-        fail: &mut impl FnMut(&str, String),
-    ) {
-        if training.batch_size < 1 {
-            fail(
-                "spec.training.batchSize",
-                "must be at least 1, got 0".into(),
-            );
-        }
-        if training.epochs < 1 {
-            fail("spec.training.epochs", "must be at least 1, got 0".into());
-        }
+/// The `spec.training` rules alone, for a job of `mode` with `ps_replicas` parameter
+/// servers and `workers` workers: what the built-in trainer checks at start-up, since it
+/// reads its spec from the environment, past admission.
+pub fn validate_training(
+    training: &TrainingSpec,
+    mode: Mode,
+    ps_replicas: i32,
+    workers: i32,
+) -> Result<(), InvalidSpec> {
+    let mut errors = Vec::new();
+    check_training(
+        training,
+        mode,
+        ps_replicas,
+        workers,
+        &mut |field, message| {
+            errors.push(SpecError {
+                field: field.to_string(),
+                message,
+            })
+        },
+    );
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidSpec(errors))
+    }
+}
 
-        let model = &training.model;
-        if model.kind == ModelKind::Softmax && !model.hidden.is_empty() {
-            fail(
-                "spec.training.model.hidden",
-                "a softmax model has no hidden layers; remove `hidden` or use `kind: mlp`".into(),
-            );
-        }
-        if model.hidden.contains(&0) {
-            fail(
-                "spec.training.model.hidden",
-                "every hidden layer needs a width of at least 1".into(),
-            );
-        }
+fn check_training(
+    training: &TrainingSpec,
+    mode: Mode,
+    ps_replicas: i32,
+    workers: i32,
+    fail: &mut impl FnMut(&str, String),
+) {
+    if training.batch_size < 1 {
+        fail(
+            "spec.training.batchSize",
+            "must be at least 1, got 0".into(),
+        );
+    }
+    if training.epochs < 1 {
+        fail("spec.training.epochs", "must be at least 1, got 0".into());
+    }
 
-        self.validate_dataset(&training.dataset, fail);
-        validate_optimizer(&training.optimizer, fail);
+    let model = &training.model;
+    if model.kind == ModelKind::Softmax && !model.hidden.is_empty() {
+        fail(
+            "spec.training.model.hidden",
+            "a softmax model has no hidden layers; remove `hidden` or use `kind: mlp`".into(),
+        );
+    }
+    if model.hidden.contains(&0) {
+        fail(
+            "spec.training.model.hidden",
+            "every hidden layer needs a width of at least 1".into(),
+        );
+    }
 
-        let consistency = &training.consistency;
-        match (consistency.kind, consistency.staleness) {
+    validate_dataset(&training.dataset, fail);
+    validate_optimizer(&training.optimizer, fail);
+
+    let consistency = &training.consistency;
+    match (consistency.kind, consistency.staleness) {
             (ConsistencyKind::BoundedStaleness, None) => fail(
                 "spec.training.consistency.staleness",
                 "BoundedStaleness needs `staleness`: how many steps the fastest worker may run ahead (for example 2)".into(),
@@ -232,62 +262,62 @@ impl TrainingJobSpec {
             _ => {}
         }
 
-        match self.mode {
-            Mode::DataParallel => {
-                if ps_replicas == 0 {
-                    fail(
+    match mode {
+        Mode::DataParallel => {
+            if ps_replicas == 0 {
+                fail(
                         "spec.replicaSpecs.ps.replicas",
                         "a DataParallel job needs at least 1 parameter server to hold the parameters; set replicaSpecs.ps.replicas to 1 or more".into(),
                     );
-                }
-                if training.pipeline.is_some() {
-                    fail(
+            }
+            if training.pipeline.is_some() {
+                fail(
                         "spec.training.pipeline",
                         "`pipeline` only applies to mode ModelParallel; remove it or set spec.mode: ModelParallel".into(),
                     );
-                }
             }
-            Mode::ModelParallel => {
-                if workers < 2 {
-                    fail(
-                        "spec.replicaSpecs.worker.replicas",
-                        format!(
-                            "a ModelParallel job runs one pipeline stage per worker and needs at least 2 workers, got {workers}; add workers or use mode DataParallel"
-                        ),
-                    );
-                }
-                let layers = layer_count(model);
-                if workers > 0 && (workers as usize) > layers {
-                    fail(
-                        "spec.replicaSpecs.worker.replicas",
-                        format!(
-                            "{workers} workers means {workers} pipeline stages, but the model has only {layers} layer(s); use at most {layers} workers or add hidden layers to spec.training.model.hidden"
-                        ),
-                    );
-                }
-                if consistency.kind != ConsistencyKind::Sync {
-                    fail(
+        }
+        Mode::ModelParallel => {
+            if workers < 2 {
+                fail(
+                    "spec.replicaSpecs.worker.replicas",
+                    format!(
+                        "a ModelParallel job runs one pipeline stage per worker and needs at least 2 workers, got {workers}; add workers or use mode DataParallel"
+                    ),
+                );
+            }
+            let layers = layer_count(model);
+            if workers > 0 && (workers as usize) > layers {
+                fail(
+                    "spec.replicaSpecs.worker.replicas",
+                    format!(
+                        "{workers} workers means {workers} pipeline stages, but the model has only {layers} layer(s); use at most {layers} workers or add hidden layers to spec.training.model.hidden"
+                    ),
+                );
+            }
+            if consistency.kind != ConsistencyKind::Sync {
+                fail(
                         "spec.training.consistency.kind",
                         "a ModelParallel pipeline always updates synchronously; remove `consistency` or set kind: Sync".into(),
                     );
-                }
-                if let Some(pipeline) = &training.pipeline
-                    && pipeline.micro_batches > training.batch_size
-                {
-                    fail(
-                        "spec.training.pipeline.microBatches",
-                        format!(
-                            "{} micro-batches cannot be cut from a batch of {}; lower microBatches or raise batchSize",
-                            pipeline.micro_batches, training.batch_size
-                        ),
-                    );
-                }
+            }
+            if let Some(pipeline) = &training.pipeline
+                && pipeline.micro_batches > training.batch_size
+            {
+                fail(
+                    "spec.training.pipeline.microBatches",
+                    format!(
+                        "{} micro-batches cannot be cut from a batch of {}; lower microBatches or raise batchSize",
+                        pipeline.micro_batches, training.batch_size
+                    ),
+                );
             }
         }
     }
+}
 
-    fn validate_dataset(&self, dataset: &DatasetSpec, fail: &mut impl FnMut(&str, String)) {
-        match (dataset.builtin, &dataset.path, dataset.format) {
+fn validate_dataset(dataset: &DatasetSpec, fail: &mut impl FnMut(&str, String)) {
+    match (dataset.builtin, &dataset.path, dataset.format) {
             (Some(_), _, Some(_)) => fail(
                 "spec.training.dataset.format",
                 "`format` applies to your own files only; remove it or remove `builtin`".into(),
@@ -306,20 +336,19 @@ impl TrainingJobSpec {
             ),
             _ => {}
         }
-        if dataset.label_column.is_some() && dataset.format != Some(DataFormat::Csv) {
-            fail(
-                "spec.training.dataset.labelColumn",
-                "`labelColumn` applies to csv files only; remove it".into(),
-            );
-        }
-        if let Some(fraction) = dataset.test_fraction
-            && !(0.0..=0.9).contains(&fraction)
-        {
-            fail(
-                "spec.training.dataset.testFraction",
-                format!("must be between 0 and 0.9, got {fraction}"),
-            );
-        }
+    if dataset.label_column.is_some() && dataset.format != Some(DataFormat::Csv) {
+        fail(
+            "spec.training.dataset.labelColumn",
+            "`labelColumn` applies to csv files only; remove it".into(),
+        );
+    }
+    if let Some(fraction) = dataset.test_fraction
+        && !(0.0..=0.9).contains(&fraction)
+    {
+        fail(
+            "spec.training.dataset.testFraction",
+            format!("must be between 0 and 0.9, got {fraction}"),
+        );
     }
 }
 

@@ -153,6 +153,25 @@ pub fn load_job(path: &Path) -> Result<TrainingJob, LocalError> {
             path: path.to_path_buf(),
             source,
         })?;
+    // A cluster's API server prunes fields it does not know and kubectl warns; here a
+    // misspelt field would silently become its default.
+    let written: serde_json::Value =
+        serde_yaml::from_str(&text).map_err(|source| LocalError::ParseManifest {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let understood = serde_json::to_value(&job).expect("a TrainingJob always serialises");
+    let unknown = kubetrain_api::unknown_fields::unknown_fields(&written, &understood, "");
+    if !unknown.is_empty() {
+        let fields: Vec<String> = unknown
+            .iter()
+            .map(|f| format!("{f}: unknown field; remove it or correct its spelling"))
+            .collect();
+        return Err(LocalError::InvalidSpec(format!(
+            "invalid spec: {}",
+            fields.join("; ")
+        )));
+    }
     if let Err(invalid) = job.spec.validate() {
         // Same words as the operator's InvalidSpec condition message.
         return Err(LocalError::InvalidSpec(format!("invalid spec: {invalid}")));

@@ -129,6 +129,27 @@ fn an_invalid_spec_exits_with_the_operators_invalid_spec_message() {
     );
 }
 
+#[test]
+fn a_misspelt_field_is_named_instead_of_silently_defaulted() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("typo.yaml");
+    let text = std::fs::read_to_string(repo().join("examples/quickstart.yaml")).unwrap();
+    assert!(
+        text.contains("    batchSize:"),
+        "the quickstart sets batchSize"
+    );
+    std::fs::write(&manifest, text.replace("    batchSize:", "    batchsize:")).unwrap();
+    let output = run_local(&manifest, dir.path());
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "invalid spec: spec.training.batchsize (did you mean batchSize?): unknown field"
+        ),
+        "{stderr}"
+    );
+}
+
 /// A job long enough to act on while it runs.
 fn long_job(dir: &Path, epochs: u32, worker_policy: &str) -> PathBuf {
     let manifest = dir.join("long.yaml");

@@ -74,6 +74,47 @@ pub struct Cli {
     pub max_steps: Option<u64>,
 }
 
+impl Cli {
+    /// Parses the command line and the contract env. A pod has no command line, so an
+    /// error names the env variable a missing or bad argument comes from, and is left in
+    /// the termination log as well as printed; `Err` holds the exit code.
+    pub fn from_env_and_args() -> Result<Self, std::process::ExitCode> {
+        match Cli::try_parse() {
+            Ok(cli) => Ok(cli),
+            Err(error) if !error.use_stderr() => error.exit(),
+            Err(error) => {
+                let message = explain_cli_error(&error.render().to_string());
+                eprint!("{message}");
+                if let Some(path) = std::env::var_os(ENV_TERMINATION_LOG) {
+                    let _ = std::fs::write(path, message.trim_end());
+                }
+                Err(std::process::ExitCode::from(2))
+            }
+        }
+    }
+}
+
+/// Clap names `--cluster <CLUSTER>`; the operator sets `KUBETRAIN_CLUSTER`. Each flag that
+/// has an env variable is named by both.
+fn explain_cli_error(rendered: &str) -> String {
+    use clap::CommandFactory;
+    let command = Cli::command();
+    let mut message = rendered.to_string();
+    for arg in command.get_arguments() {
+        let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) else {
+            continue;
+        };
+        let value = arg
+            .get_value_names()
+            .and_then(|names| names.first().map(|n| n.to_string()))
+            .unwrap_or_else(|| arg.get_id().as_str().to_uppercase());
+        let flag = format!("--{long} <{value}>");
+        let both = format!("{} (or {flag})", env.to_string_lossy());
+        message = message.replace(&flag, &both);
+    }
+    message
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -101,9 +142,7 @@ impl Config {
     pub fn from_cli(cli: Cli) -> Result<Self, TrainerError> {
         let cluster =
             ClusterSpec::from_env(&cli.cluster).map_err(|e| TrainerError::Config(e.to_string()))?;
-        let training: TrainingSpec = serde_json::from_str(&cli.training).map_err(|e| {
-            TrainerError::Config(format!("{ENV_TRAINING} is not a valid spec.training: {e}"))
-        })?;
+        let training = parse_training(&cli.training)?;
         let mode: Mode = serde_json::from_value(serde_json::Value::String(cli.mode.clone()))
             .map_err(|_| {
                 TrainerError::Config(format!(
@@ -111,6 +150,20 @@ impl Config {
                     cli.mode
                 ))
             })?;
+        // The operator validated the job at admission, but this env can be written by
+        // hand, and a bad value must be named here rather than panic deep in training.
+        let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+        kubetrain_api::validation::validate_training(
+            &training,
+            mode,
+            count(cluster.ps.len()),
+            count(cluster.worker.len()),
+        )
+        .map_err(|invalid| {
+            TrainerError::Config(format!(
+                "{ENV_TRAINING} is not a valid spec.training: {invalid}"
+            ))
+        })?;
         let own = cluster.role(cli.role).get(cli.index).ok_or_else(|| {
             TrainerError::Config(format!(
                 "{ENV_INDEX}={} but {ENV_CLUSTER} lists {} {} address(es)",
@@ -190,6 +243,27 @@ impl Config {
     }
 }
 
+/// `KUBETRAIN_TRAINING`, refusing fields that `TrainingSpec` does not know: a misspelt
+/// `batchsize` would otherwise train with the default batch.
+fn parse_training(text: &str) -> Result<TrainingSpec, TrainerError> {
+    let invalid = |e: &dyn std::fmt::Display| {
+        TrainerError::Config(format!("{ENV_TRAINING} is not a valid spec.training: {e}"))
+    };
+    let written: serde_json::Value = serde_json::from_str(text).map_err(|e| invalid(&e))?;
+    let training: TrainingSpec =
+        serde_json::from_value(written.clone()).map_err(|e| invalid(&e))?;
+    let understood = serde_json::to_value(&training).map_err(|e| invalid(&e))?;
+    let unknown =
+        kubetrain_api::unknown_fields::unknown_fields(&written, &understood, "spec.training");
+    if !unknown.is_empty() {
+        return Err(invalid(&format!(
+            "unknown field(s) {}; remove them or correct their spelling",
+            unknown.join(", ")
+        )));
+    }
+    Ok(training)
+}
+
 fn port_of(address: &str) -> Result<u16, TrainerError> {
     match address.rsplit_once(':') {
         None => Ok(DEFAULT_PORT),
@@ -258,7 +332,12 @@ mod tests {
         let config = parse(r#"{"worker":["w0:7002","w1:7003"]}"#, "worker").unwrap();
         assert_eq!(config.mode, Mode::ModelParallel);
         let err = parse(r#"{"worker":["w0:7002"]}"#, "worker").unwrap_err();
-        assert!(err.to_string().contains("at least 2 stages"), "{err}");
+        // The operator's own validation answers first, naming the field to change.
+        assert!(
+            err.to_string()
+                .contains("spec.replicaSpecs.worker.replicas: a ModelParallel job"),
+            "{err}"
+        );
         let err = parse(r#"{"ps":["p:1"],"worker":["w0:7002","w1:7003"]}"#, "ps").unwrap_err();
         assert!(err.to_string().contains("no parameter servers"), "{err}");
     }

@@ -1,7 +1,6 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
 use kubetrain_api::contract::Role;
 use kubetrain_trainer::{Cli, main_with};
 
@@ -15,7 +14,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::from_env_and_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     // A data-parallel worker does its math on a blocking thread and only I/O on the async
     // ones, one step at a time: a single async thread saves the cross-thread wake-ups that

@@ -220,3 +220,88 @@ fn parameter_server_rejects_bad_input_without_crashing() {
     });
     assert!(ps.wait(Duration::from_secs(30)).success(), "{}", ps.logs());
 }
+
+/// Values the API server would have refused still reach a trainer whose env is written
+/// by hand: each is named at start, with a non-zero exit, never a panic.
+#[test]
+fn bad_training_values_are_refused_at_start_naming_the_field() {
+    let _serial = serial();
+    let base = digits_training(json!({"kind": "softmax"}), json!({"kind": "Sync"}), 1);
+    let with = |pointer: &str, value: serde_json::Value| {
+        let mut training = base.clone();
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        training.pointer_mut(parent).unwrap()[key] = value;
+        training
+    };
+    let mut misspelt = base.clone();
+    let batch = misspelt
+        .as_object_mut()
+        .unwrap()
+        .remove("batchSize")
+        .unwrap();
+    misspelt["batchsize"] = batch;
+    let cases = [
+        (
+            with("/dataset/testFraction", json!(7)),
+            "spec.training.dataset.testFraction",
+        ),
+        (
+            with("/dataset/testFraction", json!(-0.5)),
+            "spec.training.dataset.testFraction",
+        ),
+        (
+            with("/optimizer/learningRate", json!(-1)),
+            "spec.training.optimizer.learningRate",
+        ),
+        (
+            with("/optimizer/momentum", json!(5)),
+            "spec.training.optimizer.momentum",
+        ),
+        (
+            with("/dataset/path", json!("/tmp/x.csv")),
+            "spec.training.dataset.path",
+        ),
+        (
+            misspelt,
+            "spec.training.batchsize (did you mean batchSize?)",
+        ),
+    ];
+    for (i, (training, field)) in cases.into_iter().enumerate() {
+        // A cluster (and so a log folder) per case: logs of one name are appended to.
+        let cluster = Cluster::new(&format!("badvalues-{i}"), 1, 1);
+        for role in ["ps", "worker"] {
+            let mut process = cluster.spawn(role, 0, &training, &[]);
+            let status = process.wait(Duration::from_secs(30));
+            let stderr = process.stderr();
+            assert!(!status.success(), "{role} accepted {training}");
+            assert!(status.code().is_some(), "{role} died of a signal: {stderr}");
+            assert!(
+                stderr.contains(field),
+                "{role}: {field} not named in\n{stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{role} panicked:\n{stderr}");
+        }
+    }
+}
+
+#[test]
+fn a_missing_contract_variable_is_named_and_left_as_last_words() {
+    let dir = temp_dir("missing-env");
+    let last_words = dir.join("termination-log");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kubetrain-trainer"))
+        .env_clear()
+        .env("KUBETRAIN_ROLE", "worker")
+        .env("KUBETRAIN_INDEX", "0")
+        .env("KUBETRAIN_TRAINING", "{}")
+        .env("KUBETRAIN_TERMINATION_LOG", &last_words)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("KUBETRAIN_CLUSTER (or --cluster <CLUSTER>)"),
+        "{stderr}"
+    );
+    let written = std::fs::read_to_string(&last_words).expect("a termination message");
+    assert!(written.contains("KUBETRAIN_CLUSTER"), "{written}");
+}
