@@ -266,6 +266,17 @@ pub struct TrainingSpec {
     /// defaults to 4 micro-batches with the 1F1B schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<PipelineSpec>,
+
+    /// Folder for TensorBoard event files (`tensorboard --logdir` on it shows the curves).
+    /// Each trainer process writes a run of its own: `worker-0` (the chief) the train
+    /// loss, samples/s, test accuracy and test loss; `ps-<i>` the Async staleness;
+    /// `worker-<k>` a pipeline stage's busy and idle time. In a cluster, mount a volume
+    /// that every pod of the job can write (a ReadWriteMany PVC) at this path; a folder
+    /// that cannot be written fails the pod at start. `kubetrain local` sets it to the run
+    /// directory when unset. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub log_dir: Option<String>,
 }
 
 fn default_batch_size() -> u32 {

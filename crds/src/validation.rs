@@ -225,6 +225,16 @@ fn check_training(
             "must be at least 1, got 0".into(),
         );
     }
+    if training
+        .log_dir
+        .as_ref()
+        .is_some_and(|d| d.trim().is_empty())
+    {
+        fail(
+            "spec.training.logDir",
+            "is empty; set the folder for TensorBoard events, or remove logDir".into(),
+        );
+    }
     if training.epochs < 1 {
         fail("spec.training.epochs", "must be at least 1, got 0".into());
     }

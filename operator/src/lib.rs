@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod controller;
+pub mod curves;
 pub mod gang;
 pub mod leader;
 pub mod local;

@@ -26,9 +26,11 @@ use kube::ResourceExt;
 use kubetrain_api::condition::types;
 use kubetrain_api::contract::{self, Role};
 use kubetrain_api::{TrainingJob, TrainingProgress};
+use kubetrain_trainer::tensorboard;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::curves;
 use crate::plan::{self, PlanSettings, ReplicaId};
 use crate::podsim::forward::PortForward;
 use crate::podsim::network::{DnsContext, DnsKey, PodAddress, PodNetwork};
@@ -256,6 +258,13 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
         path: run_dir.clone(),
         source,
     })?;
+    // Curves for every local run: TensorBoard events in the run directory unless the job
+    // names its own folder.
+    if let Some(training) = job.spec.training.as_mut() {
+        training
+            .log_dir
+            .get_or_insert_with(|| run_dir.display().to_string());
+    }
     let follow = match &args.follow {
         Some(f) => Some(parse_follow(&job, f)?),
         None => None,
@@ -963,6 +972,34 @@ fn restarts_by_role(job: &TrainingJob, status: &kubetrain_api::TrainingJobStatus
         .join(", ")
 }
 
+/// The loss sparkline, `curves.png` and the TensorBoard command, from the chief's event
+/// log under `spec.training.logDir`: the same numbers TensorBoard shows.
+fn picture_rows(job: &TrainingJob, run_dir: &Path) -> Vec<(&'static str, String)> {
+    let Some(log_dir) = job.spec.training.as_ref().and_then(|t| t.log_dir.as_ref()) else {
+        return Vec::new();
+    };
+    let mut rows = vec![("tensorboard", format!("tensorboard --logdir {log_dir}"))];
+    let chief = tensorboard::run_dir(Path::new(log_dir), Role::Worker, 0);
+    let scalars = match tensorboard::read_scalars(&chief) {
+        Ok(scalars) => scalars,
+        Err(error) => {
+            rows.push(("curves", format!("none: {error}")));
+            return rows;
+        }
+    };
+    let curve = |tag: &str| scalars.get(tag).cloned().unwrap_or_default();
+    let (loss, accuracy) = (curve("train/loss"), curve("test/accuracy"));
+    let values: Vec<f32> = loss.iter().map(|&(_, v)| v).collect();
+    rows.push(("loss curve", curves::sparkline(&values, 40)));
+    let png = run_dir.join("curves.png");
+    let drawn = curves::draw(&png, &job.name_any(), &loss, &accuracy);
+    rows.push((
+        "curves",
+        drawn.map_or_else(|e| format!("none: {e}"), |()| png.display().to_string()),
+    ));
+    rows
+}
+
 fn report(job: &TrainingJob, observed: &Observed, wall: Duration, run_dir: &Path) -> String {
     let status = job.status.clone().unwrap_or_default();
     let state = status
@@ -1005,7 +1042,10 @@ fn report(job: &TrainingJob, observed: &Observed, wall: Duration, run_dir: &Path
         ("restarts", restarts_by_role(job, &status)),
         ("logs", run_dir.display().to_string()),
         ("checkpoints", checkpoints),
-    ];
+    ]
+    .into_iter()
+    .chain(picture_rows(job, run_dir))
+    .collect::<Vec<_>>();
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let mut out = format!("\n{} {}\n", job.name_any(), "report");
     for (key, value) in rows {

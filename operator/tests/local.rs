@@ -90,6 +90,56 @@ fn the_quickstart_succeeds_with_a_real_accuracy() {
             run.display()
         );
     }
+
+    // The picture of the run: the report names it, and it is a real, non-blank PNG.
+    let png = run.join("curves.png");
+    assert!(
+        stderr.contains(&format!("curves         {}", png.display())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("tensorboard --logdir {}", run.display())),
+        "{stderr}"
+    );
+    let sparkline = stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("loss curve"))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no loss sparkline in the report:\n{stderr}"));
+    assert_eq!(sparkline.chars().count(), 40, "{sparkline}");
+    assert!(
+        sparkline.starts_with('█') && sparkline.ends_with('▁'),
+        "a falling loss: {sparkline}"
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!((frame.width, frame.height), (1200, 450));
+    let pixels = &pixels[..frame.buffer_size()];
+    let step = frame.color_type.samples();
+    let inked = pixels
+        .chunks(step)
+        .filter(|p| p.iter().take(3).any(|&c| c < 200))
+        .count();
+    let total = pixels.len() / step;
+    // Axes, labels and two curves ink a few percent of the picture; blank would be 0.
+    assert!(
+        inked * 100 > total && inked * 4 < total,
+        "{inked} of {total} pixels inked"
+    );
+    let blue_curve = pixels
+        .chunks(step)
+        .filter(|p| p[2] > 200 && p[0] < 80 && p[1] < 80)
+        .count();
+    let red_curve = pixels
+        .chunks(step)
+        .filter(|p| p[0] > 200 && p[1] < 80 && p[2] < 80)
+        .count();
+    assert!(
+        blue_curve > 300 && red_curve > 300,
+        "loss {blue_curve} and accuracy {red_curve} curve pixels"
+    );
 }
 
 #[test]

@@ -369,3 +369,140 @@ async fn a_worker_that_fails_once_succeeds_end_to_end() {
     .await;
     kubelet.shutdown().await;
 }
+
+/// Every scalar TensorBoard's own event reader finds under a log folder (JSON on stdin):
+/// {run: {tag: [[step, value], ...]}}.
+const READ_EVENTS: &str = r#"
+import json, os, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+log_dir = sys.stdin.read().strip()
+runs = {}
+for run in sorted(os.listdir(log_dir)):
+    path = os.path.join(log_dir, run)
+    if not os.path.isdir(path) or not any("tfevents" in f for f in os.listdir(path)):
+        continue
+    events = EventAccumulator(path, size_guidance={"scalars": 0})
+    events.Reload()
+    runs[run] = {
+        tag: [[e.step, e.value] for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
+print(json.dumps(runs))
+"#;
+
+type Runs = std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<(u64, f64)>>>;
+
+async fn tensorboard_runs(log_dir: &Path) -> Runs {
+    let out = run_python(READ_EVENTS, &log_dir.display().to_string()).await;
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn last(runs: &Runs, run: &str, tag: &str) -> (u64, f64) {
+    *runs
+        .get(run)
+        .and_then(|tags| tags.get(tag))
+        .and_then(|points| points.last())
+        .unwrap_or_else(|| panic!("no {run}/{tag} in {runs:?}"))
+}
+
+/// The chief's curves in TensorBoard end at the run's own final numbers (the status that
+/// `kubetrain local -o yaml` prints), with steps that only go forward.
+fn assert_chief_curves_match(runs: &Runs, job: &TrainingJob) {
+    let progress = job.status.clone().unwrap().progress.unwrap();
+    let steps = u64::try_from(progress.step).unwrap();
+    let chief = &runs["worker-0"];
+    for tag in [
+        "train/loss",
+        "train/samples_per_second",
+        "test/accuracy",
+        "test/loss",
+    ] {
+        let points = &chief[tag];
+        assert!(
+            points.windows(2).all(|w| w[0].0 < w[1].0),
+            "{tag} steps go forward: {points:?}"
+        );
+        assert_eq!(
+            points.last().unwrap().0,
+            steps,
+            "{tag} ends at the last step"
+        );
+    }
+    // Local status numbers come from log lines with four decimals.
+    let (_, accuracy) = last(runs, "worker-0", "test/accuracy");
+    assert!(
+        (accuracy - progress.accuracy.unwrap()).abs() <= 6e-5,
+        "TensorBoard accuracy {accuracy} vs status {:?}",
+        progress.accuracy
+    );
+    let (_, loss) = last(runs, "worker-0", "train/loss");
+    assert!(
+        (loss - progress.loss.unwrap()).abs() <= 6e-5,
+        "TensorBoard loss {loss} vs status {:?}",
+        progress.loss
+    );
+    assert!(
+        chief["test/accuracy"].len() >= 2,
+        "one point per epoch and the final one"
+    );
+}
+
+#[tokio::test]
+async fn tensorboard_reads_the_async_curves_and_staleness_of_a_local_run() {
+    tensorflow::venv();
+    let (job, run_dir, stderr) = run_local("examples/async.yaml", &[]).await;
+    assert!(succeeded(&job), "{stderr}");
+    assert!(
+        stderr.contains(&format!("tensorboard --logdir {}", run_dir.display())),
+        "{stderr}"
+    );
+    let runs = tensorboard_runs(&run_dir).await;
+    // The chief and each PS; the other workers have nothing of their own to show.
+    assert_eq!(
+        runs.keys().collect::<Vec<_>>(),
+        ["ps-0", "ps-1", "worker-0"],
+        "{runs:?}"
+    );
+    assert_chief_curves_match(&runs, &job);
+    for ps in ["ps-0", "ps-1"] {
+        let (_, mean) = last(&runs, ps, "staleness/mean");
+        let (_, max) = last(&runs, ps, "staleness/max");
+        let updates: f64 = runs[ps]["staleness/updates"].iter().map(|p| p.1).sum();
+        assert!(mean >= 0.0 && max >= mean, "{ps}: mean {mean}, max {max}");
+        // Every worker step pushes to every PS once: the windows add up to all of them.
+        let steps = job.status.clone().unwrap().progress.unwrap().step as f64;
+        assert!(
+            updates >= steps,
+            "{ps}: {updates} updates logged for {steps} steps of the chief"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tensorboard_reads_each_pipeline_stages_busy_and_idle_time() {
+    tensorflow::venv();
+    let (job, run_dir, stderr) = run_local("examples/model-parallel.yaml", &[]).await;
+    assert!(succeeded(&job), "{stderr}");
+    let runs = tensorboard_runs(&run_dir).await;
+    assert_eq!(
+        runs.keys().collect::<Vec<_>>(),
+        ["worker-0", "worker-1", "worker-2"],
+        "{runs:?}"
+    );
+    assert_chief_curves_match(&runs, &job);
+    let steps = u64::try_from(job.status.clone().unwrap().progress.unwrap().step).unwrap();
+    for stage in ["worker-0", "worker-1", "worker-2"] {
+        let (step, busy) = last(&runs, stage, "pipeline/busy_seconds");
+        let (_, idle) = last(&runs, stage, "pipeline/idle_seconds");
+        let (_, fraction) = last(&runs, stage, "pipeline/idle_fraction");
+        assert_eq!(step, steps, "{stage} logs its final time at the last step");
+        assert!(
+            busy > 0.0 && idle >= 0.0,
+            "{stage}: busy {busy}, idle {idle}"
+        );
+        assert!(
+            (fraction - idle / (busy + idle)).abs() < 1e-3,
+            "{stage}: idle fraction {fraction} of busy {busy} + idle {idle}"
+        );
+    }
+}

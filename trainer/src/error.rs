@@ -53,4 +53,11 @@ pub enum TrainerError {
     },
     #[error("running the model computation: {0}")]
     Compute(String),
+    #[error(
+        "spec.training.logDir: creating TensorBoard events in {path}: {source}; mount a volume this pod can write at logDir, or remove logDir"
+    )]
+    CreateEventLog {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }

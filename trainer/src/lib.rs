@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod ps;
 pub mod tensor_wire;
+pub mod tensorboard;
 pub mod wire_tensor;
 pub mod worker;
 
@@ -57,9 +58,10 @@ pub async fn run(config: Config) -> Result<Outcome, TrainerError> {
         m.register(&mut registry);
         m
     });
+    let events = open_event_log(&config)?;
     let progress = config
         .is_chief()
-        .then(|| progress::ProgressState::new(&mut registry));
+        .then(|| progress::ProgressState::new(&mut registry).with_events(events.clone()));
     let final_progress = progress.clone();
     let termination_log = config.termination_log.clone();
     // Metrics are for watching; a port someone else holds must not cost the training.
@@ -74,10 +76,10 @@ pub async fn run(config: Config) -> Result<Outcome, TrainerError> {
         None => None,
     };
     let outcome = match ps_metrics {
-        Some(m) => ps::run_ps(config, m)
+        Some(m) => ps::run_ps(config, m, events)
             .await
             .map(|()| Outcome::ParameterServer),
-        None if config.mode == Mode::ModelParallel => pipeline::run_stage(config, progress)
+        None if config.mode == Mode::ModelParallel => pipeline::run_stage(config, progress, events)
             .await
             .map(Outcome::Worker),
         None => worker::run_worker(config, progress)
@@ -102,6 +104,21 @@ pub async fn run(config: Config) -> Result<Outcome, TrainerError> {
         );
     }
     outcome
+}
+
+/// This process's TensorBoard run under `spec.training.logDir`, for the processes that
+/// have something to show: the chief, every PS and every pipeline stage. Other
+/// data-parallel workers would only add empty runs.
+fn open_event_log(config: &Config) -> Result<tensorboard::EventLog, TrainerError> {
+    let Some(log_dir) = &config.training.log_dir else {
+        return Ok(tensorboard::EventLog::off());
+    };
+    if !(config.is_chief() || config.role == Role::Ps || config.mode == Mode::ModelParallel) {
+        return Ok(tensorboard::EventLog::off());
+    }
+    let path = tensorboard::run_dir(Path::new(log_dir), config.role, config.index);
+    tensorboard::EventLog::create(&path)
+        .map_err(|source| TrainerError::CreateEventLog { path, source })
 }
 
 /// Writes the termination message. Losing it loses no work, so a failure is only logged.

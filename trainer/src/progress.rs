@@ -1,4 +1,5 @@
-//! The chief's progress: what `GetProgress` answers, `/metrics` shows and stdout prints.
+//! The chief's progress: what `GetProgress` answers, `/metrics` shows, stdout prints and
+//! the TensorBoard event log records.
 
 use std::sync::{Arc, Mutex};
 
@@ -8,12 +9,21 @@ use tonic::{Request, Response, Status};
 use crate::metrics::ChiefMetrics;
 use crate::proto::progress_server::Progress;
 use crate::proto::{GetProgressRequest, ProgressReport};
+use crate::tensorboard::EventLog;
 
 /// Shared between the training loop and the Progress service.
 #[derive(Clone, Default)]
 pub struct ProgressState {
-    report: Arc<Mutex<ProgressReport>>,
+    report: Arc<Mutex<Reported>>,
     metrics: ChiefMetrics,
+    events: EventLog,
+}
+
+#[derive(Default)]
+struct Reported {
+    report: ProgressReport,
+    /// The step of the newest train scalars in the event log.
+    logged_step: u64,
 }
 
 impl ProgressState {
@@ -23,10 +33,21 @@ impl ProgressState {
         state
     }
 
-    /// Applies a change to the report and mirrors it into the metrics.
+    /// Also writes every update as TensorBoard scalars.
+    pub fn with_events(mut self, events: EventLog) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Applies a change to the report and mirrors it into the metrics and, once per step,
+    /// the event log.
     pub fn update(&self, change: impl FnOnce(&mut ProgressReport)) {
-        let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
-        change(&mut report);
+        let mut reported = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        let Reported {
+            report,
+            logged_step,
+        } = &mut *reported;
+        change(report);
         self.metrics.step.set(report.step as i64);
         self.metrics.epoch.set(report.epoch.into());
         self.metrics.loss.set(report.loss);
@@ -35,12 +56,33 @@ impl ProgressState {
             .samples_per_second
             .set(report.samples_per_second);
         self.metrics.finished.set(report.finished.into());
+        if report.step > *logged_step {
+            self.events.scalars(
+                report.step,
+                &[
+                    ("train/loss", report.loss),
+                    ("train/samples_per_second", report.samples_per_second),
+                ],
+            );
+            *logged_step = report.step;
+        }
+        if report.finished {
+            self.events.flush();
+        }
+    }
+
+    /// Records an evaluation on the test split at `step`.
+    pub fn evaluated(&self, step: u64, accuracy: f64, loss: f64) {
+        self.update(|r| r.accuracy = accuracy);
+        self.events
+            .scalars(step, &[("test/accuracy", accuracy), ("test/loss", loss)]);
     }
 
     pub fn snapshot(&self) -> ProgressReport {
         self.report
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .report
             .clone()
     }
 }

@@ -117,6 +117,7 @@ fn training(
         consistency: ConsistencySpec::default(),
         checkpoint: None,
         pipeline: None,
+        log_dir: None,
     }
 }
 

@@ -32,6 +32,7 @@ use crate::proto::pipeline_stage_server::PipelineStageServer;
 use crate::proto::progress_server::ProgressServer;
 use crate::proto::{StagePartition, StartRequest};
 use crate::ps::checkpoint::{self, ShardCheckpoint};
+use crate::tensorboard::EventLog;
 use crate::worker::{WorkerOutcome, evaluate_examples};
 use peers::{Outbound, Peer};
 use schedule::{Action, Stash};
@@ -73,10 +74,29 @@ struct Plan {
     resume: u64,
 }
 
+/// How often a stage adds its busy and idle time to the event log.
+const EVENT_EVERY: Duration = Duration::from_secs(1);
+
+fn write_stage_events(events: &EventLog, step: u64, stats: &StageStats) {
+    events.scalars(
+        step,
+        &[
+            ("pipeline/busy_seconds", stats.busy),
+            (
+                "pipeline/idle_seconds",
+                (stats.window - stats.busy).max(0.0),
+            ),
+            ("pipeline/idle_fraction", stats.idle_fraction()),
+        ],
+    );
+}
+
 /// Runs pipeline stage `config.index` to the end of training.
+/// `events` gets the stage's busy and idle time (and, on the chief, the progress's curves).
 pub async fn run_stage(
     config: Config,
     progress: Option<ProgressState>,
+    events: EventLog,
 ) -> Result<WorkerOutcome, TrainerError> {
     let stage = config.index;
     let stages = config.cluster.worker.len();
@@ -127,7 +147,7 @@ pub async fn run_stage(
     // tensors until it has recorded why and told them, so they hear the cause (naming the
     // stage that died) rather than a refusal.
     let mut mailbox = Mailbox::new(inbox_rx, shared.abort.subscribe(), config.ps_timeout);
-    let result = train(&config, &shared, &peers, &mut mailbox, progress).await;
+    let result = train(&config, &shared, &peers, &mut mailbox, progress, &events).await;
     if let Err(e) = &result {
         // Tell everyone at once rather than leave each to time out on its own. A stage that
         // only relays someone else's abort does not echo it.
@@ -163,6 +183,7 @@ async fn train(
     peers: &[Peer],
     mailbox: &mut Mailbox,
     progress: Option<ProgressState>,
+    events: &EventLog,
 ) -> Result<WorkerOutcome, TrainerError> {
     let stage = shared.stage;
     let stages = shared.stages;
@@ -365,8 +386,9 @@ async fn train(
     let mut stash: Stash<Kept> = Stash::default();
     let (mut x, mut y) = (Vec::new(), Vec::new());
     let started = Instant::now();
-    let mut window_start = None;
+    let mut window_start: Option<Instant> = None;
     let mut last_line = Instant::now();
+    let mut last_event = Instant::now();
     let mut loss_avg: Option<f64> = None;
     let mut loss = 0.0;
     let every = training
@@ -385,7 +407,7 @@ async fn train(
         {
             let full = gather(peers, &plan, &params, step).await?;
             let eval = evaluate(&plan.net, full, test).await?;
-            progress.update(|r| r.accuracy = eval.accuracy);
+            progress.evaluated(step, eval.accuracy, eval.loss);
             println!(
                 "kubetrain-trainer: epoch {} done step={step} test_accuracy={:.4} test_loss={:.4}",
                 step / per,
@@ -504,6 +526,11 @@ async fn train(
             window_start = Some(Instant::now());
             stats.busy = 0.0;
         }
+        if last_event.elapsed() >= EVENT_EVERY {
+            last_event = Instant::now();
+            stats.window = window_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            write_stage_events(events, step + 1, &stats);
+        }
 
         loss = loss_sum / plan.batch as f64;
         if let Some(progress) = &progress {
@@ -531,6 +558,8 @@ async fn train(
     }
     stats.window = window_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
     stats.peak_stash = stash.peak();
+    write_stage_events(events, plan.total_steps, &stats);
+    events.flush();
     // Let the last tensors leave before anything else happens.
     drop(to_next);
     drop(to_prev);
@@ -564,6 +593,7 @@ async fn train(
             })?;
         }
         let loss = loss_avg.unwrap_or(loss);
+        progress.evaluated(steps, eval.accuracy, eval.loss);
         progress.update(|r| {
             r.finished = true;
             r.final_accuracy = eval.accuracy;

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 mod server;
 mod shard;
+pub mod staleness;
 
 use std::ops::Range;
 

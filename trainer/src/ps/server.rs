@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -9,6 +10,7 @@ use tracing::{error, info, warn};
 use super::checkpoint::{self, ShardCheckpoint};
 use super::shard::{Shard, ShardError};
 use super::shard_ranges;
+use super::staleness;
 use crate::config::Config;
 use crate::error::TrainerError;
 use crate::metrics::PsMetrics;
@@ -16,6 +18,7 @@ use crate::model::{Network, Optimizer};
 use crate::net;
 use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServer};
 use crate::proto::*;
+use crate::tensorboard::EventLog;
 
 mod transfer;
 
@@ -47,7 +50,13 @@ struct Inner {
     checkpoint: Option<(PathBuf, u64)>,
     /// Serialises checkpoint writes; holds the newest version written.
     written: Arc<Mutex<u64>>,
+    events: EventLog,
+    /// When the staleness was last logged, and the histogram then.
+    staleness_logged: Mutex<(Instant, BTreeMap<u64, u64>)>,
 }
+
+/// How often the PS adds the staleness of recent updates to its event log.
+const STALENESS_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 struct PsService(Arc<Inner>);
@@ -145,6 +154,36 @@ impl Inner {
             self.workers.len(),
             Instant::now(),
         ))
+    }
+
+    /// Logs the staleness of the updates applied since the last time, at most once per
+    /// [`STALENESS_EVERY`] unless `force`. Sync updates are never stale, and log nothing.
+    fn log_staleness(&self, shard: &Shard, force: bool) {
+        if !self.events.is_on() {
+            return;
+        }
+        let mut logged = self
+            .staleness_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !force && logged.0.elapsed() < STALENESS_EVERY {
+            return;
+        }
+        let now = shard.staleness_histogram();
+        if let Some(w) = staleness::window(&logged.1, now) {
+            self.events.scalars(
+                shard.version(),
+                &[
+                    ("staleness/mean", w.mean),
+                    ("staleness/max", w.max as f64),
+                    ("staleness/updates", w.updates as f64),
+                ],
+            );
+        }
+        *logged = (Instant::now(), now.clone());
+        if force {
+            self.events.flush();
+        }
     }
 
     fn maybe_checkpoint(&self, shard: &Shard, total_params: usize, force: bool) {
@@ -322,6 +361,7 @@ impl ParameterServer for PsService {
         let version = state.shard.as_ref().map_or(0, Shard::version);
         if let Some(shard) = &state.shard {
             inner.maybe_checkpoint(shard, state.total_params, true);
+            inner.log_staleness(shard, true);
             let histogram = shard.staleness_histogram();
             if !histogram.is_empty() {
                 info!(
@@ -345,7 +385,12 @@ impl ParameterServer for PsService {
 }
 
 /// Runs a parameter server until the chief shuts it down (Ok) or it gives up (Err).
-pub async fn run_ps(config: Config, metrics: PsMetrics) -> Result<(), TrainerError> {
+/// `events` gets the staleness of Async and BoundedStaleness updates.
+pub async fn run_ps(
+    config: Config,
+    metrics: PsMetrics,
+    events: EventLog,
+) -> Result<(), TrainerError> {
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -371,6 +416,8 @@ pub async fn run_ps(config: Config, metrics: PsMetrics) -> Result<(), TrainerErr
         metrics,
         checkpoint,
         written: Arc::new(Mutex::new(0)),
+        events,
+        staleness_logged: Mutex::new((Instant::now(), BTreeMap::new())),
         config: config.clone(),
     });
 

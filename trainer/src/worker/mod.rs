@@ -131,7 +131,7 @@ pub async fn run_worker(
                 && step % schedule.steps_per_epoch as u64 == 0
             {
                 let eval = evaluate(net.clone(), params.clone(), test.clone()).await?;
-                progress.update(|r| r.accuracy = eval.accuracy);
+                progress.evaluated(step, eval.accuracy, eval.loss);
                 println!(
                     "kubetrain-trainer: epoch {} done step={step} test_accuracy={:.4} test_loss={:.4}",
                     epoch, eval.accuracy, eval.loss
@@ -240,6 +240,7 @@ pub async fn run_worker(
             dump(path, &params)?;
         }
         links.shutdown_all("training finished").await;
+        progress.evaluated(total_steps, eval.accuracy, eval.loss);
         progress.update(|r| {
             r.finished = true;
             r.final_accuracy = eval.accuracy;

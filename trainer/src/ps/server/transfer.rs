@@ -282,6 +282,7 @@ fn apply(
     if let PushOutcome::Applied { .. } = outcome {
         inner.metrics.version.set(version as i64);
         inner.maybe_checkpoint(shard, total_params, false);
+        inner.log_staleness(shard, false);
     }
     inner.notify();
     Ok(version)
