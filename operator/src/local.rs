@@ -989,6 +989,10 @@ fn picture_rows(job: &TrainingJob, run_dir: &Path) -> Vec<(&'static str, String)
     };
     let curve = |tag: &str| scalars.get(tag).cloned().unwrap_or_default();
     let (loss, accuracy) = (curve("train/loss"), curve("test/accuracy"));
+    if loss.is_empty() {
+        rows.push(("curves", "none: the chief logged no training step".into()));
+        return rows;
+    }
     let values: Vec<f32> = loss.iter().map(|&(_, v)| v).collect();
     rows.push(("loss curve", curves::sparkline(&values, 40)));
     let png = run_dir.join("curves.png");
