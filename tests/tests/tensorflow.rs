@@ -5,7 +5,9 @@
 //! - a ParameterServerStrategy program (chief + 1 PS + 2 workers), a
 //!   MultiWorkerMirroredStrategy program (2 workers, AllWorkers), and a worker that fails
 //!   once each reach Succeeded, under `kubetrain local` and end to end (`kubectl apply`,
-//!   the operator, the test kubelet).
+//!   the operator, the test kubelet);
+//! - TensorBoard (issue 20): its event reader and its server (`tensorboard --logdir`)
+//!   show the curves the trainer writes under `spec.training.logDir`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -390,10 +392,52 @@ for run in sorted(os.listdir(log_dir)):
 print(json.dumps(runs))
 "#;
 
+/// What a running TensorBoard server (`tensorboard --logdir`, its scalars plugin over
+/// HTTP) shows for a log folder. stdin: {"log_dir": ..., "expect": Runs}; waits until the
+/// server has loaded that many points of every expected series (it loads in the
+/// background), then prints what it serves in the same shape.
+const SERVE_EVENTS: &str = r#"
+import json, sys, time, urllib.parse, urllib.request
+from tensorboard import program
+given = json.load(sys.stdin)
+board = program.TensorBoard()
+board.configure(argv=[None, "--logdir", given["log_dir"], "--host", "127.0.0.1",
+                      "--port", "0", "--load_fast", "false"])
+url = board.launch()
+def get(path):
+    with urllib.request.urlopen(url + path, timeout=30) as r:
+        return json.load(r)
+def served():
+    tags = get("data/plugin/scalars/tags")
+    return {
+        run: {
+            tag: [[p[1], p[2]] for p in get("data/plugin/scalars/scalars?" +
+                  urllib.parse.urlencode({"run": run, "tag": tag}))]
+            for tag in tags[run]
+        }
+        for run in tags
+    }
+def loaded(runs):
+    return all(len(runs.get(run, {}).get(tag, [])) == len(points)
+               for run, tags in given["expect"].items() for tag, points in tags.items())
+deadline = time.monotonic() + 120
+runs = served()
+while not loaded(runs) and time.monotonic() < deadline:
+    time.sleep(0.2)
+    runs = served()
+print(json.dumps(runs))
+"#;
+
 type Runs = std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<(u64, f64)>>>;
 
 async fn tensorboard_runs(log_dir: &Path) -> Runs {
     let out = run_python(READ_EVENTS, &log_dir.display().to_string()).await;
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+async fn tensorboard_serves(log_dir: &Path, expect: &Runs) -> Runs {
+    let given = serde_json::json!({"log_dir": log_dir, "expect": expect});
+    let out = run_python(SERVE_EVENTS, &given.to_string()).await;
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
@@ -457,6 +501,8 @@ async fn tensorboard_reads_the_async_curves_and_staleness_of_a_local_run() {
         "{stderr}"
     );
     let runs = tensorboard_runs(&run_dir).await;
+    // `tensorboard --logdir` on the run directory: its server shows these very curves.
+    assert_eq!(tensorboard_serves(&run_dir, &runs).await, runs);
     // The chief and each PS; the other workers have nothing of their own to show.
     assert_eq!(
         runs.keys().collect::<Vec<_>>(),

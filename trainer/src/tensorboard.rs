@@ -155,7 +155,7 @@ pub fn read_scalars(run: &Path) -> Result<BTreeMap<String, Vec<(u64, f32)>>, Eve
         })
         .collect();
     // The names start with the creation time in seconds: a restarted process's file sorts
-    // after the one before it.
+    // after the one before it (within a second, the same pid and host, by nanoseconds).
     files.sort();
     let mut scalars: BTreeMap<String, Vec<(u64, f32)>> = BTreeMap::new();
     for path in files {
@@ -211,10 +211,13 @@ impl EventLog {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        // A restarted container is pid 1 on the same host again: the nanoseconds keep a
+        // restart within the same second from colliding with its predecessor's file.
         let path = run.join(format!(
-            "events.out.tfevents.{}.{host}.{}.kubetrain",
+            "events.out.tfevents.{}.{host}.{}.{:09}.kubetrain",
             now.as_secs(),
-            std::process::id()
+            std::process::id(),
+            now.subsec_nanos()
         ));
         let mut out = BufWriter::new(File::create_new(&path)?);
         let first = Event {
@@ -314,8 +317,14 @@ mod tests {
         log.scalars(1, &[("train/loss", 2.0)]);
         log.scalars(2, &[("train/loss", 1.0), ("test/accuracy", 0.5)]);
         log.flush();
+        // The same process (pid, host, most likely second) again, as a restarted
+        // container is: a file of its own, read after the first.
+        let restarted = EventLog::create(&run).unwrap();
+        restarted.scalars(3, &[("train/loss", 0.5)]);
+        restarted.flush();
+        assert_eq!(std::fs::read_dir(&run).unwrap().count(), 2);
         let scalars = read_scalars(&run).unwrap();
-        assert_eq!(scalars["train/loss"], [(1, 2.0), (2, 1.0)]);
+        assert_eq!(scalars["train/loss"], [(1, 2.0), (2, 1.0), (3, 0.5)]);
         assert_eq!(scalars["test/accuracy"], [(2, 0.5)]);
         std::fs::remove_dir_all(&dir).unwrap();
     }

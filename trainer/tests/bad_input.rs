@@ -265,6 +265,11 @@ fn bad_training_values_are_refused_at_start_naming_the_field() {
             misspelt,
             "spec.training.batchsize (did you mean batchSize?)",
         ),
+        // A folder below a file can never be created: refused at start, not mid-run.
+        (
+            with("/logDir", json!("/dev/null/tensorboard")),
+            "spec.training.logDir: creating TensorBoard events in /dev/null/tensorboard",
+        ),
     ];
     for (i, (training, field)) in cases.into_iter().enumerate() {
         // A cluster (and so a log folder) per case: logs of one name are appended to.
