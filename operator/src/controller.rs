@@ -150,6 +150,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value [`Error::kind`] can return. The error counter starts each of them at 0,
+    /// so `rate(kubetrain_reconcile_errors_total[..])` is a series of zeros on a healthy
+    /// operator instead of "no data", and the first error is a rise, not a new series.
+    pub const KINDS: &'static [&'static str] = &[
+        "list_pods",
+        "get_service",
+        "apply_pod",
+        "delete_pod",
+        "apply_service",
+        "delete_service",
+        "get_pod_group",
+        "apply_pod_group",
+        "patch_status",
+        "delete_job",
+    ];
+
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -189,6 +205,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         .any_semantic();
     let controller = Controller::new(jobs, watcher::Config::default().any_semantic());
     let known_jobs = controller.store();
+    ctx.metrics.start_error_kinds_at_zero(Error::KINDS);
     let metrics = ctx.metrics.clone();
     let forget_deleted = tokio::spawn(async move {
         // Until the first list is in, an empty store is a cache still filling, not a
@@ -664,3 +681,61 @@ fn service_matches(existing: &Service, desired: &Service) -> bool {
 #[cfg(test)]
 #[path = "controller_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod error_kind_tests {
+    use super::Error;
+
+    #[test]
+    fn every_error_kind_is_listed_once_in_kinds() {
+        let api = || kube::Error::TlsRequired;
+        let s = String::new;
+        let all = [
+            Error::ListPods {
+                job: s(),
+                source: api(),
+            },
+            Error::GetService {
+                name: s(),
+                source: api(),
+            },
+            Error::ApplyPod {
+                name: s(),
+                source: api(),
+            },
+            Error::DeletePod {
+                name: s(),
+                source: api(),
+            },
+            Error::ApplyService {
+                name: s(),
+                source: api(),
+            },
+            Error::DeleteService {
+                name: s(),
+                source: api(),
+            },
+            Error::GetPodGroup {
+                name: s(),
+                source: api(),
+            },
+            Error::ApplyPodGroup {
+                name: s(),
+                source: api(),
+            },
+            Error::PatchStatus {
+                job: s(),
+                source: api(),
+            },
+            Error::DeleteJob {
+                job: s(),
+                source: api(),
+            },
+        ];
+        let mut kinds: Vec<&str> = all.iter().map(Error::kind).collect();
+        kinds.sort_unstable();
+        let mut listed = Error::KINDS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(kinds, listed);
+    }
+}

@@ -164,6 +164,15 @@ impl Metrics {
         }
     }
 
+    /// Creates the error counter of each kind at 0 (see `controller::Error::KINDS`).
+    pub fn start_error_kinds_at_zero(&self, kinds: &[&str]) {
+        for kind in kinds {
+            drop(self.reconcile_errors.get_or_create(&ErrorLabels {
+                kind: (*kind).to_string(),
+            }));
+        }
+    }
+
     /// Updates the per-job gauges from the status just decided.
     pub fn observe_job(&self, job: &TrainingJob, status: &TrainingJobStatus) {
         let namespace = job.namespace().unwrap_or_default();
@@ -397,5 +406,23 @@ mod tests {
         );
         assert!(!after.contains("job=\"deleted\""), "{after}");
         assert!(after.contains("job=\"kept\""), "{after}");
+    }
+
+    #[test]
+    fn error_kinds_start_at_zero_and_count_from_there() {
+        let metrics = Metrics::new();
+        metrics.start_error_kinds_at_zero(&["apply_pod", "patch_status"]);
+        metrics.observe_reconcile(Duration::from_millis(1), Some("apply_pod"));
+        let text = metrics.encode();
+        let mut errors = line(&text, "kubetrain_reconcile_errors_total{");
+        // A family encodes in hash order.
+        errors.sort_unstable();
+        assert_eq!(
+            errors,
+            [
+                "kubetrain_reconcile_errors_total{kind=\"apply_pod\"} 1",
+                "kubetrain_reconcile_errors_total{kind=\"patch_status\"} 0",
+            ]
+        );
     }
 }

@@ -18,9 +18,9 @@ use kubetrain_api::condition::types;
 use kubetrain_api::contract::{self, Role};
 use kubetrain_api::{MANAGER, TrainingJob};
 use kubetrain_e2e::envtest::{self, TestNamespace, namespace_with_crd, server};
+use kubetrain_e2e::http;
 use kubetrain_e2e::operator::{JobWatch, lifecycle, set_pod_running, wait_for_pods, wait_until};
 use kubetrain_operator::leader::Timing;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 const LEASE: &str = "kubetrain-test-leader";
@@ -78,7 +78,11 @@ impl Replica {
     }
 
     async fn get(&self, path: &str) -> (u16, String) {
-        http_get(self.metrics_port, path).await
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics_port));
+        let response = http::get(addr, path)
+            .await
+            .unwrap_or_else(|e| panic!("GET :{}{path}: {e}", self.metrics_port));
+        (response.code, response.body)
     }
 
     async fn metrics(&self) -> String {
@@ -101,32 +105,6 @@ fn server_kubeconfig() -> PathBuf {
 }
 
 static SERVER_KUBECONFIG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
-/// A bare HTTP/1.0 GET on loopback: status code and body (no client dependency for one
-/// request).
-async fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap_or_else(|e| panic!("connect to :{port}: {e}"));
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .expect("send request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("read response");
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_string());
-    (code, body)
-}
 
 /// The value of the sample `name{labels}` (labels as printed, or "" for none).
 fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
@@ -324,11 +302,18 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over_without_double
         Some(0.0),
         "{metrics}"
     );
-    // Error counters appear per failed action; nothing failed here.
-    assert!(
-        !metrics.contains("kubetrain_reconcile_errors_total{"),
-        "{metrics}"
-    );
+    // Every error counter exists from the start, at 0: nothing failed here.
+    for kind in kubetrain_operator::controller::Error::KINDS {
+        assert_eq!(
+            sample(
+                &metrics,
+                "kubetrain_reconcile_errors_total",
+                &format!("kind=\"{kind}\"")
+            ),
+            Some(0.0),
+            "{metrics}"
+        );
+    }
 
     // JSON logs: every line is one object, and reconciles carry the job in their span.
     let log = b.logs();
