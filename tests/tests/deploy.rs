@@ -4,18 +4,17 @@
 //! against the real API server, the CRD copies, RBAC hygiene, the documented values and
 //! the Grafana dashboard's metric names.
 //!
-//! Tools: `helm` and `kubernetes-validate`, installed (pinned, cached, idempotent) by
-//! `tests/deploy/install-tools.sh`, which the first test to need them runs. Set
-//! `KUBETRAIN_HELM` and `KUBETRAIN_KUBERNETES_VALIDATE` to use other binaries (the script
-//! is then not run). A missing tool fails the tests; nothing is skipped.
+//! Tools: `helm` and `kubernetes-validate` (see `kubetrain_e2e::deploy_tools`). A missing
+//! tool fails the tests; nothing is skipped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ObjectMeta, PostParams};
+use kubetrain_e2e::dashboard;
+use kubetrain_e2e::deploy_tools::{RELEASE, helm, render, run, tools};
 use kubetrain_e2e::envtest::{self, ApiServer, server};
 use serde::Deserialize;
 use serde_yaml::Value;
@@ -29,8 +28,6 @@ const CRD_TYPED_KINDS: &[&str] = &["ServiceMonitor", "PodMonitor"];
 /// `k8s-openapi` is built for in this workspace.
 const VALIDATE_VERSIONS: &[&str] = &["1.25.0", "1.33.0"];
 
-const RELEASE: &str = "kubetrain";
-
 fn root() -> PathBuf {
     envtest::workspace_root()
 }
@@ -38,81 +35,6 @@ fn root() -> PathBuf {
 fn read(path: &str) -> String {
     let full = root().join(path);
     std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("reading {}: {e}", full.display()))
-}
-
-// --- tools --------------------------------------------------------------------------------
-
-struct Tools {
-    helm: PathBuf,
-    validate: PathBuf,
-}
-
-fn tools() -> &'static Tools {
-    static TOOLS: OnceLock<Tools> = OnceLock::new();
-    TOOLS.get_or_init(|| {
-        let cache = std::env::var_os("KUBETRAIN_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                    .join(".cache/kubetrain")
-            });
-        let helm = std::env::var_os("KUBETRAIN_HELM").map(PathBuf::from);
-        let validate = std::env::var_os("KUBETRAIN_KUBERNETES_VALIDATE").map(PathBuf::from);
-        if helm.is_none() || validate.is_none() {
-            let script = root().join("tests/deploy/install-tools.sh");
-            let out = Command::new("bash")
-                .arg(&script)
-                .env("KUBETRAIN_CACHE", &cache)
-                .output()
-                .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-            assert!(
-                out.status.success(),
-                "{} failed (helm and kubernetes-validate are required):\n{}{}",
-                script.display(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let tools = Tools {
-            helm: helm.unwrap_or_else(|| cache.join("bin/helm")),
-            validate: validate.unwrap_or_else(|| cache.join("bin/kubernetes-validate")),
-        };
-        for tool in [&tools.helm, &tools.validate] {
-            assert!(
-                tool.is_file(),
-                "{} is missing: run `bash tests/deploy/install-tools.sh` (or set \
-                 KUBETRAIN_HELM / KUBETRAIN_KUBERNETES_VALIDATE)",
-                tool.display()
-            );
-        }
-        tools
-    })
-}
-
-/// Runs a command from the workspace root; returns (success, stdout, stderr).
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd
-        .current_dir(root())
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn helm(args: &[&str]) -> (bool, String, String) {
-    run(Command::new(&tools().helm).args(args))
-}
-
-/// `helm template` of the chart in `namespace` with the given extra args; panics on error.
-fn render(namespace: &str, extra: &[&str]) -> String {
-    let mut args = vec!["template", RELEASE, "charts/kubetrain", "-n", namespace];
-    args.extend_from_slice(extra);
-    let (ok, stdout, stderr) = helm(&args);
-    assert!(ok, "helm {args:?} failed:\n{stderr}");
-    stdout
 }
 
 fn render_defaults() -> String {
@@ -884,34 +806,6 @@ fn exported_metrics() -> BTreeMap<String, BTreeSet<String>> {
 const TARGET_LABELS: &[&str] = &["instance", "pod", "container", "endpoint", "service"];
 const TRAINER_TARGET_LABELS: &[&str] = &["namespace", "job_name", "role"];
 
-fn dashboard_queries() -> Vec<String> {
-    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
-        match v {
-            serde_json::Value::Object(map) => {
-                for (k, v) in map {
-                    match (k.as_str(), v) {
-                        ("expr" | "definition", serde_json::Value::String(s)) => {
-                            out.push(s.clone())
-                        }
-                        ("query", serde_json::Value::String(s)) if s.contains("kubetrain_") => {
-                            out.push(s.clone())
-                        }
-                        _ => walk(v, out),
-                    }
-                }
-            }
-            serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
-            _ => {}
-        }
-    }
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&read("charts/kubetrain/dashboards/kubetrain.json"))
-            .expect("dashboard JSON");
-    let mut out = Vec::new();
-    walk(&dashboard, &mut out);
-    out
-}
-
 #[test]
 fn dashboard_queries_only_exported_metrics_and_labels() {
     let exported = exported_metrics();
@@ -920,7 +814,7 @@ fn dashboard_queries_only_exported_metrics_and_labels() {
     let grouping = regex::Regex::new(r"\b(?:by|without)\s*\(([^)]*)\)").unwrap();
     let label_values = regex::Regex::new(r",\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\)\s*$").unwrap();
 
-    let queries = dashboard_queries();
+    let queries = dashboard::queries();
     assert!(queries.len() >= 10, "dashboard has queries: {queries:?}");
     let mut used = BTreeSet::new();
     let mut problems = Vec::new();
