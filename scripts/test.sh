@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 
 bash tests/envtest/install.sh
 bash tests/tensorflow/install.sh
+bash tests/prometheus/install.sh
 exec cargo test --workspace --locked "$@"
