@@ -4,6 +4,7 @@
 //! `local` (one machine) are thin shells that carry the decisions out.
 #![forbid(unsafe_code)]
 
+pub mod api_requests;
 pub mod cli;
 pub mod controller;
 pub mod curves;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use kubetrain_operator::api_requests::ApiRequestsLayer;
 use kubetrain_operator::cli::{Cli, Command, OperatorArgs};
 use kubetrain_operator::controller::{self, Context};
 use kubetrain_operator::leader::{Elector, Timing};
@@ -41,8 +42,11 @@ async fn main() -> ExitCode {
 
 async fn run_operator(args: OperatorArgs) -> Result<(), Box<dyn std::error::Error>> {
     telemetry::init(args.log_format);
-    let client = kube::Client::try_default().await?;
     let metrics = Arc::new(Metrics::new());
+    let config = kube::Config::infer().await?;
+    let client = kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&ApiRequestsLayer::new(metrics.clone()))
+        .build();
     let addr = SocketAddr::from(([0, 0, 0, 0], args.metrics_port));
     let server = tokio::spawn(metrics::serve(addr, metrics.clone()));
     let settings = PlanSettings {

@@ -22,6 +22,20 @@ struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiRequestLabels {
+    verb: String,
+    resource: String,
+    /// The HTTP status, or "error" when no response came back.
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiLatencyLabels {
+    verb: String,
+    resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
 }
@@ -45,6 +59,8 @@ pub struct Metrics {
     reconciles: Counter,
     reconcile_errors: Family<ErrorLabels, Counter>,
     reconcile_duration: Histogram,
+    api_requests: Family<ApiRequestLabels, Counter>,
+    api_request_duration: Family<ApiLatencyLabels, Histogram, fn() -> Histogram>,
     jobs: Family<StateLabels, Gauge>,
     pod_restarts: Family<RoleLabels, Gauge>,
     time_to_running: Histogram,
@@ -86,6 +102,19 @@ impl Metrics {
             "reconcile_duration_seconds",
             "Time one reconcile took",
             reconcile_duration.clone(),
+        );
+        let api_requests = Family::<ApiRequestLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Requests the operator sent to the API server, by verb, resource and HTTP status",
+            api_requests.clone(),
+        );
+        let api_request_duration: Family<ApiLatencyLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 14)));
+        registry.register(
+            "api_request_duration_seconds",
+            "Time until the API server's response head, by verb and resource (a watch: until it opened)",
+            api_request_duration.clone(),
         );
         let jobs = Family::<StateLabels, Gauge>::default();
         registry.register("jobs", "TrainingJobs by lifecycle state", jobs.clone());
@@ -136,6 +165,8 @@ impl Metrics {
             reconciles,
             reconcile_errors,
             reconcile_duration,
+            api_requests,
+            api_request_duration,
             jobs,
             pod_restarts,
             time_to_running,
@@ -162,6 +193,29 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// Records one API request (see `api_requests`); `code` is None when no response came.
+    pub fn observe_api_request(
+        &self,
+        verb: &str,
+        resource: &str,
+        code: Option<u16>,
+        took: Duration,
+    ) {
+        self.api_requests
+            .get_or_create(&ApiRequestLabels {
+                verb: verb.to_string(),
+                resource: resource.to_string(),
+                code: code.map_or_else(|| "error".to_string(), |c| c.to_string()),
+            })
+            .inc();
+        self.api_request_duration
+            .get_or_create(&ApiLatencyLabels {
+                verb: verb.to_string(),
+                resource: resource.to_string(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// Creates the error counter of each kind at 0 (see `controller::Error::KINDS`).

@@ -7,6 +7,7 @@
 //! * [`http`]: bare HTTP/1.0 requests to the processes under test.
 //! * [`kubelet`]: a test kubelet that runs pods as local processes and reports
 //!   their status, so pods created by the operator actually run.
+//! * [`metrics_text`]: the operator's `/metrics`, read back.
 //! * [`process`]: the process-cleanup guarantees both rely on.
 //! * [`prometheus`]: a real Prometheus, scraping as the chart's monitors say.
 //! * [`tensorflow`]: the cached virtualenv with real TensorFlow.
@@ -20,6 +21,7 @@ pub mod deploy_tools;
 pub mod envtest;
 pub mod http;
 pub mod kubelet;
+pub mod metrics_text;
 pub mod operator;
 pub mod process;
 pub mod prometheus;
