@@ -9,12 +9,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use kubetrain_api::condition::{reasons, types};
 use kubetrain_api::contract::LABEL_JOB_NAME;
@@ -25,6 +25,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::gang::{self, GangObservation, PodGroupState};
 use crate::metrics::Metrics;
 use crate::plan::{self, PlanSettings};
+use crate::pod_cache::{self, PodCache};
 use crate::progress::{self, ChiefReport};
 use crate::status::{self, Action, JobEvent};
 
@@ -38,6 +39,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// The operator's pods, filled by the pod watch of [`run`].
+    pub pods: PodCache,
     /// Consecutive failures per job, for per-job exponential backoff.
     failures: Mutex<HashMap<ObjectRef<DeserializeGuard<TrainingJob>>, u32>>,
 }
@@ -59,6 +62,7 @@ impl Context {
             client,
             settings,
             metrics,
+            pods: PodCache::default(),
             failures: Mutex::default(),
         }
     }
@@ -67,13 +71,11 @@ impl Context {
 /// A reconcile step that failed; the variant names the action.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Listing the job's pods failed.
-    #[error("listing pods of {job}: {source}")]
-    ListPods {
+    /// The pod cache will never be filled: its watch ended (the operator is stopping).
+    #[error("reading pods of {job}: the pod watch has ended")]
+    ReadPodCache {
         /// `namespace/name` of the job.
         job: String,
-        /// The API error.
-        source: kube::Error,
     },
     /// Reading the job's Service failed.
     #[error("reading service {name}: {source}")]
@@ -154,7 +156,7 @@ impl Error {
     /// so `rate(kubetrain_reconcile_errors_total[..])` is a series of zeros on a healthy
     /// operator instead of "no data", and the first error is a rise, not a new series.
     pub const KINDS: &'static [&'static str] = &[
-        "list_pods",
+        "read_pod_cache",
         "get_service",
         "apply_pod",
         "delete_pod",
@@ -169,7 +171,7 @@ impl Error {
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::ListPods { .. } => "list_pods",
+            Error::ReadPodCache { .. } => "read_pod_cache",
             Error::GetService { .. } => "get_service",
             Error::ApplyPod { .. } => "apply_pod",
             Error::DeletePod { .. } => "delete_pod",
@@ -223,8 +225,25 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             });
         }
     });
+    // The pod watch fills the pod cache the reconciles read (instead of one LIST each),
+    // and confirms the operator's own writes that the cache lags.
+    let writer = ctx
+        .pods
+        .take_writer()
+        .expect("controller::run is called once per context");
+    let confirming = ctx.clone();
+    let pod_events = watcher(pods, children.clone())
+        .default_backoff()
+        .modify(pod_cache::strip)
+        .reflect(writer)
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                confirming.pods.observe(event);
+            }
+        })
+        .touched_objects();
     controller
-        .owns(pods, children.clone())
+        .owns_stream(pod_events)
         .owns(services, children)
         // Trailing-edge debounce: pods of a job start within moments of each other, and
         // one look after the burst writes one status instead of one per pod. Jobs are
@@ -313,14 +332,11 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
         return Ok(Requeue::await_change());
     }
 
-    let pods = pod_api
-        .list(&ListParams::default().labels(&plan::job_selector(&name)))
-        .await
-        .map_err(|source| Error::ListPods {
-            job: key.clone(),
-            source,
-        })?
-        .items;
+    // Until the pod watch has listed once, an empty cache is not a job without pods.
+    if !ctx.pods.wait_until_ready().await {
+        return Err(Error::ReadPodCache { job: key });
+    }
+    let pods = ctx.pods.of_job(&namespace, &name);
 
     let gang = observe_gang(job, ctx).await?;
     let now = Timestamp::now();
@@ -359,13 +375,14 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
                 let pod = plan::pod(job, *replica, &ctx.settings);
                 let pod_name = pod.name_any();
                 info!(pod = %pod_name, "creating pod");
-                pod_api
+                let created = pod_api
                     .patch(&pod_name, &apply_params(), &Patch::Apply(&pod))
                     .await
                     .map_err(|source| Error::ApplyPod {
                         name: pod_name,
                         source,
                     })?;
+                ctx.pods.created(created);
             }
             Action::DeletePod {
                 name: pod_name,
@@ -385,6 +402,9 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
                         source,
                     },
                 )?;
+                if let Some(uid) = uid {
+                    ctx.pods.deleted(uid);
+                }
             }
             Action::EnsureService => {
                 let desired = plan::service(job, &ctx.settings);
@@ -691,10 +711,7 @@ mod error_kind_tests {
         let api = || kube::Error::TlsRequired;
         let s = String::new;
         let all = [
-            Error::ListPods {
-                job: s(),
-                source: api(),
-            },
+            Error::ReadPodCache { job: s() },
             Error::GetService {
                 name: s(),
                 source: api(),

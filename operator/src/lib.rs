@@ -13,6 +13,7 @@ pub mod leader;
 pub mod local;
 pub mod metrics;
 pub mod plan;
+pub mod pod_cache;
 pub mod podsim;
 pub mod progress;
 pub mod status;

@@ -357,15 +357,19 @@ impl Decider<'_> {
                 self.status.start_time = Some(Time(self.now));
             }
             self.actions.push(Action::EnsureService);
-            for replica in to_create {
-                let name = replica.pod_name(&job.name_any());
-                self.events.push(JobEvent::normal(
-                    "PodCreated",
-                    "CreatePod",
-                    format!("created pod {name}"),
-                ));
-                self.actions.push(Action::CreatePod(replica));
-            }
+            let names: Vec<String> = to_create
+                .iter()
+                .map(|r| r.pod_name(&job.name_any()))
+                .collect();
+            // One Event per job and reconcile, not one per pod: a 1,000-pod burst is one
+            // write, and `kubectl describe` still names every pod.
+            self.events.push(JobEvent::normal(
+                "PodCreated",
+                "CreatePod",
+                created_note(&names),
+            ));
+            self.actions
+                .extend(to_create.into_iter().map(Action::CreatePod));
         }
 
         if !restarting.is_empty() {
@@ -916,6 +920,34 @@ pub fn phase(pod: &Pod) -> &str {
 /// Whether the pod is being deleted.
 pub fn is_terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
+}
+
+/// "created pod a" or "created 3 pods: a, b, c", the names cut short well within the
+/// 1 kB an Event's note may hold.
+fn created_note(names: &[String]) -> String {
+    const ROOM: usize = 800;
+    if let [one] = names {
+        return format!("created pod {one}");
+    }
+    let mut listed = String::new();
+    let mut shown = 0;
+    for name in names {
+        if listed.len() + name.len() + 2 > ROOM {
+            break;
+        }
+        if shown > 0 {
+            listed.push_str(", ");
+        }
+        listed.push_str(name);
+        shown += 1;
+    }
+    let rest = names.len() - shown;
+    let more = if rest > 0 {
+        format!(" and {rest} more")
+    } else {
+        String::new()
+    };
+    format!("created {} pods: {listed}{more}", names.len())
 }
 
 fn is_ready(pod: &Pod) -> bool {

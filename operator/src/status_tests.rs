@@ -149,9 +149,30 @@ fn a_new_job_creates_every_pod_and_the_service() {
     assert_eq!(d.status.start_time, Some(Time(t(0))));
     assert_eq!(d.status.observed_generation, Some(2));
     assert_eq!(d.status.workers_ready.as_deref(), Some("0/2"));
+    let created: Vec<&str> = d
+        .events
+        .iter()
+        .filter(|e| e.reason == "PodCreated")
+        .map(|e| e.note.as_str())
+        .collect();
     assert_eq!(
-        d.events.iter().filter(|e| e.reason == "PodCreated").count(),
-        3
+        created,
+        vec!["created 3 pods: j-ps-0, j-worker-0, j-worker-1"]
+    );
+}
+
+#[test]
+fn the_created_pods_event_names_a_burst_within_an_events_note() {
+    let one = super::created_note(&["a-ps-0".to_string()]);
+    assert_eq!(one, "created pod a-ps-0");
+    let names: Vec<String> = (0..200).map(|i| format!("big-job-worker-{i}")).collect();
+    let note = super::created_note(&names);
+    assert!(note.len() <= 1024, "{}", note.len());
+    assert!(note.starts_with("created 200 pods: big-job-worker-0, big-job-worker-1, "));
+    let shown = note.matches("big-job-worker-").count();
+    assert!(
+        note.ends_with(&format!(" and {} more", 200 - shown)),
+        "{note}"
     );
 }
 

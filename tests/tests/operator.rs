@@ -21,6 +21,7 @@ use kubetrain_api::condition::{reasons, types};
 use kubetrain_api::contract::{self, ClusterSpec, Role};
 use kubetrain_api::{MANAGER, RestartPolicy, TrainingJob};
 use kubetrain_e2e::envtest::{self, TestNamespace, server};
+use kubetrain_e2e::metrics_text;
 use kubetrain_e2e::operator::{
     JobWatch, OperatorTask, assert_unchanged_for, condition, condition_true, lifecycle,
     pod_summary, set_pod_running, set_pod_terminated, wait_for_object, wait_for_pods, wait_until,
@@ -695,6 +696,85 @@ async fn invalid_specs_fail_without_pods_and_with_a_warning_event() {
         .await
         .expect("services");
     assert!(services.items.is_empty(), "services: {:?}", services.items);
+}
+
+/// The operator's reconcile counter.
+fn reconciles(operator: &OperatorTask) -> f64 {
+    let samples = metrics_text::samples(&operator.context.metrics.encode());
+    metrics_text::sum(&samples, "kubetrain_reconciles_total", &[])
+}
+
+#[tokio::test]
+async fn finished_jobs_are_not_reconciled_again() {
+    let (ns, operator) = setup("op-finished").await;
+    let pods: Api<Pod> = ns.api();
+    let names = ["done-a", "done-b", "done-c"];
+    for name in names {
+        create(&ns, &quickstart(name)).await;
+    }
+    for name in names {
+        let all = pod_names(name, 1, 2);
+        wait_for_exactly(&pods, name, &all).await;
+        set_running(&pods, &all).await;
+        set_pod_terminated(&pods, &format!("{name}-worker-0"), 0)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: chief exits 0: {e}"));
+    }
+    for name in names {
+        let mut watch = JobWatch::new(&ns, name);
+        watch.until_state(types::SUCCEEDED).await;
+        // Settled: clean-up done (only the chief's pod left) and counted in the status.
+        wait_for_exactly(&pods, name, &[format!("{name}-worker-0")]).await;
+        watch
+            .until("replica counts after clean-up", |j| {
+                j.status.as_ref().is_some_and(|s| {
+                    s.replica_statuses.ps.active == 0 && s.replica_statuses.worker.active == 0
+                })
+            })
+            .await;
+    }
+    let versions = || async {
+        ns.api::<TrainingJob>()
+            .list(&ListParams::default())
+            .await
+            .expect("jobs")
+            .items
+            .iter()
+            .map(|j| (j.name_any(), j.resource_version()))
+            .collect::<Vec<_>>()
+    };
+    // The last clean-up's own events (pod deletions) may still trigger one reconcile:
+    // start counting once a second passes without one.
+    let (mut last, mut since) = (reconciles(&operator), tokio::time::Instant::now());
+    let deadline = since + Duration::from_secs(60);
+    while since.elapsed() < Duration::from_secs(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reconciles never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = reconciles(&operator);
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
+        }
+    }
+    let (before, versions_before) = (reconciles(&operator), versions().await);
+
+    // An observation window, not synchronisation: a periodic requeue of finished jobs
+    // (a deadline, a progress ask, a resync) would fall inside it.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+
+    assert_eq!(
+        reconciles(&operator),
+        before,
+        "finished jobs were reconciled again; operator metrics:\n{}",
+        reconcile_metrics(&operator)
+    );
+    assert_eq!(
+        versions().await,
+        versions_before,
+        "a finished job was written"
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,212 @@
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::watcher::Event;
+use kubetrain_api::TrainingJob;
+use serde_json::json;
+
+use super::{PENDING_FOR, Pending, PodCache, strip};
+use crate::plan::{self, PlanSettings};
+use crate::status;
+
+fn job() -> TrainingJob {
+    let mut job: TrainingJob =
+        serde_yaml::from_str(include_str!("../../examples/quickstart.yaml")).unwrap();
+    job.metadata.namespace = Some("ns".into());
+    job.metadata.uid = Some("job-uid".into());
+    job
+}
+
+/// The job's planned pods as the API server would hold them: a UID each.
+fn pods(job: &TrainingJob) -> Vec<Pod> {
+    plan::pods(job, &PlanSettings::default())
+        .into_iter()
+        .map(|mut p| {
+            p.metadata.uid = Some(format!("{}-uid", p.name_any()));
+            p
+        })
+        .collect()
+}
+
+fn with_uid(mut pod: Pod, uid: &str) -> Pod {
+    pod.metadata.uid = Some(uid.into());
+    pod
+}
+
+fn names(pods: &[Pod]) -> Vec<String> {
+    pods.iter().map(ResourceExt::name_any).collect()
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_second(1_800_000_000).unwrap()
+}
+
+#[test]
+fn a_stripped_pod_decides_exactly_as_the_full_one() {
+    let job = job();
+    let mut full = pods(&job);
+    // Every state the decision reads: running, finished with a message, waiting.
+    let statuses = [
+        json!({"phase": "Running", "podIP": "10.0.0.1",
+               "conditions": [{"type": "Ready", "status": "True"}],
+               "containerStatuses": [{"name": "trainer", "ready": true, "restartCount": 1, "image": "", "imageID": "",
+                   "state": {"running": {}}}]}),
+        json!({"phase": "Succeeded",
+               "containerStatuses": [{"name": "trainer", "ready": false, "restartCount": 0, "image": "", "imageID": "",
+                   "state": {"terminated": {"exitCode": 0, "message": "{\"step\": 3}"}}}]}),
+        json!({"phase": "Pending",
+               "containerStatuses": [{"name": "trainer", "ready": false, "restartCount": 0, "image": "", "imageID": "",
+                   "state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]}),
+    ];
+    for (pod, status) in full.iter_mut().zip(statuses) {
+        pod.status = Some(serde_json::from_value(status).unwrap());
+        pod.metadata.managed_fields = Some(vec![Default::default()]);
+    }
+    let mut stripped = full.clone();
+    stripped.iter_mut().for_each(strip);
+    assert!(stripped.iter().all(|p| p.metadata.managed_fields.is_none()));
+    assert!(
+        stripped
+            .iter()
+            .flat_map(|p| &p.spec.as_ref().unwrap().containers)
+            .all(|c| c.env.is_none() && c.args.is_none() && c.image.is_none()),
+        "{stripped:?}"
+    );
+    let size = |pods: &[Pod]| serde_json::to_vec(pods).unwrap().len();
+    assert!(
+        size(&stripped) * 2 < size(&full),
+        "{} vs {}",
+        size(&stripped),
+        size(&full)
+    );
+    assert_eq!(
+        status::decide(&job, &stripped, now()),
+        status::decide(&job, &full, now())
+    );
+}
+
+#[test]
+fn an_applied_pod_fills_its_gap_until_the_watch_shows_it() {
+    let job = job();
+    let all = pods(&job);
+    let mut pending = Pending::default();
+    let t = Instant::now();
+    pending.created(all[1].clone(), t);
+    let view = pending.overlay(vec![all[0].clone()], "ns", "quickstart", now());
+    assert_eq!(names(&view), names(&all[..2]));
+    // Another job's pending pods stay out of this one's view.
+    assert_eq!(pending.overlay(vec![], "ns", "other", now()), vec![]);
+    assert_eq!(
+        pending.overlay(vec![], "other-ns", "quickstart", now()),
+        vec![]
+    );
+
+    pending.observe(&Event::Apply(all[1].clone()));
+    assert!(pending.is_empty());
+}
+
+#[test]
+fn an_event_of_an_older_incarnation_confirms_nothing() {
+    let job = job();
+    let pod = pods(&job).remove(1);
+    let mut pending = Pending::default();
+    pending.created(with_uid(pod.clone(), "new"), Instant::now());
+    pending.observe(&Event::Apply(with_uid(pod.clone(), "old")));
+    assert_eq!(pending.len(), 1);
+    // The cache still holds the old incarnation: the new one replaces it in the view.
+    let view = pending.overlay(
+        vec![with_uid(pod.clone(), "old")],
+        "ns",
+        "quickstart",
+        now(),
+    );
+    assert_eq!(view.len(), 1);
+    assert_eq!(view[0].metadata.uid.as_deref(), Some("new"));
+    pending.observe(&Event::Delete(with_uid(pod, "new")));
+    assert!(pending.is_empty());
+}
+
+#[test]
+fn a_deleted_pod_is_terminating_until_the_watch_shows_it_gone() {
+    let job = job();
+    let all = pods(&job);
+    let mut pending = Pending::default();
+    pending.deleted("quickstart-worker-1-uid", Instant::now());
+    let view = pending.overlay(all.clone(), "ns", "quickstart", now());
+    let terminating: Vec<String> = view
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+        .map(ResourceExt::name_any)
+        .collect();
+    assert_eq!(terminating, vec!["quickstart-worker-1".to_string()]);
+    pending.observe(&Event::Delete(all[2].clone()));
+    assert!(pending.is_empty());
+    assert!(
+        pending
+            .overlay(all, "ns", "quickstart", now())
+            .iter()
+            .all(|p| p.metadata.deletion_timestamp.is_none())
+    );
+}
+
+#[test]
+fn a_relist_or_five_minutes_clears_what_was_never_confirmed() {
+    let job = job();
+    let all = pods(&job);
+    let t = Instant::now();
+    let mut pending = Pending::default();
+    pending.created(all[0].clone(), t);
+    pending.deleted("x", t);
+    pending.expire(t + PENDING_FOR - Duration::from_secs(1));
+    assert_eq!(pending.len(), 2);
+    pending.expire(t + PENDING_FOR);
+    assert!(pending.is_empty());
+
+    pending.created(all[0].clone(), t);
+    pending.deleted("x", t);
+    pending.observe(&Event::Init);
+    assert!(pending.is_empty());
+}
+
+#[tokio::test]
+async fn the_cache_serves_a_jobs_pods_once_listed_with_its_own_writes_over_them() {
+    let job = job();
+    let all = pods(&job);
+    let cache = PodCache::default();
+    let mut writer = cache.take_writer().expect("one writer");
+    assert!(cache.take_writer().is_none());
+    let mut other = all[0].clone();
+    other.labels_mut().insert(
+        kubetrain_api::contract::LABEL_JOB_NAME.into(),
+        "other".into(),
+    );
+    other.metadata.name = Some("other-ps-0".into());
+    for event in [
+        Event::Init,
+        Event::InitApply(all[0].clone()),
+        Event::InitApply(other),
+        Event::InitDone,
+    ] {
+        writer.apply_watcher_event(&event);
+        cache.observe(&event);
+    }
+    assert!(cache.wait_until_ready().await);
+    assert_eq!(names(&cache.of_job("ns", "quickstart")), names(&all[..1]));
+
+    cache.created(all[1].clone());
+    cache.created(all[2].clone());
+    // Re-applying a pod the cache already holds records nothing.
+    cache.created(all[0].clone());
+    assert_eq!(names(&cache.of_job("ns", "quickstart")), names(&all));
+    assert_eq!(cache.pending.lock().unwrap().len(), 2);
+
+    for pod in &all[1..] {
+        let event = Event::Apply(pod.clone());
+        writer.apply_watcher_event(&event);
+        cache.observe(&event);
+    }
+    assert!(cache.pending.lock().unwrap().is_empty());
+    assert_eq!(names(&cache.of_job("ns", "quickstart")), names(&all));
+}
