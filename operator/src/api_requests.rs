@@ -34,17 +34,8 @@ impl<'a> ApiCall<'a> {
         query: &str,
         content_type: Option<&str>,
     ) -> Self {
-        let segments: Vec<&'a str> = path.trim_matches('/').split('/').collect();
-        // /api/v1/... or /apis/<group>/<version>/...
-        let rest: &[&'a str] = match segments.first() {
-            Some(&"api") => segments.get(2..).unwrap_or_default(),
-            Some(&"apis") => segments.get(3..).unwrap_or_default(),
-            _ => &[],
-        };
-        let rest = match rest {
-            ["namespaces", _namespace, tail @ ..] if !tail.is_empty() => tail,
-            other => other,
-        };
+        let parts = Parts::of(path);
+        let rest = parts.rest();
         let resource = rest.first().copied().unwrap_or("");
         let named = rest.len() >= 2;
         let subresource = rest.get(2).copied();
@@ -79,6 +70,55 @@ impl<'a> ApiCall<'a> {
             Some(sub) => format!("{}/{sub}", self.resource),
             None => self.resource.to_string(),
         }
+    }
+}
+
+/// The path with its namespace and name replaced: `/api/v1/namespaces/{ns}/pods/{name}`.
+pub fn path_template(path: &str) -> String {
+    let parts = Parts::of(path);
+    let mut template: Vec<&str> = parts.segments.clone();
+    if parts.namespaced {
+        template[parts.base - 1] = "{ns}";
+    }
+    if parts.rest().len() >= 2 {
+        template[parts.base + 1] = "{name}";
+    }
+    format!("/{}", template.join("/"))
+}
+
+/// A request path cut where its resource starts.
+struct Parts<'a> {
+    segments: Vec<&'a str>,
+    /// Index of the resource segment.
+    base: usize,
+    /// Whether `namespaces/<ns>/` comes before the resource.
+    namespaced: bool,
+}
+
+impl<'a> Parts<'a> {
+    fn of(path: &'a str) -> Self {
+        let segments: Vec<&'a str> = path.trim_matches('/').split('/').collect();
+        // /api/v1/... or /apis/<group>/<version>/...
+        let mut base = match segments.first() {
+            Some(&"api") => 2,
+            Some(&"apis") => 3,
+            _ => segments.len(),
+        }
+        .min(segments.len());
+        let namespaced =
+            matches!(&segments[base..], ["namespaces", _, tail @ ..] if !tail.is_empty());
+        if namespaced {
+            base += 2;
+        }
+        Self {
+            segments,
+            base,
+            namespaced,
+        }
+    }
+
+    fn rest(&self) -> &[&'a str] {
+        &self.segments[self.base..]
     }
 }
 
@@ -245,6 +285,24 @@ mod tests {
             ),
             pair("update", "leases")
         );
+    }
+
+    #[test]
+    fn templates_hide_namespaces_and_names() {
+        assert_eq!(
+            path_template("/api/v1/namespaces/ns/pods/job-ps-0"),
+            "/api/v1/namespaces/{ns}/pods/{name}"
+        );
+        assert_eq!(
+            path_template("/apis/kubetrain.io/v1alpha1/namespaces/ns/trainingjobs/j/status"),
+            "/apis/kubetrain.io/v1alpha1/namespaces/{ns}/trainingjobs/{name}/status"
+        );
+        assert_eq!(path_template("/api/v1/pods"), "/api/v1/pods");
+        assert_eq!(
+            path_template("/api/v1/namespaces/ns"),
+            "/api/v1/namespaces/{name}"
+        );
+        assert_eq!(path_template("/version"), "/version");
     }
 
     #[test]

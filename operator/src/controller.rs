@@ -13,7 +13,7 @@ use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use kubetrain_api::condition::{reasons, types};
@@ -24,7 +24,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::gang::{self, GangObservation, PodGroupState};
 use crate::metrics::Metrics;
-use crate::plan::{self, PlanSettings};
+use crate::plan::{self, PlanSettings, ReplicaId};
 use crate::pod_cache::{self, PodCache};
 use crate::progress::{self, ChiefReport};
 use crate::status::{self, Action, JobEvent};
@@ -41,6 +41,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The operator's pods, filled by the pod watch of [`run`].
     pub pods: PodCache,
+    /// The jobs' Services, filled by the Service watch of [`run`]: read to skip applying
+    /// a Service that is already as planned. A stale miss costs one no-op apply.
+    services: Store<Service>,
+    service_writer: Mutex<Option<Writer<Service>>>,
     /// Consecutive failures per job, for per-job exponential backoff.
     failures: Mutex<HashMap<ObjectRef<DeserializeGuard<TrainingJob>>, u32>>,
 }
@@ -57,12 +61,15 @@ impl Context {
             controller: MANAGER.to_string(),
             instance,
         };
+        let (services, service_writer) = reflector::store();
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
             metrics,
             pods: PodCache::default(),
+            services,
+            service_writer: Mutex::new(Some(service_writer)),
             failures: Mutex::default(),
         }
     }
@@ -71,19 +78,12 @@ impl Context {
 /// A reconcile step that failed; the variant names the action.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The pod cache will never be filled: its watch ended (the operator is stopping).
-    #[error("reading pods of {job}: the pod watch has ended")]
-    ReadPodCache {
+    /// The pod or Service cache will never be filled: its watch ended (the operator is
+    /// stopping).
+    #[error("reading the pods and Service of {job}: their watch has ended")]
+    ReadCache {
         /// `namespace/name` of the job.
         job: String,
-    },
-    /// Reading the job's Service failed.
-    #[error("reading service {name}: {source}")]
-    GetService {
-        /// Service name.
-        name: String,
-        /// The API error.
-        source: kube::Error,
     },
     /// Applying a pod failed.
     #[error("applying pod {name}: {source}")]
@@ -156,8 +156,7 @@ impl Error {
     /// so `rate(kubetrain_reconcile_errors_total[..])` is a series of zeros on a healthy
     /// operator instead of "no data", and the first error is a rise, not a new series.
     pub const KINDS: &'static [&'static str] = &[
-        "read_pod_cache",
-        "get_service",
+        "read_cache",
         "apply_pod",
         "delete_pod",
         "apply_service",
@@ -171,8 +170,7 @@ impl Error {
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::ReadPodCache { .. } => "read_pod_cache",
-            Error::GetService { .. } => "get_service",
+            Error::ReadCache { .. } => "read_cache",
             Error::ApplyPod { .. } => "apply_pod",
             Error::DeletePod { .. } => "delete_pod",
             Error::ApplyService { .. } => "apply_service",
@@ -205,7 +203,14 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let children = watcher::Config::default()
         .labels(LABEL_JOB_NAME)
         .any_semantic();
-    let controller = Controller::new(jobs, watcher::Config::default().any_semantic());
+    // The jobs' own cache, as `Controller::new` builds it, but without managedFields: a
+    // decision never reads them, and with thousands of jobs they are much of the memory.
+    let (job_store, job_writer) = reflector::store();
+    let job_events = watcher(jobs, watcher::Config::default().any_semantic())
+        .modify(strip_job)
+        .reflect(job_writer)
+        .applied_objects();
+    let controller = Controller::for_stream(job_events, job_store);
     let known_jobs = controller.store();
     ctx.metrics.start_error_kinds_at_zero(Error::KINDS);
     let metrics = ctx.metrics.clone();
@@ -242,9 +247,20 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             }
         })
         .touched_objects();
+    let service_writer = ctx
+        .service_writer
+        .lock()
+        .expect("service cache lock")
+        .take()
+        .expect("controller::run is called once per context");
+    let service_events = watcher(services, children)
+        .default_backoff()
+        .modify(strip_service)
+        .reflect(service_writer)
+        .touched_objects();
     controller
         .owns_stream(pod_events)
-        .owns(services, children)
+        .owns_stream(service_events)
         // Trailing-edge debounce: pods of a job start within moments of each other, and
         // one look after the burst writes one status instead of one per pod. Jobs are
         // not updated continuously, so a second cannot hide an update for long.
@@ -263,6 +279,14 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         })
         .await;
     forget_deleted.abort();
+}
+
+fn strip_job(job: &mut DeserializeGuard<TrainingJob>) {
+    job.meta_mut().managed_fields = None;
+}
+
+fn strip_service(service: &mut Service) {
+    service.metadata.managed_fields = None;
 }
 
 /// How often the metrics drop the series of deleted jobs.
@@ -334,9 +358,13 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
 
     // Until the pod watch has listed once, an empty cache is not a job without pods.
     if !ctx.pods.wait_until_ready().await {
-        return Err(Error::ReadPodCache { job: key });
+        return Err(Error::ReadCache { job: key });
     }
     let pods = ctx.pods.of_job(&namespace, &name);
+    if ctx.services.wait_until_ready().await.is_err() {
+        return Err(Error::ReadCache { job: key.clone() });
+    }
+    let service_ref = ObjectRef::new(&name).within(&namespace);
 
     let gang = observe_gang(job, ctx).await?;
     let now = Timestamp::now();
@@ -371,19 +399,8 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
 
     for action in &decision.actions {
         match action {
-            Action::CreatePod(replica) => {
-                let pod = plan::pod(job, *replica, &ctx.settings);
-                let pod_name = pod.name_any();
-                info!(pod = %pod_name, "creating pod");
-                let created = pod_api
-                    .patch(&pod_name, &apply_params(), &Patch::Apply(&pod))
-                    .await
-                    .map_err(|source| Error::ApplyPod {
-                        name: pod_name,
-                        source,
-                    })?;
-                ctx.pods.created(created);
-            }
+            // All at once, after the other actions: see `create_pods`.
+            Action::CreatePod(_) => {}
             Action::DeletePod {
                 name: pod_name,
                 uid,
@@ -408,17 +425,10 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
             }
             Action::EnsureService => {
                 let desired = plan::service(job, &ctx.settings);
-                let existing =
-                    service_api
-                        .get_opt(&name)
-                        .await
-                        .map_err(|source| Error::GetService {
-                            name: name.clone(),
-                            source,
-                        })?;
-                if !existing
-                    .as_ref()
-                    .is_some_and(|s| service_matches(s, &desired))
+                if !ctx
+                    .services
+                    .get(&service_ref)
+                    .is_some_and(|s| service_matches(&s, &desired))
                 {
                     service_api
                         .patch(&name, &apply_params(), &Patch::Apply(&desired))
@@ -430,14 +440,7 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
                 }
             }
             Action::DeleteService => {
-                let existing =
-                    service_api
-                        .get_opt(&name)
-                        .await
-                        .map_err(|source| Error::GetService {
-                            name: name.clone(),
-                            source,
-                        })?;
+                let existing = ctx.services.get(&service_ref);
                 if existing.is_some_and(|s| s.metadata.deletion_timestamp.is_none()) {
                     ignore_gone(
                         service_api
@@ -467,6 +470,16 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
         }
     }
 
+    let creates: Vec<ReplicaId> = decision
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::CreatePod(replica) => Some(*replica),
+            _ => None,
+        })
+        .collect();
+    create_pods(job, &creates, ctx, &pod_api).await?;
+
     for event in &decision.events {
         publish(ctx, &job.object_ref(&()), event).await;
     }
@@ -474,6 +487,37 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
     Ok(decision
         .requeue_after
         .map_or_else(Requeue::await_change, Requeue::requeue))
+}
+
+/// How many of one job's pods are applied at once.
+const PARALLEL_POD_APPLIES: usize = 16;
+
+/// Applies the pods of `replicas` in parallel: a job's pods do not depend on each other,
+/// and one after another a 32-pod job waited 32 round trips (kubeflow/trainer#2361 is
+/// the same complaint about Kubeflow). Every apply runs to its end, so the pod cache
+/// learns of each pod that was created even when another failed.
+async fn create_pods(
+    job: &TrainingJob,
+    replicas: &[ReplicaId],
+    ctx: &Context,
+    api: &Api<Pod>,
+) -> Result<(), Error> {
+    let applies = replicas.iter().copied().map(|replica| async move {
+        let pod = plan::pod(job, replica, &ctx.settings);
+        let name = pod.name_any();
+        info!(pod = %name, "creating pod");
+        let created = api
+            .patch(&name, &apply_params(), &Patch::Apply(&pod))
+            .await
+            .map_err(|source| Error::ApplyPod { name, source })?;
+        ctx.pods.created(created);
+        Ok(())
+    });
+    let results: Vec<Result<(), Error>> = futures::stream::iter(applies)
+        .buffer_unordered(PARALLEL_POD_APPLIES)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 /// Makes sure a gang-scheduled job's PodGroup exists (before any of its pods, so the
@@ -711,11 +755,7 @@ mod error_kind_tests {
         let api = || kube::Error::TlsRequired;
         let s = String::new;
         let all = [
-            Error::ReadPodCache { job: s() },
-            Error::GetService {
-                name: s(),
-                source: api(),
-            },
+            Error::ReadCache { job: s() },
             Error::ApplyPod {
                 name: s(),
                 source: api(),

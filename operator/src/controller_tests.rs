@@ -85,8 +85,8 @@ async fn expect(handle: &mut Handle, e: Expect<'_>) -> Value {
 
 const APPLY_QUERY: &str = "?&force=true&fieldManager=kubetrain.io%2Foperator";
 
-/// Fills the context's pod cache as the pod watch's first list would: the reconcile
-/// reads its pods from there, with no request.
+/// Fills the context's pod cache as the pod watch's first list would (and lists no
+/// Service): the reconcile reads its pods and Service from there, with no request.
 fn cached(ctx: &Context, pods: &[Pod]) {
     let mut writer = ctx.pods.take_writer().expect("the cache's one writer");
     let events = std::iter::once(watcher::Event::Init)
@@ -95,6 +95,14 @@ fn cached(ctx: &Context, pods: &[Pod]) {
     for event in events {
         writer.apply_watcher_event(&event);
     }
+    let mut services = ctx
+        .service_writer
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the Service cache's one writer");
+    services.apply_watcher_event(&watcher::Event::Init);
+    services.apply_watcher_event(&watcher::Event::InitDone);
 }
 
 /// A server-side apply of the job's status; returns the body sent.
@@ -146,13 +154,6 @@ async fn a_new_job_gets_its_status_service_and_pods_by_server_side_apply() {
         assert_eq!(status["status"]["conditions"][0]["status"], "True");
         assert_eq!(status["status"]["workersReady"], "0/2");
 
-        expect(&mut handle, Expect {
-            method: Method::GET,
-            path_and_query: "/api/v1/namespaces/ns/services/quickstart",
-            respond: json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-            status: 404,
-        })
-        .await;
         let service = expect(
             &mut handle,
             Expect {
@@ -220,7 +221,7 @@ async fn a_reconcile_with_nothing_to_change_writes_nothing() {
     let second = status::decide(&job, &pods, k8s_openapi::jiff::Timestamp::now());
     job.status = Some(second.status);
 
-    let (ctx, mut handle) = context();
+    let (ctx, handle) = context();
     cached(&ctx, &pods);
     let scenario = tokio::spawn(async move { handle });
     reconcile(guard(job), ctx)

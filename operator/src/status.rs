@@ -140,6 +140,7 @@ pub fn decide_with_gang(
         worker: counts(Role::Worker),
         evaluator: has(Role::Evaluator).then(|| counts(Role::Evaluator)),
     };
+    count_created_as_active(&mut d.status.replica_statuses, &d.actions);
     d.status.workers_ready = Some(format!(
         "{}/{}",
         d.status.replica_statuses.worker.ready,
@@ -920,6 +921,26 @@ pub fn phase(pod: &Pod) -> &str {
 /// Whether the pod is being deleted.
 pub fn is_terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
+}
+
+/// A pod this decision creates is active (Pending) as soon as it is written. Counting it
+/// now makes the status written with the pods the one the next reconcile computes when
+/// the watch shows them, instead of a second write per job for the counts alone.
+fn count_created_as_active(statuses: &mut kubetrain_api::ReplicaStatuses, actions: &[Action]) {
+    for action in actions {
+        let Action::CreatePod(replica) = action else {
+            continue;
+        };
+        let status = match replica.role {
+            Role::Chief => statuses.chief.as_mut(),
+            Role::Ps => Some(&mut statuses.ps),
+            Role::Worker => Some(&mut statuses.worker),
+            Role::Evaluator => statuses.evaluator.as_mut(),
+        };
+        if let Some(status) = status {
+            status.active += 1;
+        }
+    }
 }
 
 /// "created pod a" or "created 3 pods: a, b, c", the names cut short well within the

@@ -149,6 +149,15 @@ fn a_new_job_creates_every_pod_and_the_service() {
     assert_eq!(d.status.start_time, Some(Time(t(0))));
     assert_eq!(d.status.observed_generation, Some(2));
     assert_eq!(d.status.workers_ready.as_deref(), Some("0/2"));
+    // The pods being created count as active already: once the watch shows them Pending,
+    // the next decision computes the same status and writes nothing.
+    assert_eq!(
+        (
+            d.status.replica_statuses.ps.active,
+            d.status.replica_statuses.worker.active
+        ),
+        (1, 2)
+    );
     let created: Vec<&str> = d
         .events
         .iter()
@@ -159,6 +168,21 @@ fn a_new_job_creates_every_pod_and_the_service() {
         created,
         vec!["created 3 pods: j-ps-0, j-worker-0, j-worker-1"]
     );
+}
+
+#[test]
+fn the_status_written_with_new_pods_is_the_one_their_pending_pods_give() {
+    let mut job = job();
+    let first = decide(&job, &[], t(0));
+    job.status = Some(first.status.clone());
+    let pending = vec![
+        with_phase(pod(&job, Role::Ps, 0), "Pending"),
+        with_phase(pod(&job, Role::Worker, 0), "Pending"),
+        with_phase(pod(&job, Role::Worker, 1), "Pending"),
+    ];
+    let second = decide(&job, &pending, t(1));
+    assert_eq!(second.status, first.status, "a second status write");
+    assert_eq!(second.actions, vec![]);
 }
 
 #[test]

@@ -43,6 +43,7 @@ use kubetrain_api::TrainingJob;
 use kubetrain_api::condition::types;
 use kubetrain_e2e::envtest::{self, ApiServer, TestNamespace, server};
 use kubetrain_e2e::operator::{lifecycle, set_pod_running, wait_for_pods};
+use kubetrain_operator::api_requests::{ApiCall, path_template};
 use kubetrain_operator::controller::{self, Context};
 use kubetrain_operator::metrics::Metrics;
 use kubetrain_operator::plan::PlanSettings;
@@ -165,52 +166,28 @@ fn classify<B>(request: &Request<B>) -> Call {
     let method = request.method().clone();
     let path = request.uri().path();
     let query = request.uri().query().unwrap_or("");
-    let apply = request
+    let content_type = request
         .headers()
         .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/apply-patch"));
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    // /api/v1/... or /apis/<group>/<version>/...
-    let rest = match segments.first() {
-        Some(&"api") => segments.get(2..).unwrap_or_default(),
-        Some(&"apis") => segments.get(3..).unwrap_or_default(),
-        _ => &[][..],
-    };
-    let (rest, namespaced) = match rest {
-        ["namespaces", _ns, tail @ ..] if !tail.is_empty() => (tail, true),
-        other => (other, false),
-    };
-    let resource = rest.first().copied().unwrap_or("");
-    let named = rest.len() >= 2;
-    let subresource = rest.get(2).copied();
-    let mut template: Vec<String> = segments.iter().map(|s| s.to_string()).collect();
-    let base = template.len() - rest.len();
-    if namespaced {
-        template[base - 1] = "{ns}".into();
-    }
-    if named {
-        template[base + 1] = "{name}".into();
-    }
-    let watch = query
-        .split('&')
-        .any(|p| p == "watch=true" || p == "watch=1");
-    let kind = match (&method, resource, named, subresource) {
-        (&Method::GET, _, _, _) if watch => Kind::Watch,
-        (&Method::GET, _, false, _) => Kind::List,
-        (&Method::GET, _, true, _) => Kind::Get,
-        (&Method::PATCH, "pods", true, None) if apply => Kind::PodApply,
-        (&Method::DELETE, "pods", true, None) => Kind::PodDelete,
-        (&Method::PATCH, "services", true, None) if apply => Kind::ServiceApply,
-        (&Method::PATCH, "trainingjobs", true, Some("status")) => Kind::StatusPatch,
-        (&Method::POST, "events", false, _) => Kind::EventCreate,
-        (&Method::PATCH, "events", true, _) => Kind::EventPatch,
+        .and_then(|v| v.to_str().ok());
+    // Verb and resource as the operator's own request metrics classify them.
+    let call = ApiCall::classify(&method, path, query, content_type);
+    let kind = match (call.verb, call.resource, call.subresource) {
+        ("watch", _, _) => Kind::Watch,
+        ("list", _, _) => Kind::List,
+        ("get", _, _) => Kind::Get,
+        ("apply", "pods", None) => Kind::PodApply,
+        ("delete", "pods", None) => Kind::PodDelete,
+        ("apply", "services", None) => Kind::ServiceApply,
+        ("apply" | "patch", "trainingjobs", Some("status")) => Kind::StatusPatch,
+        ("create", "events", _) => Kind::EventCreate,
+        ("patch", "events", _) => Kind::EventPatch,
         _ => Kind::Other,
     };
     Call {
         kind,
         method,
-        template: format!("/{}", template.join("/")),
+        template: path_template(path),
         status: None,
     }
 }
