@@ -29,19 +29,25 @@ pub const PENDING_FOR: Duration = Duration::from_secs(300);
 
 /// Drops what no decision reads, before the pod enters the cache: managed fields, and
 /// the spec except the container names and the scheduling fields. A pod's env, args,
-/// volumes and probes are most of its size, and the operator wrote them itself.
+/// volumes and probes are most of its size, and the operator wrote them itself. Even an
+/// empty `Container` is 2 KiB, so a pod of one container keeps none: its one container
+/// status is the main container's (`status::main_container_status`).
 pub fn strip(pod: &mut Pod) {
     pod.metadata.managed_fields = None;
     if let Some(spec) = pod.spec.take() {
-        pod.spec = Some(PodSpec {
-            containers: spec
-                .containers
+        let containers = if spec.containers.len() > 1 {
+            spec.containers
                 .into_iter()
                 .map(|c| Container {
                     name: c.name,
                     ..Container::default()
                 })
-                .collect(),
+                .collect()
+        } else {
+            Vec::new()
+        };
+        pod.spec = Some(PodSpec {
+            containers,
             node_name: spec.node_name,
             scheduler_name: spec.scheduler_name,
             ..PodSpec::default()

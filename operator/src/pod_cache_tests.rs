@@ -210,3 +210,53 @@ async fn the_cache_serves_a_jobs_pods_once_listed_with_its_own_writes_over_them(
     assert!(cache.pending.lock().unwrap().is_empty());
     assert_eq!(names(&cache.of_job("ns", "quickstart")), names(&all));
 }
+
+#[test]
+fn a_pod_with_a_sidecar_keeps_its_container_names_so_the_main_one_is_still_found() {
+    let job = job();
+    let mut pod = pods(&job).remove(1);
+    let spec = pod.spec.as_mut().unwrap();
+    let trainer = spec.containers.remove(0);
+    spec.containers = vec![
+        k8s_openapi::api::core::v1::Container {
+            name: "a-sidecar".into(),
+            image: Some("busybox".into()),
+            ..Default::default()
+        },
+        trainer,
+    ];
+    // Statuses come sorted by name: the sidecar's first.
+    pod.status = Some(
+        serde_json::from_value(json!({"phase": "Failed", "containerStatuses": [
+        {"name": "a-sidecar", "ready": false, "restartCount": 0, "image": "", "imageID": "",
+         "state": {"terminated": {"exitCode": 0}}},
+        {"name": "trainer", "ready": false, "restartCount": 0, "image": "", "imageID": "",
+         "state": {"terminated": {"exitCode": 137}}}]}))
+        .unwrap(),
+    );
+    let mut stripped = pod.clone();
+    strip(&mut stripped);
+    let names: Vec<&str> = stripped
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, vec!["a-sidecar", "trainer"]);
+    assert_eq!(status::exit_code(&stripped), Some(137));
+    assert_eq!(status::exit_code(&pod), Some(137));
+
+    // One container: none kept, its one status is the main container's.
+    let mut single = pods(&job).remove(0);
+    single.status = Some(
+        serde_json::from_value(json!({"phase": "Failed", "containerStatuses": [
+        {"name": "trainer", "ready": false, "restartCount": 0, "image": "", "imageID": "",
+         "state": {"terminated": {"exitCode": 3}}}]}))
+        .unwrap(),
+    );
+    strip(&mut single);
+    assert!(single.spec.as_ref().unwrap().containers.is_empty());
+    assert_eq!(status::exit_code(&single), Some(3));
+}

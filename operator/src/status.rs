@@ -978,11 +978,19 @@ fn is_ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// The status of the pod's main container (the one the contract env goes into).
+/// The status of the pod's main container (the one the contract env goes into). A pod
+/// from the pod cache lists no containers when it has only one (`pod_cache::strip`):
+/// then its one status is the main container's.
 fn main_container_status(pod: &Pod) -> Option<&ContainerStatus> {
     let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-    let containers = &pod.spec.as_ref()?.containers;
-    let main = containers.get(plan::main_container_index(containers))?;
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default();
+    let Some(main) = containers.get(plan::main_container_index(containers)) else {
+        return statuses.first();
+    };
     statuses
         .iter()
         .find(|s| s.name == main.name)

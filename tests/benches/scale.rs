@@ -336,6 +336,33 @@ async fn finish_all(ns: &TestNamespace, count: usize) {
 /// after another, each timed until all its pods exist; (reconciles, times, status
 /// writes per new job).
 async fn with_finished_jobs(operator: &Operator, ns: &TestNamespace) -> (f64, Vec<Duration>, f64) {
+    // Settled first: the clean-up of the finished jobs' other pods is done, and the
+    // reconciles it caused have stopped.
+    let pods: Api<Pod> = ns.api();
+    let started = Instant::now();
+    while count_pods(&pods).await > 1000 {
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "finished jobs' pods never cleaned up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reconciles = |text: &str| {
+        metrics_text::sum(
+            &metrics_text::samples(text),
+            "kubetrain_reconciles_total",
+            &[],
+        )
+    };
+    let (mut last, mut since) = (reconciles(&operator.metrics().await), Instant::now());
+    while since.elapsed() < Duration::from_secs(2) {
+        assert!(started.elapsed() < TIMEOUT, "reconciles never stopped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = reconciles(&operator.metrics().await);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
     let quiet_from = operator.metrics().await;
     // An observation window, not synchronisation: what is counted is what happens in it.
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -345,7 +372,6 @@ async fn with_finished_jobs(operator: &Operator, ns: &TestNamespace) -> (f64, Ve
         quiet.reconciles
     );
     let jobs: Api<TrainingJob> = ns.api();
-    let pods: Api<Pod> = ns.api();
     let mut times = Vec::new();
     let before = operator.metrics().await;
     for i in 0..5 {
