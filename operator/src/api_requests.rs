@@ -202,7 +202,7 @@ where
 mod tests {
     use super::*;
 
-    fn call<'a>(method: Method, path: &'a str, query: &str, apply: bool) -> (String, String) {
+    fn call(method: Method, path: &str, query: &str, apply: bool) -> (String, String) {
         let content_type = apply.then_some("application/apply-patch+yaml");
         let call = ApiCall::classify(&method, path, query, content_type);
         (call.verb.to_string(), call.resource_label())
