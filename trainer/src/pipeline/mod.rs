@@ -405,7 +405,7 @@ async fn train(
             && step > plan.resume
             && step % per == 0
         {
-            let full = gather(peers, &plan, &params, step).await?;
+            let full = unless_aborted(&mut abort, gather(peers, &plan, &params, step)).await?;
             let eval = evaluate(&plan.net, full, test).await?;
             progress.evaluated(step, eval.accuracy, eval.loss);
             println!(
@@ -582,7 +582,7 @@ async fn train(
 
     let mut evaluation = None;
     if let (Some(progress), Some(test)) = (&progress, &test) {
-        let full = gather(peers, &plan, &params, steps).await?;
+        let full = unless_aborted(&mut abort, gather(peers, &plan, &params, steps)).await?;
         let eval = evaluate(&plan.net, full.clone(), test).await?;
         if let Some(path) = &config.dump_params {
             std::fs::write(path, net::to_bytes(&full)).map_err(|source| {
@@ -813,6 +813,23 @@ fn write_checkpoint(
 }
 
 /// Chief: every stage's parameters after `step` updates, as the network's flat vector.
+/// Runs `call` unless the job fails first. A peer's answer may wait on a stage that has
+/// died (a Parameters call waits for its step), and the call's deadline is only a header
+/// the peer's server enforces, so nothing else would end the wait: the heartbeats that
+/// noticed the death only set `abort`.
+async fn unless_aborted<T>(
+    abort: &mut watch::Receiver<Option<String>>,
+    call: impl std::future::Future<Output = Result<T, TrainerError>>,
+) -> Result<T, TrainerError> {
+    tokio::select! {
+        r = call => r,
+        r = abort.wait_for(Option::is_some) => {
+            let reason = r.ok().and_then(|r| r.clone()).unwrap_or_default();
+            Err(TrainerError::JobFailed(reason))
+        }
+    }
+}
+
 async fn gather(
     peers: &[Peer],
     plan: &Plan,
