@@ -59,6 +59,18 @@ pub fn sum(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// The value of the one sample of `text` named `name` whose labels are exactly `labels`.
+pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let wanted: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    samples(text)
+        .into_iter()
+        .find(|s| s.name == name && s.labels == wanted)
+        .map(|s| s.value)
+}
+
 /// API requests of one verb on one resource, between two scrapes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ApiRequests {
@@ -199,6 +211,11 @@ kubetrain_api_request_duration_seconds_count{verb=\"watch\",resource=\"pods\"} 1
         assert_eq!(all[2].labels["resource"], "pods");
         assert_eq!(all[2].value, 5.0);
         assert_eq!(sum(&all, "kubetrain_reconciles_total", &[]), 12.0);
+        let labels = [("verb", "list"), ("resource", "pods")];
+        let name = "kubetrain_api_request_duration_seconds_sum";
+        assert_eq!(value(AFTER, name, &labels), Some(5.0));
+        assert_eq!(value(AFTER, name, &labels[..1]), None);
+        assert_eq!(value(AFTER, "kubetrain_reconciles_total", &[]), Some(12.0));
     }
 
     #[test]

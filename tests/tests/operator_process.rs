@@ -19,6 +19,7 @@ use kubetrain_api::contract::{self, Role};
 use kubetrain_api::{MANAGER, TrainingJob};
 use kubetrain_e2e::envtest::{self, TestNamespace, namespace_with_crd, server};
 use kubetrain_e2e::http;
+use kubetrain_e2e::metrics_text::value;
 use kubetrain_e2e::operator::{JobWatch, lifecycle, set_pod_running, wait_for_pods, wait_until};
 use kubetrain_operator::leader::Timing;
 use tokio::process::{Child, Command};
@@ -105,20 +106,6 @@ fn server_kubeconfig() -> PathBuf {
 }
 
 static SERVER_KUBECONFIG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
-/// The value of the sample `name{labels}` (labels as printed, or "" for none).
-fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
-    let key = if labels.is_empty() {
-        name.to_string()
-    } else {
-        format!("{name}{{{labels}}}")
-    };
-    metrics
-        .lines()
-        .find(|l| l.split(' ').next() == Some(key.as_str()))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 async fn holder(leases: &Api<Lease>) -> Option<String> {
     leases
@@ -209,8 +196,8 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over_without_double
 
     // Exactly one reconciles: only the leader's counter moves, only it created pods.
     let (a_metrics, b_metrics) = (a.metrics().await, b.metrics().await);
-    let a_reconciles = sample(&a_metrics, "kubetrain_reconciles_total", "").unwrap_or(0.0);
-    let b_reconciles = sample(&b_metrics, "kubetrain_reconciles_total", "").unwrap_or(0.0);
+    let a_reconciles = value(&a_metrics, "kubetrain_reconciles_total", &[]).unwrap_or(0.0);
+    let b_reconciles = value(&b_metrics, "kubetrain_reconciles_total", &[]).unwrap_or(0.0);
     assert!(a_reconciles >= 1.0, "leader reconciles: {a_reconciles}");
     assert_eq!(b_reconciles, 0.0, "the standby reconciled");
     assert_eq!(holder(&leases).await.as_deref(), Some("replica-a"));
@@ -240,7 +227,7 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over_without_double
 
     // The new leader adopts what exists: same pods (same UIDs), same status.
     let b_running = wait_until("replica-b reconciled the job", || async {
-        let n = sample(&b.metrics().await, "kubetrain_reconciles_total", "").unwrap_or(0.0);
+        let n = value(&b.metrics().await, "kubetrain_reconciles_total", &[]).unwrap_or(0.0);
         if n >= 1.0 {
             Ok(n)
         } else {
@@ -292,23 +279,27 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over_without_double
         );
     }
     assert_eq!(
-        sample(&metrics, "kubetrain_jobs", "state=\"Succeeded\""),
+        value(&metrics, "kubetrain_jobs", &[("state", "Succeeded")]),
         Some(1.0),
         "{metrics}"
     );
-    let restarts = format!("namespace=\"{}\",job=\"elected\",role=\"worker\"", ns.name);
+    let restarts = [
+        ("namespace", ns.name.as_str()),
+        ("job", "elected"),
+        ("role", "worker"),
+    ];
     assert_eq!(
-        sample(&metrics, "kubetrain_pod_restarts", &restarts),
+        value(&metrics, "kubetrain_pod_restarts", &restarts),
         Some(0.0),
         "{metrics}"
     );
     // Every error counter exists from the start, at 0: nothing failed here.
     for kind in kubetrain_operator::controller::Error::KINDS {
         assert_eq!(
-            sample(
+            value(
                 &metrics,
                 "kubetrain_reconcile_errors_total",
-                &format!("kind=\"{kind}\"")
+                &[("kind", kind)]
             ),
             Some(0.0),
             "{metrics}"
@@ -316,19 +307,24 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over_without_double
     }
 
     // JSON logs: every line is one object, and reconciles carry the job in their span.
-    let log = b.logs();
-    let mut in_span = 0;
-    for line in log.lines().filter(|l| !l.trim().is_empty()) {
-        let entry: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-        let span = &entry["span"];
-        if span["name"] == "reconcile" {
-            assert_eq!(span["namespace"], ns.name.as_str(), "{line}");
-            assert_eq!(span["job"], "elected", "{line}");
-            in_span += 1;
+    // The in-span line here is the clean-up's "deleting pod", which comes after the
+    // Succeeded status write the watch above saw, so wait for it rather than read once.
+    wait_until("a log line inside a reconcile span", || async {
+        let log = b.logs();
+        let mut in_span = 0;
+        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+            let entry: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            let span = &entry["span"];
+            if span["name"] == "reconcile" {
+                assert_eq!(span["namespace"], ns.name.as_str(), "{line}");
+                assert_eq!(span["job"], "elected", "{line}");
+                in_span += 1;
+            }
         }
-    }
-    assert!(in_span > 0, "no log line inside a reconcile span:\n{log}");
+        if in_span > 0 { Ok(()) } else { Err(log) }
+    })
+    .await;
 
     // Only the operator's field manager wrote the pods.
     for pod in &after.items {
