@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
 use kube::core::DeserializeGuard;
@@ -22,10 +22,11 @@ use kubetrain_api::{MANAGER, TrainingJob, TrainingJobStatus};
 use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::cached_pod::CachedPod;
 use crate::gang::{self, GangObservation, PodGroupState};
 use crate::metrics::Metrics;
 use crate::plan::{self, PlanSettings, ReplicaId};
-use crate::pod_cache::{self, PodCache};
+use crate::pod_cache::PodCache;
 use crate::progress::{self, ChiefReport};
 use crate::status::{self, Action, JobEvent};
 
@@ -189,7 +190,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let (jobs, pods, services) = match &namespace {
         Some(ns) => (
             Api::<DeserializeGuard<TrainingJob>>::namespaced(client.clone(), ns),
-            Api::<Pod>::namespaced(client.clone(), ns),
+            Api::<CachedPod>::namespaced(client.clone(), ns),
             Api::<Service>::namespaced(client.clone(), ns),
         ),
         None => (
@@ -239,7 +240,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let confirming = ctx.clone();
     let pod_events = watcher(pods, children.clone())
         .default_backoff()
-        .modify(pod_cache::strip)
+        .modify(CachedPod::strip)
         .reflect(writer)
         .inspect(move |event| {
             if let Ok(event) = event {
@@ -347,7 +348,7 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
     let namespace = job.namespace().unwrap_or_default();
     let name = job.name_any();
     let key = format!("{namespace}/{name}");
-    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pod_api: Api<CachedPod> = Api::namespaced(ctx.client.clone(), &namespace);
     let service_api: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     let job_api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &namespace);
 
@@ -500,7 +501,7 @@ async fn create_pods(
     job: &TrainingJob,
     replicas: &[ReplicaId],
     ctx: &Context,
-    api: &Api<Pod>,
+    api: &Api<CachedPod>,
 ) -> Result<(), Error> {
     let applies = replicas.iter().copied().map(|replica| async move {
         let pod = plan::pod(job, replica, &ctx.settings);

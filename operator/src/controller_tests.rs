@@ -90,7 +90,10 @@ const APPLY_QUERY: &str = "?&force=true&fieldManager=kubetrain.io%2Foperator";
 fn cached(ctx: &Context, pods: &[Pod]) {
     let mut writer = ctx.pods.take_writer().expect("the cache's one writer");
     let events = std::iter::once(watcher::Event::Init)
-        .chain(pods.iter().cloned().map(watcher::Event::InitApply))
+        .chain(
+            pods.iter()
+                .map(|p| watcher::Event::InitApply(crate::cached_pod::CachedPod::from(p))),
+        )
         .chain(std::iter::once(watcher::Event::InitDone));
     for event in events {
         writer.apply_watcher_event(&event);

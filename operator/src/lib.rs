@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api_requests;
+pub mod cached_pod;
 pub mod cli;
 pub mod controller;
 pub mod curves;

@@ -1,5 +1,5 @@
 //! The operator's view of its pods: a reflector cache of the label-scoped pod watch,
-//! stripped to what the decision reads, plus the pods the operator itself created or
+//! holding only what the decision reads ([`CachedPod`]), plus the pods the operator itself created or
 //! deleted that the watch has not shown yet.
 //!
 //! Before issue 22 every reconcile LISTed its job's pods; with 5,000 pods in a namespace
@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -22,43 +22,17 @@ use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::watcher;
 use kubetrain_api::contract::LABEL_JOB_NAME;
 
+use crate::cached_pod::CachedPod;
+
 /// How long an unconfirmed write is laid over the cache. Kubernetes' controllers use
 /// the same 5 minutes: long past any watch delay, short enough that a write whose event
 /// was lost (a relist in between) cannot hide the truth for long.
 pub const PENDING_FOR: Duration = Duration::from_secs(300);
 
-/// Drops what no decision reads, before the pod enters the cache: managed fields, and
-/// the spec except the container names and the scheduling fields. A pod's env, args,
-/// volumes and probes are most of its size, and the operator wrote them itself. Even an
-/// empty `Container` is 2 KiB, so a pod of one container keeps none: its one container
-/// status is the main container's (`status::main_container_status`).
-pub fn strip(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    if let Some(spec) = pod.spec.take() {
-        let containers = if spec.containers.len() > 1 {
-            spec.containers
-                .into_iter()
-                .map(|c| Container {
-                    name: c.name,
-                    ..Container::default()
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        pod.spec = Some(PodSpec {
-            containers,
-            node_name: spec.node_name,
-            scheduler_name: spec.scheduler_name,
-            ..PodSpec::default()
-        });
-    }
-}
-
 /// The cache of the operator's pods, shared by every reconcile.
 pub struct PodCache {
-    store: Store<Pod>,
-    writer: Mutex<Option<Writer<Pod>>>,
+    store: Store<CachedPod>,
+    writer: Mutex<Option<Writer<CachedPod>>>,
     pending: Mutex<Pending>,
 }
 
@@ -75,7 +49,7 @@ impl Default for PodCache {
 
 impl PodCache {
     /// The writer the pod watch fills the cache through; there is one, taken once.
-    pub fn take_writer(&self) -> Option<Writer<Pod>> {
+    pub fn take_writer(&self) -> Option<Writer<CachedPod>> {
         self.writer.lock().expect("pod cache lock").take()
     }
 
@@ -93,21 +67,25 @@ impl PodCache {
         // both) and never missed.
         let mut pending = self.pending.lock().expect("pod cache lock");
         pending.expire(Instant::now());
-        let cached: Vec<Pod> = self
+        let cached: Vec<CachedPod> = self
             .store
             .state_filter(|p| {
                 p.metadata.namespace.as_deref() == Some(namespace)
                     && p.labels().get(LABEL_JOB_NAME).map(String::as_str) == Some(name)
             })
             .into_iter()
-            .map(|p| Pod::clone(&p))
+            .map(|p| CachedPod::clone(&p))
             .collect();
-        pending.overlay(cached, namespace, name, Timestamp::now())
+        pending
+            .overlay(cached, namespace, name, Timestamp::now())
+            .iter()
+            .map(CachedPod::to_pod)
+            .collect()
     }
 
     /// Records a pod the operator just applied (the API server's answer).
-    pub fn created(&self, mut pod: Pod) {
-        strip(&mut pod);
+    pub fn created(&self, mut pod: CachedPod) {
+        pod.strip();
         let key = reflector::ObjectRef::from_obj(&pod);
         // Applying an unchanged pod produces no watch event: the cache already is right.
         if self
@@ -132,7 +110,7 @@ impl PodCache {
     }
 
     /// Confirms pending writes from a pod watch event (after the store has applied it).
-    pub fn observe(&self, event: &watcher::Event<Pod>) {
+    pub fn observe(&self, event: &watcher::Event<CachedPod>) {
         self.pending.lock().expect("pod cache lock").observe(event);
     }
 }
@@ -144,14 +122,14 @@ type JobKey = (String, String);
 #[derive(Clone, Debug, Default)]
 pub struct Pending {
     /// Applied pods by job, then by pod name, as the API server answered.
-    created: HashMap<JobKey, HashMap<String, (Pod, Instant)>>,
+    created: HashMap<JobKey, HashMap<String, (CachedPod, Instant)>>,
     /// Deleted pods by UID.
     deleted: HashMap<String, Instant>,
 }
 
 impl Pending {
     /// Records an applied pod.
-    pub fn created(&mut self, pod: Pod, at: Instant) {
+    pub fn created(&mut self, pod: CachedPod, at: Instant) {
         self.created
             .entry(job_key(&pod))
             .or_default()
@@ -184,7 +162,7 @@ impl Pending {
     }
 
     /// Clears what a watch event confirms.
-    pub fn observe(&mut self, event: &watcher::Event<Pod>) {
+    pub fn observe(&mut self, event: &watcher::Event<CachedPod>) {
         match event {
             watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
                 self.confirm_created(pod);
@@ -206,7 +184,7 @@ impl Pending {
         }
     }
 
-    fn confirm_created(&mut self, pod: &Pod) {
+    fn confirm_created(&mut self, pod: &CachedPod) {
         let key = job_key(pod);
         let Some(pods) = self.created.get_mut(&key) else {
             return;
@@ -223,7 +201,7 @@ impl Pending {
         }
     }
 
-    fn confirm_deleted(&mut self, pod: &Pod) {
+    fn confirm_deleted(&mut self, pod: &CachedPod) {
         if let Some(uid) = &pod.metadata.uid {
             self.deleted.remove(uid);
         }
@@ -234,12 +212,12 @@ impl Pending {
     /// fills its gap.
     pub fn overlay(
         &self,
-        cached: Vec<Pod>,
+        cached: Vec<CachedPod>,
         namespace: &str,
         job: &str,
         now: Timestamp,
-    ) -> Vec<Pod> {
-        let mut pods: Vec<Pod> = cached
+    ) -> Vec<CachedPod> {
+        let mut pods: Vec<CachedPod> = cached
             .into_iter()
             .map(|mut pod| {
                 let uid = pod.metadata.uid.as_deref().unwrap_or_default();
@@ -262,7 +240,7 @@ impl Pending {
     }
 }
 
-fn job_key(pod: &Pod) -> JobKey {
+fn job_key(pod: &CachedPod) -> JobKey {
     (
         pod.namespace().unwrap_or_default(),
         pod.labels()

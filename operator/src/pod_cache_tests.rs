@@ -7,7 +7,8 @@ use kube::runtime::watcher::Event;
 use kubetrain_api::TrainingJob;
 use serde_json::json;
 
-use super::{PENDING_FOR, Pending, PodCache, strip};
+use super::{PENDING_FOR, Pending, PodCache};
+use crate::cached_pod::CachedPod;
 use crate::plan::{self, PlanSettings};
 use crate::status;
 
@@ -20,7 +21,7 @@ fn job() -> TrainingJob {
 }
 
 /// The job's planned pods as the API server would hold them: a UID each.
-fn pods(job: &TrainingJob) -> Vec<Pod> {
+fn full_pods(job: &TrainingJob) -> Vec<Pod> {
     plan::pods(job, &PlanSettings::default())
         .into_iter()
         .map(|mut p| {
@@ -30,12 +31,24 @@ fn pods(job: &TrainingJob) -> Vec<Pod> {
         .collect()
 }
 
-fn with_uid(mut pod: Pod, uid: &str) -> Pod {
+/// The same pods as the cache holds them.
+fn pods(job: &TrainingJob) -> Vec<CachedPod> {
+    full_pods(job).iter().map(CachedPod::from).collect()
+}
+
+/// The projection the watch makes: the pod's JSON read into a `CachedPod`.
+fn as_watched(pod: &Pod) -> CachedPod {
+    let mut cached: CachedPod = serde_json::from_value(serde_json::to_value(pod).unwrap()).unwrap();
+    cached.strip();
+    cached
+}
+
+fn with_uid(mut pod: CachedPod, uid: &str) -> CachedPod {
     pod.metadata.uid = Some(uid.into());
     pod
 }
 
-fn names(pods: &[Pod]) -> Vec<String> {
+fn names<K: ResourceExt>(pods: &[K]) -> Vec<String> {
     pods.iter().map(ResourceExt::name_any).collect()
 }
 
@@ -44,9 +57,9 @@ fn now() -> Timestamp {
 }
 
 #[test]
-fn a_stripped_pod_decides_exactly_as_the_full_one() {
+fn a_cached_pod_decides_exactly_as_the_full_one() {
     let job = job();
-    let mut full = pods(&job);
+    let mut full = full_pods(&job);
     // Every state the decision reads: running, finished with a message, waiting.
     let statuses = [
         json!({"phase": "Running", "podIP": "10.0.0.1",
@@ -63,26 +76,39 @@ fn a_stripped_pod_decides_exactly_as_the_full_one() {
     for (pod, status) in full.iter_mut().zip(statuses) {
         pod.status = Some(serde_json::from_value(status).unwrap());
         pod.metadata.managed_fields = Some(vec![Default::default()]);
+        pod.annotations_mut().insert("note".into(), "x".repeat(100));
     }
-    let mut stripped = full.clone();
-    stripped.iter_mut().for_each(strip);
-    assert!(stripped.iter().all(|p| p.metadata.managed_fields.is_none()));
+    // The watch's projection (serde) and the one from a `Pod` are the same.
+    let cached: Vec<CachedPod> = full.iter().map(as_watched).collect();
+    assert_eq!(cached, full.iter().map(CachedPod::from).collect::<Vec<_>>());
     assert!(
-        stripped
+        cached
             .iter()
+            .all(|p| p.metadata.managed_fields.is_none() && p.metadata.annotations.is_none())
+    );
+    let seen: Vec<Pod> = cached.iter().map(CachedPod::to_pod).collect();
+    assert!(
+        seen.iter()
             .flat_map(|p| &p.spec.as_ref().unwrap().containers)
             .all(|c| c.env.is_none() && c.args.is_none() && c.image.is_none()),
-        "{stripped:?}"
+        "{seen:?}"
     );
-    let size = |pods: &[Pod]| serde_json::to_vec(pods).unwrap().len();
+    let size = |pods: &[CachedPod]| serde_json::to_vec(pods).unwrap().len();
+    let full_size = serde_json::to_vec(&full).unwrap().len();
     assert!(
-        size(&stripped) * 2 < size(&full),
+        size(&cached) * 2 < full_size,
+        "{} vs {full_size}",
+        size(&cached)
+    );
+    // Most of a `Pod` is inline fields no decision reads.
+    assert!(
+        std::mem::size_of::<CachedPod>() * 2 < std::mem::size_of::<Pod>(),
         "{} vs {}",
-        size(&stripped),
-        size(&full)
+        std::mem::size_of::<CachedPod>(),
+        std::mem::size_of::<Pod>()
     );
     assert_eq!(
-        status::decide(&job, &stripped, now()),
+        status::decide(&job, &seen, now()),
         status::decide(&job, &full, now())
     );
 }
@@ -214,7 +240,7 @@ async fn the_cache_serves_a_jobs_pods_once_listed_with_its_own_writes_over_them(
 #[test]
 fn a_pod_with_a_sidecar_keeps_its_container_names_so_the_main_one_is_still_found() {
     let job = job();
-    let mut pod = pods(&job).remove(1);
+    let mut pod = full_pods(&job).remove(1);
     let spec = pod.spec.as_mut().unwrap();
     let trainer = spec.containers.remove(0);
     spec.containers = vec![
@@ -234,9 +260,8 @@ fn a_pod_with_a_sidecar_keeps_its_container_names_so_the_main_one_is_still_found
          "state": {"terminated": {"exitCode": 137}}}]}))
         .unwrap(),
     );
-    let mut stripped = pod.clone();
-    strip(&mut stripped);
-    let names: Vec<&str> = stripped
+    let seen = as_watched(&pod).to_pod();
+    let names: Vec<&str> = seen
         .spec
         .as_ref()
         .unwrap()
@@ -245,18 +270,17 @@ fn a_pod_with_a_sidecar_keeps_its_container_names_so_the_main_one_is_still_found
         .map(|c| c.name.as_str())
         .collect();
     assert_eq!(names, vec!["a-sidecar", "trainer"]);
-    assert_eq!(status::exit_code(&stripped), Some(137));
+    assert_eq!(status::exit_code(&seen), Some(137));
     assert_eq!(status::exit_code(&pod), Some(137));
 
-    // One container: none kept, its one status is the main container's.
-    let mut single = pods(&job).remove(0);
+    let mut single = full_pods(&job).remove(0);
     single.status = Some(
         serde_json::from_value(json!({"phase": "Failed", "containerStatuses": [
         {"name": "trainer", "ready": false, "restartCount": 0, "image": "", "imageID": "",
          "state": {"terminated": {"exitCode": 3}}}]}))
         .unwrap(),
     );
-    strip(&mut single);
-    assert!(single.spec.as_ref().unwrap().containers.is_empty());
-    assert_eq!(status::exit_code(&single), Some(3));
+    let seen = as_watched(&single).to_pod();
+    assert_eq!(seen.spec.as_ref().unwrap().containers.len(), 1);
+    assert_eq!(status::exit_code(&seen), Some(3));
 }

@@ -979,8 +979,8 @@ fn is_ready(pod: &Pod) -> bool {
 }
 
 /// The status of the pod's main container (the one the contract env goes into). A pod
-/// from the pod cache lists no containers when it has only one (`pod_cache::strip`):
-/// then its one status is the main container's.
+/// whose spec lists no containers (as some tests and a status-only view have it) has
+/// one status, the main container's.
 fn main_container_status(pod: &Pod) -> Option<&ContainerStatus> {
     let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
     let containers = pod
