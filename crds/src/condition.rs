@@ -43,6 +43,9 @@ pub mod reasons {
     pub const POD_FAILED: &str = "PodFailed";
     /// Restarts exceeded runPolicy.backoffLimit.
     pub const BACKOFF_LIMIT_EXCEEDED: &str = "BackoffLimitExceeded";
+    /// The built-in trainer found a NaN or infinite gradient or loss, or an exploded loss
+    /// (it exits with `contract::EXIT_DIVERGED`); the message names the pod and the step.
+    pub const DIVERGED: &str = "Diverged";
     /// The job ran past runPolicy.activeDeadlineSeconds.
     pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
     /// A pod stayed Pending past runPolicy.startupDeadlineSeconds.

@@ -39,6 +39,13 @@ pub const ENV_METRICS_PORT: &str = "KUBETRAIN_METRICS_PORT";
 pub const DEFAULT_TRAINER_METRICS_PORT: u16 = 9090;
 /// The name of that container port, which the chart's PodMonitor scrapes.
 pub const METRICS_PORT_NAME: &str = "metrics";
+/// The built-in trainer's exit code when training has diverged (a NaN or infinite
+/// gradient or loss, or a loss that exploded). Restarting cannot help a run whose
+/// parameters diverged, so the operator fails the job with the reason `Diverged` under
+/// every restart policy, with the trainer's termination message. 65 is sysexits'
+/// `EX_DATAERR` (the numbers went bad), far from the small codes programs use for any
+/// error, and below 126, where the shell's and the signals' codes begin.
+pub const EXIT_DIVERGED: u8 = 65;
 /// The kubelet's default `terminationMessagePath`.
 pub const DEFAULT_TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 

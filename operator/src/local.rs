@@ -35,6 +35,7 @@ use crate::plan::{self, PlanSettings, ReplicaId};
 use crate::podsim::forward::PortForward;
 use crate::podsim::network::{DnsContext, DnsKey, PodAddress, PodNetwork};
 use crate::podsim::paths::PathMap;
+use crate::podsim::termination;
 use crate::status::{self, Action};
 
 /// `kubetrain local` options.
@@ -229,8 +230,18 @@ struct LocalPod {
     child: Option<Child>,
     restarts: i32,
     last_exit: Option<i32>,
+    /// What the last run left at its termination-message path.
+    last_message: Option<String>,
     restart_at: Option<Instant>,
     log_path: PathBuf,
+}
+
+impl LocalPod {
+    /// Stands in for the container's `terminationMessagePath`: no file is mounted there
+    /// for a local process, so its last words go next to its log.
+    fn termination_log(&self) -> PathBuf {
+        self.log_path.with_extension("termination-log")
+    }
 }
 
 /// What the runner learned from the processes' progress lines.
@@ -332,6 +343,7 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
                         child: None,
                         restarts: 0,
                         last_exit: None,
+                        last_message: None,
                         restart_at: Some(Instant::now()),
                         log_path,
                     };
@@ -461,6 +473,7 @@ async fn kubelet_step(
         local.child = None;
         let code = exit_code_of(exit);
         local.last_exit = Some(code);
+        local.last_message = termination::read(&local.termination_log());
         let policy = local
             .pod
             .spec
@@ -485,6 +498,7 @@ async fn kubelet_step(
                 local.restarts,
                 Some(code),
                 None,
+                local.last_message.as_deref(),
             );
             waiting_crash_loop(&mut local.pod);
         } else {
@@ -496,6 +510,7 @@ async fn kubelet_step(
                 local.restarts,
                 local.last_exit,
                 Some(code),
+                local.last_message.as_deref(),
             );
         }
     }
@@ -513,7 +528,15 @@ async fn kubelet_step(
         } else {
             None
         };
-        set_container(&mut local.pod, "Running", true, local.restarts, last, None);
+        set_container(
+            &mut local.pod,
+            "Running",
+            true,
+            local.restarts,
+            last,
+            None,
+            local.last_message.as_deref(),
+        );
     }
     Ok(())
 }
@@ -534,6 +557,7 @@ fn set_container(
     restarts: i32,
     last_exit: Option<i32>,
     exit: Option<i32>,
+    message: Option<&str>,
 ) {
     let name = pod
         .spec
@@ -559,6 +583,7 @@ fn set_container(
         terminated: Some(ContainerStateTerminated {
             exit_code: code,
             finished_at: now.clone(),
+            message: message.map(str::to_string),
             ..ContainerStateTerminated::default()
         }),
         ..ContainerState::default()
@@ -650,13 +675,9 @@ async fn spawn(
     }
     for env in container.env.iter().flatten() {
         let value = match (&env.value, &env.value_from) {
-            // No file is mounted at the termination-message path of a local process; the
-            // trainer's last words go next to its log instead.
-            (Some(_), _) if env.name == contract::ENV_TERMINATION_LOG => local
-                .log_path
-                .with_extension("termination-log")
-                .display()
-                .to_string(),
+            (Some(_), _) if env.name == contract::ENV_TERMINATION_LOG => {
+                local.termination_log().display().to_string()
+            }
             // Every local trainer shares this machine's ports with whatever else runs
             // here (a Prometheus on 9090, say), and nothing scrapes them.
             (Some(_), _) if env.name == contract::ENV_METRICS_PORT => continue,
@@ -667,6 +688,8 @@ async fn spawn(
         };
         command.env(&env.name, value);
     }
+    // Every container start gets an empty termination-message file, as with a kubelet.
+    termination::clear(&local.termination_log());
     let mut child = command.spawn().map_err(|source| LocalError::SpawnProcess {
         program: cmd_program.display().to_string(),
         pod: pod_name.clone(),

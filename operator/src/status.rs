@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kubetrain_api::condition::{reasons, types};
-use kubetrain_api::contract::Role;
+use kubetrain_api::contract::{self, Role};
 use kubetrain_api::{
     CleanPodPolicy, JobCondition, PodRecreation, ReplicaStatus, RestartPolicy, SuccessPolicy,
     TrainingJob, TrainingJobStatus,
@@ -314,6 +314,17 @@ impl Decider<'_> {
             }
         }
 
+        if job.spec.training.is_some()
+            && let Some(message) = by_replica.values().find_map(|pod| diverged(pod))
+        {
+            self.events.push(JobEvent::warning(
+                reasons::DIVERGED,
+                "Fail",
+                message.clone(),
+            ));
+            self.finish(types::FAILED, reasons::DIVERGED, message, pods);
+            return;
+        }
         if let Some(message) = self.success(by_replica) {
             self.events.push(JobEvent::normal(
                 reasons::JOB_SUCCEEDED,
@@ -1011,6 +1022,25 @@ pub fn exit_code(pod: &Pod) -> Option<i32> {
                 .and_then(|s| s.terminated.as_ref())
         })
         .map(|t| t.exit_code)
+}
+
+/// Why the built-in trainer in this pod said its training diverged, if its main container
+/// (now or before a restart) exited with `contract::EXIT_DIVERGED`: under `OnFailure` the
+/// kubelet would otherwise restart it into the same divergence until the backoff limit.
+pub fn diverged(pod: &Pod) -> Option<String> {
+    let status = main_container_status(pod)?;
+    let terminated = [&status.state, &status.last_state]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.terminated.as_ref())
+        .find(|t| t.exit_code == i32::from(contract::EXIT_DIVERGED))?;
+    let why = terminated
+        .message
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .unwrap_or("training diverged (no termination message)");
+    Some(format!("pod {}: {why}", pod.name_any()))
 }
 
 /// In-place restarts of all the pod's containers.

@@ -371,6 +371,99 @@ fn on_failure_restarts_are_counted_and_bounded_by_the_backoff_limit() {
     );
 }
 
+fn with_termination_message(mut pod: Pod, message: &str) -> Pod {
+    let container = &mut pod
+        .status
+        .as_mut()
+        .unwrap()
+        .container_statuses
+        .as_mut()
+        .unwrap()[0];
+    for state in [&mut container.state, &mut container.last_state]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(t) = state.terminated.as_mut() {
+            t.message = Some(message.into());
+        }
+    }
+    pod
+}
+
+const DIVERGED: i32 = contract::EXIT_DIVERGED as i32;
+
+#[test]
+fn a_diverged_trainer_fails_the_job_as_diverged_under_every_restart_policy() {
+    let message = "training diverged at step 12: the gradient has NaN at parameter 3; lower spec.training.optimizer.learningRate (or momentum) and start again";
+    for policy in ["OnFailure", "Always", "Never", "ExitCode"] {
+        let job = job_with(policy);
+        let job = after(&job, &decide(&job, &[], t(0)));
+        let mut pods = all_running(&job);
+        // The kubelet restarts an OnFailure/Always container in place; the code is then in
+        // lastState. Never and ExitCode pods end Failed with it.
+        pods[2] = match policy {
+            "OnFailure" | "Always" => restarted(
+                with_phase(pod(&job, Role::Worker, 1), "Running"),
+                1,
+                DIVERGED,
+            ),
+            _ => exited(pod(&job, Role::Worker, 1), DIVERGED),
+        };
+        pods[2] = with_termination_message(pods[2].clone(), message);
+        let d = decide(&job, &pods, t(20));
+        assert_eq!(state(&d), ("Failed", reasons::DIVERGED), "{policy}");
+        let failed = &condition(&d, types::FAILED).message;
+        assert!(
+            failed.starts_with(&format!("pod j-worker-1: {message}")),
+            "{policy}: {failed}"
+        );
+        assert!(
+            d.events
+                .iter()
+                .any(|e| e.warning && e.reason == reasons::DIVERGED),
+            "{policy}"
+        );
+        assert!(
+            !d.actions.iter().any(|a| matches!(a, Action::CreatePod(_))),
+            "{policy}: a diverged run is not restarted"
+        );
+    }
+}
+
+#[test]
+fn a_diverged_exit_without_a_message_still_names_the_pod() {
+    let job = job_with("OnFailure");
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let mut pods = all_running(&job);
+    pods[1] = restarted(
+        with_phase(pod(&job, Role::Worker, 0), "Running"),
+        1,
+        DIVERGED,
+    );
+    let d = decide(&job, &pods, t(20));
+    assert_eq!(state(&d), ("Failed", reasons::DIVERGED));
+    assert_eq!(
+        condition(&d, types::FAILED).message,
+        "pod j-worker-0: training diverged (no termination message)"
+    );
+}
+
+#[test]
+fn a_users_program_exiting_with_the_diverged_code_is_only_a_failure() {
+    // Exit code 65 means Diverged only for the built-in trainer; a user's program is
+    // restarted as its policy says.
+    let job = tensorflow_job("Running");
+    let job = after(&job, &decide(&job, &[], t(0)));
+    let chief = restarted(
+        with_phase(pod(&job, Role::Chief, 0), "Running"),
+        1,
+        DIVERGED,
+    );
+    let d = decide(&job, &tensorflow_pods(&job, chief), t(20));
+    assert_ne!(state(&d).1, reasons::DIVERGED);
+    assert_eq!(state(&d).0, "Running");
+}
+
 #[test]
 fn crash_looping_pods_show_as_restarting() {
     let job = job_with("OnFailure");

@@ -65,6 +65,7 @@ use kubetrain_api::contract;
 use kubetrain_operator::podsim::forward::PortForward;
 use kubetrain_operator::podsim::network::{DnsContext, DnsKey, PodAddress, PodNetwork};
 use kubetrain_operator::podsim::paths::PathMap;
+use kubetrain_operator::podsim::termination;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -438,9 +439,6 @@ struct Launch {
     termination_log: PathBuf,
 }
 
-/// What a real kubelet keeps of a termination message.
-const TERMINATION_MESSAGE_LIMIT: usize = 4096;
-
 async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot::Receiver<Stop>) {
     let name = pod.name_any();
     let ns = pod.namespace().unwrap_or_default();
@@ -588,7 +586,7 @@ async fn run_once(
 ) -> RunOutcome {
     let started_at = Timestamp::now();
     // Every container start gets an empty termination-message file, as with a real kubelet.
-    let _ = fs::remove_file(&launch.termination_log);
+    termination::clear(&launch.termination_log);
     let spawned = spawn_process(launch, log, workdir, attempt, uid);
     let (mut child, pgid, watchdog) = match spawned {
         Ok(x) => x,
@@ -650,7 +648,7 @@ async fn run_once(
     };
     let message = match status {
         Err(e) => Some(format!("waiting for process: {e}")),
-        Ok(_) => termination_message(&launch.termination_log),
+        Ok(_) => termination::read(&launch.termination_log),
     };
     RunOutcome::Exited(Exit {
         exit_code,
@@ -743,14 +741,6 @@ fn spawn_process(
 
 fn log_path(dir: &Path, namespace: &str, pod: &str) -> PathBuf {
     dir.join(namespace).join(format!("{pod}.log"))
-}
-
-/// What the process left at its termination-message path, cut like a real kubelet's.
-fn termination_message(path: &Path) -> Option<String> {
-    let bytes = fs::read(path).ok()?;
-    let kept = &bytes[..bytes.len().min(TERMINATION_MESSAGE_LIMIT)];
-    let message = String::from_utf8_lossy(kept).trim().to_string();
-    (!message.is_empty()).then_some(message)
 }
 
 fn own_dns_key(pod: &Pod) -> DnsKey {

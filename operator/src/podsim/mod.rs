@@ -12,7 +12,10 @@
 //!   arrives.
 //! - [`paths`]: container paths of mounted volumes become host directories in argv and
 //!   env.
+//! - [`termination`]: what a process left at its termination-message path, for the
+//!   terminated container state.
 
 pub mod forward;
 pub mod network;
 pub mod paths;
+pub mod termination;
