@@ -200,6 +200,55 @@ fn a_misspelt_field_is_named_instead_of_silently_defaulted() {
     );
 }
 
+#[test]
+fn a_diverging_run_fails_as_diverged_naming_the_step_without_a_crash_loop() {
+    // The quickstart at a learning rate 1,000 times its own. Both workers restart in place
+    // on failure (OnFailure), which without the Diverged rule would crash-loop up to the
+    // backoff limit and end BackoffLimitExceeded.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("diverges.yaml");
+    let text = std::fs::read_to_string(repo().join("examples/quickstart.yaml")).unwrap();
+    let text = text
+        .replace("learningRate: 0.05", "learningRate: 50")
+        .replace("restartPolicy: ExitCode", "restartPolicy: OnFailure");
+    assert!(text.contains("learningRate: 50") && !text.contains("ExitCode"));
+    std::fs::write(&manifest, text).unwrap();
+    let output = run_local(&manifest, dir.path());
+    assert_eq!(output.status.code(), Some(1));
+    let job = final_job(&output);
+    let failed = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.is_true()))
+        .expect("a true condition")
+        .clone();
+    assert_eq!(
+        (failed.type_.as_str(), failed.reason.as_str()),
+        ("Failed", "Diverged")
+    );
+    let message = &failed.message;
+    assert!(message.starts_with("pod quickstart-worker-"), "{message}");
+    assert!(
+        message.contains(": training diverged at step "),
+        "{message}"
+    );
+    assert!(
+        message.contains("spec.training.optimizer.learningRate"),
+        "{message}"
+    );
+    let restarts = job
+        .status
+        .as_ref()
+        .unwrap()
+        .replica_statuses
+        .worker
+        .restarts;
+    assert!(
+        restarts <= 2,
+        "at most one restart per worker, got {restarts}"
+    );
+}
+
 /// A job long enough to act on while it runs.
 fn long_job(dir: &Path, epochs: u32, worker_policy: &str) -> PathBuf {
     let manifest = dir.join("long.yaml");

@@ -2,7 +2,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::data::DataError;
-use crate::model::ModelError;
+use crate::model::{Diverged, ModelError};
 use crate::ps::checkpoint::CheckpointError;
 
 /// Why a trainer process stopped with a failure. Each variant names what it was doing.
@@ -39,6 +39,13 @@ pub enum TrainerError {
     },
     #[error("training failed: {0}")]
     JobFailed(String),
+    /// Exits with `contract::EXIT_DIVERGED`, so that the operator fails the job with the
+    /// reason `Diverged` instead of restarting a run that would diverge again.
+    #[error(transparent)]
+    Diverged(#[from] Diverged),
+    /// Exits with [`crate::termination::EXIT_TERMINATED`].
+    #[error("stopped by SIGTERM between steps, after step {step}")]
+    Terminated { step: u64 },
     #[error("parameter server gave up: {0}")]
     PsGaveUp(String),
     #[error("writing parameters to {path}: {source}")]

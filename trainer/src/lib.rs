@@ -17,6 +17,7 @@ pub mod progress;
 pub mod ps;
 pub mod tensor_wire;
 pub mod tensorboard;
+pub mod termination;
 pub mod wire_tensor;
 pub mod worker;
 
@@ -63,6 +64,7 @@ pub async fn run(config: Config) -> Result<Outcome, TrainerError> {
         .is_chief()
         .then(|| progress::ProgressState::new(&mut registry).with_events(events.clone()));
     let final_progress = progress.clone();
+    let termination = termination::Termination::listen();
     let termination_log = config.termination_log.clone();
     // Metrics are for watching; a port someone else holds must not cost the training.
     let metrics_task = match config.metrics {
@@ -76,13 +78,15 @@ pub async fn run(config: Config) -> Result<Outcome, TrainerError> {
         None => None,
     };
     let outcome = match ps_metrics {
-        Some(m) => ps::run_ps(config, m, events)
+        Some(m) => ps::run_ps(config, m, events, termination)
             .await
             .map(|()| Outcome::ParameterServer),
-        None if config.mode == Mode::ModelParallel => pipeline::run_stage(config, progress, events)
-            .await
-            .map(Outcome::Worker),
-        None => worker::run_worker(config, progress)
+        None if config.mode == Mode::ModelParallel => {
+            pipeline::run_stage(config, progress, events, termination)
+                .await
+                .map(Outcome::Worker)
+        }
+        None => worker::run_worker(config, progress, termination)
             .await
             .map(Outcome::Worker),
     };
@@ -144,7 +148,15 @@ pub async fn main_with(cli: Cli) -> std::process::ExitCode {
                 leave_last_words(path, &e.to_string());
             }
             eprintln!("kubetrain-trainer: error: {e}");
-            std::process::ExitCode::FAILURE
+            match e {
+                TrainerError::Diverged(_) => {
+                    std::process::ExitCode::from(kubetrain_api::contract::EXIT_DIVERGED)
+                }
+                TrainerError::Terminated { .. } => {
+                    std::process::ExitCode::from(termination::EXIT_TERMINATED)
+                }
+                _ => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -55,6 +55,21 @@ impl WireTensor {
         }
     }
 
+    /// The index of the first NaN or infinite value, if any: a push is checked whole before
+    /// any of it is applied.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        let mut found = None;
+        self.runs(0..self.len(), |index, run| {
+            if found.is_none() {
+                found = run
+                    .iter()
+                    .position(|b| !f32::from_le_bytes(*b).is_finite())
+                    .map(|i| index + i);
+            }
+        });
+        found
+    }
+
     /// The values as native `f32`s, appended to `out`.
     pub fn extend_into(&self, out: &mut Vec<f32>) {
         out.reserve(self.len());
@@ -142,6 +157,25 @@ pub(crate) mod tests {
             let mut all = Vec::new();
             wire.extend_into(&mut all);
             assert_eq!(all, values);
+        }
+    }
+
+    #[test]
+    fn the_first_non_finite_value_is_found_wherever_the_pieces_cut() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for _ in 0..200 {
+            let mut values: Vec<f32> = (0..61).map(|i| i as f32 - 30.0).collect();
+            assert_eq!(cut_at_random(&values, &mut rng).first_non_finite(), None);
+            let first = rng.random_range(0..values.len());
+            values[first] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][first % 3];
+            if first + 1 < values.len() {
+                let later = rng.random_range(first + 1..values.len());
+                values[later] = f32::NAN;
+            }
+            assert_eq!(
+                cut_at_random(&values, &mut rng).first_non_finite(),
+                Some(first)
+            );
         }
     }
 

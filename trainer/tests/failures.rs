@@ -127,6 +127,91 @@ fn sync_training_fails_fast_naming_the_dead_worker() {
     assert!(ps.stderr().contains(&named), "{}", ps.logs());
 }
 
+/// The version a PS's stdout says it shut down at.
+fn shutdown_version(ps: &Proc) -> u64 {
+    ps.stdout()
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.split("at version ")
+                .nth(1)?
+                .split(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no shutdown line\n{}", ps.logs()))
+}
+
+/// `key=<number>` from the first stderr line that contains `what`.
+fn logged(log: &str, what: &str, key: &str) -> Option<u64> {
+    log.lines().find(|l| l.contains(what)).and_then(|l| {
+        l.split(&format!("{key}="))
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+#[test]
+fn a_parameter_server_stopped_by_sigterm_checkpoints_everything_and_loses_no_step() {
+    let _serial = serial();
+    let cluster = Cluster::new("ps-sigterm", 1, 2);
+    // Checkpoints far apart: only the final one can hold the version the PS stops at.
+    let every = 1000u64;
+    let checkpoint =
+        json!({"path": cluster.dir.join("ckpt").to_str().unwrap(), "everySteps": every});
+    let training = long_training(json!({"kind": "Sync"}), Some(checkpoint));
+    let mut ps = cluster.spawn("ps", 0, &training, &[]);
+    let mut w1 = cluster.spawn("worker", 1, &training, &[]);
+    let mut chief = cluster.spawn("worker", 0, &training, &[]);
+    let at_term = wait_for_step(&mut chief, &cluster.worker[0], 150);
+    ps.terminate();
+    // Well inside the default 30 s grace period.
+    let exit = ps.wait(Duration::from_secs(10));
+    assert!(exit.success(), "PS exit {exit}\n{}", ps.logs());
+    let stopped = logged(&ps.stderr(), "stopping on SIGTERM", "version")
+        .unwrap_or_else(|| panic!("no SIGTERM line\n{}", ps.logs()));
+    assert!(stopped >= at_term, "stopped at {stopped}, before {at_term}");
+    assert!(stopped < every, "the periodic checkpoint never ran");
+
+    let mut ps = cluster.spawn("ps", 0, &training, &[]);
+    assert!(chief.wait(RUN).success(), "{}", chief.logs());
+    assert!(w1.wait(RUN).success(), "{}", w1.logs());
+    assert!(ps.wait(RUN).success(), "{}", ps.logs());
+    let resumed = logged(&ps.stderr(), "resumed shard from checkpoint", "version")
+        .unwrap_or_else(|| panic!("the PS did not resume\n{}", ps.logs()));
+    assert_eq!(resumed, stopped, "resumed from the final checkpoint");
+    // Sync applies one version per step: every step applied before SIGTERM was kept, and
+    // none twice.
+    let total = final_value(&chief.stdout(), "steps").unwrap() as u64;
+    assert_eq!(shutdown_version(&ps), total, "{}", ps.logs());
+    let accuracy = final_value(&chief.stdout(), "test_accuracy").unwrap();
+    assert!(accuracy >= 0.9, "accuracy {accuracy}\n{}", chief.logs());
+}
+
+#[test]
+fn a_worker_stopped_by_sigterm_ends_its_step_and_exits_143() {
+    let _serial = serial();
+    let cluster = Cluster::new("worker-sigterm", 1, 2);
+    let training = long_training(json!({"kind": "Async"}), None);
+    let _ps = cluster.spawn("ps", 0, &training, &[]);
+    let mut w1 = cluster.spawn("worker", 1, &training, &[]);
+    let mut chief = cluster.spawn("worker", 0, &training, &[]);
+    wait_for_step(&mut chief, &cluster.worker[0], 20);
+    w1.terminate();
+    let exit = w1.wait(Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(143), "{}", w1.logs());
+    let log = w1.stderr();
+    assert!(
+        log.contains("stopped by SIGTERM between steps, after step "),
+        "{log}"
+    );
+    chief.kill();
+}
+
 #[test]
 fn restarted_parameter_server_resumes_from_its_checkpoint() {
     let _serial = serial();
@@ -146,18 +231,7 @@ fn restarted_parameter_server_resumes_from_its_checkpoint() {
     assert!(w1.wait(RUN).success(), "{}", w1.logs());
     assert!(ps.wait(RUN).success(), "{}", ps.logs());
 
-    let log = ps.stderr();
-    let resumed: u64 = log
-        .lines()
-        .find(|l| l.contains("resumed shard from checkpoint"))
-        .and_then(|l| {
-            l.split("version=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+    let resumed = logged(&ps.stderr(), "resumed shard from checkpoint", "version")
         .unwrap_or_else(|| panic!("the PS did not resume from a checkpoint\n{}", ps.logs()));
     // The version it resumed from is one a periodic checkpoint wrote.
     assert!(
@@ -166,19 +240,7 @@ fn restarted_parameter_server_resumes_from_its_checkpoint() {
         ps.logs()
     );
     let total = final_value(&chief.stdout(), "steps").unwrap() as u64;
-    let final_version: u64 = ps
-        .stdout()
-        .lines()
-        .rev()
-        .find_map(|l| {
-            l.split("at version ")
-                .nth(1)?
-                .split(':')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("shutdown line");
+    let final_version = shutdown_version(&ps);
     // Updates after the last *completed* checkpoint are lost. Checkpoints are written off
     // the request path, so when the kill lands while the newest one is still being written
     // (a slow fsync on a loaded machine spans many fast steps) the one before it counts:

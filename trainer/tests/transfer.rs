@@ -1,7 +1,7 @@
 //! Large pushes, which the PS keeps as received and applies from the frames' bytes on
 //! several threads, apply exactly the optimizer's update; a push that breaks off changes
 //! nothing; a push that another push overtakes is applied after it, in the order they
-//! completed.
+//! completed; a push with a NaN in it is refused whole.
 
 mod common;
 
@@ -196,7 +196,30 @@ fn large_pushes_apply_exactly_and_atomically() {
             .version;
         assert_eq!(version, 4);
         sgd(&mut expected, &mut velocity, &g4);
-        assert_eq!(pull(&channel, 0, 4).await, (4, expected));
+        assert_eq!(pull(&channel, 0, 4).await, (4, expected.clone()));
+
+        // A poisoned push, NaN in its last chunk: refused whole, naming the worker, and the
+        // parameters and momentum are as they were (the next good push lands as computed).
+        let mut poisoned = gradient(5).as_ref().clone();
+        poisoned[PARAMS - 7] = f32::NAN;
+        let err = tensor_wire::push_tensor(
+            &channel,
+            head(1, 4),
+            Arc::new(poisoned),
+            0..PARAMS,
+            DEADLINE,
+        )
+        .await
+        .unwrap_err();
+        let text = format!("{err:?}");
+        assert!(text.contains("worker 1 pushed a gradient"), "{text}");
+        assert!(text.contains("NaN or infinite"), "{text}");
+        assert!(text.contains(&format!("offset {}", PARAMS - 7)), "{text}");
+        assert_eq!(pull(&channel, 0, 4).await, (4, expected.clone()));
+        let g6 = gradient(6);
+        assert_eq!(push(&channel, 1, 4, &g6).await, 5);
+        sgd(&mut expected, &mut velocity, &g6);
+        assert_eq!(pull(&channel, 0, 5).await, (5, expected));
 
         shut_down_ps(&mut control).await;
     });

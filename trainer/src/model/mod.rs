@@ -4,10 +4,12 @@
 //! on a parameter server (optimizers, which also take a gradient as the bytes it arrived
 //! in, [`crate::wire_tensor`]) and in the single-process reference trainer.
 
+pub mod divergence;
 mod network;
 mod optimizer;
 mod stage;
 
+pub use divergence::Diverged;
 pub use network::{Evaluation, Network, as_matrix};
 pub use optimizer::{Optimizer, OptimizerState};
 pub use stage::{StageModel, Stash};

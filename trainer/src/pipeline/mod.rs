@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::data::{self, Batcher, Partition, Schedule};
 use crate::error::TrainerError;
-use crate::model::{Network, Optimizer, StageModel, as_matrix};
+use crate::model::{Network, Optimizer, StageModel, as_matrix, divergence};
 use crate::net;
 use crate::progress::{ProgressService, ProgressState};
 use crate::proto::pipeline_stage_server::PipelineStageServer;
@@ -33,6 +33,7 @@ use crate::proto::progress_server::ProgressServer;
 use crate::proto::{StagePartition, StartRequest};
 use crate::ps::checkpoint::{self, ShardCheckpoint};
 use crate::tensorboard::EventLog;
+use crate::termination::Termination;
 use crate::worker::{WorkerOutcome, evaluate_examples};
 use peers::{Outbound, Peer};
 use schedule::{Action, Stash};
@@ -97,6 +98,7 @@ pub async fn run_stage(
     config: Config,
     progress: Option<ProgressState>,
     events: EventLog,
+    termination: Termination,
 ) -> Result<WorkerOutcome, TrainerError> {
     let stage = config.index;
     let stages = config.cluster.worker.len();
@@ -147,7 +149,16 @@ pub async fn run_stage(
     // tensors until it has recorded why and told them, so they hear the cause (naming the
     // stage that died) rather than a refusal.
     let mut mailbox = Mailbox::new(inbox_rx, shared.abort.subscribe(), config.ps_timeout);
-    let result = train(&config, &shared, &peers, &mut mailbox, progress, &events).await;
+    let result = train(
+        &config,
+        &shared,
+        &peers,
+        &mut mailbox,
+        progress,
+        &events,
+        &termination,
+    )
+    .await;
     if let Err(e) = &result {
         // Tell everyone at once rather than leave each to time out on its own. A stage that
         // only relays someone else's abort does not echo it.
@@ -184,6 +195,7 @@ async fn train(
     mailbox: &mut Mailbox,
     progress: Option<ProgressState>,
     events: &EventLog,
+    termination: &Termination,
 ) -> Result<WorkerOutcome, TrainerError> {
     let stage = shared.stage;
     let stages = shared.stages;
@@ -400,6 +412,9 @@ async fn train(
         if let Some(reason) = abort.borrow().clone() {
             return Err(TrainerError::JobFailed(reason));
         }
+        if termination.requested() {
+            return Err(TrainerError::Terminated { step });
+        }
         mailbox.current_step = step;
         if let (Some(progress), Some(test), Some(per)) = (&progress, &test, steps_per_epoch)
             && step > plan.resume
@@ -511,6 +526,7 @@ async fn train(
         stash
             .finish_step()
             .map_err(|e| TrainerError::Compute(e.to_string()))?;
+        divergence::check_gradient(step + 1, &grad)?;
         let busy = Instant::now();
         optimizer.apply(Arc::make_mut(&mut params).as_mut_slice(), &grad)?;
         stats.busy += busy.elapsed().as_secs_f64();
@@ -534,7 +550,9 @@ async fn train(
 
         loss = loss_sum / plan.batch as f64;
         if let Some(progress) = &progress {
-            loss_avg = Some(loss_avg.map_or(loss, |a| 0.9 * a + 0.1 * loss));
+            let smoothed = loss_avg.map_or(loss, |a| 0.9 * a + 0.1 * loss);
+            loss_avg = Some(smoothed);
+            divergence::check_loss(step + 1, loss, smoothed, plan.net.classes())?;
             let done = step + 1 - plan.resume;
             let rate = done as f64 * plan.batch as f64 / started.elapsed().as_secs_f64().max(1e-9);
             // Counting from 1, as status.progress.epoch does.

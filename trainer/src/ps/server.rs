@@ -19,6 +19,7 @@ use crate::net;
 use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServer};
 use crate::proto::*;
 use crate::tensorboard::EventLog;
+use crate::termination::Termination;
 
 mod transfer;
 
@@ -35,6 +36,9 @@ struct State {
     widths: Option<Vec<usize>>,
     total_params: usize,
     last_contact: Instant,
+    /// SIGTERM arrived and the final checkpoint is written: no further push is applied, so
+    /// the checkpoint holds every update this PS acknowledged.
+    stopping: bool,
 }
 
 struct Inner {
@@ -65,6 +69,7 @@ fn status_of(e: ShardError) -> Status {
     match e {
         ShardError::UnknownWorker { .. }
         | ShardError::WrongLength { .. }
+        | ShardError::NonFinite { .. }
         | ShardError::Model(_) => Status::invalid_argument(e.to_string()),
         ShardError::Stale { .. } => Status::failed_precondition(e.to_string()),
         ShardError::Failed(_) => Status::aborted(e.to_string()),
@@ -184,6 +189,26 @@ impl Inner {
         if force {
             self.events.flush();
         }
+    }
+
+    /// SIGTERM: the final checkpoint, written while holding the state, so that no push
+    /// lands between it and the stop; then the server ends as after a Shutdown.
+    fn stop_for_sigterm(&self) {
+        let mut state = self.lock();
+        state.stopping = true;
+        let version = state.shard.as_ref().map_or(0, Shard::version);
+        if let Some(shard) = &state.shard {
+            self.maybe_checkpoint(shard, state.total_params, true);
+            self.log_staleness(shard, true);
+        }
+        drop(state);
+        info!(
+            ps = self.index,
+            version,
+            checkpoint = self.checkpoint.is_some(),
+            "stopping on SIGTERM"
+        );
+        self.finish.send_replace(Some(Ok(())));
     }
 
     fn maybe_checkpoint(&self, shard: &Shard, total_params: usize, force: bool) {
@@ -386,10 +411,13 @@ impl ParameterServer for PsService {
 
 /// Runs a parameter server until the chief shuts it down (Ok) or it gives up (Err).
 /// `events` gets the staleness of Async and BoundedStaleness updates.
+/// On SIGTERM (`termination`) it writes a final checkpoint, stops applying pushes and
+/// exits 0.
 pub async fn run_ps(
     config: Config,
     metrics: PsMetrics,
     events: EventLog,
+    mut termination: Termination,
 ) -> Result<(), TrainerError> {
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -410,6 +438,7 @@ pub async fn run_ps(
             widths: None,
             total_params: 0,
             last_contact: Instant::now(),
+            stopping: false,
         }),
         changed: watch::channel(0).0,
         finish,
@@ -422,6 +451,13 @@ pub async fn run_ps(
     });
 
     let watchdog = tokio::spawn(watchdog(inner.clone()));
+    let on_sigterm = tokio::spawn({
+        let inner = inner.clone();
+        async move {
+            termination.wait().await;
+            inner.stop_for_sigterm();
+        }
+    });
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<ParameterServerServer<PsService>>()
@@ -461,6 +497,7 @@ pub async fn run_ps(
         }
     };
     watchdog.abort();
+    on_sigterm.abort();
     outcome.map_err(TrainerError::PsGaveUp)
 }
 

@@ -29,6 +29,14 @@ pub enum ShardError {
         "gradient was computed against version {base} but this shard is at {version}; register again and pull"
     )]
     Stale { base: u64, version: u64 },
+    #[error(
+        "worker {worker} pushed a gradient for step {step} with a NaN or infinite value at shard offset {index}; refused, the shard is unchanged"
+    )]
+    NonFinite {
+        worker: u32,
+        step: u64,
+        index: usize,
+    },
     #[error("the job has failed: {0}")]
     Failed(String),
     #[error("updating the shard: {0}")]
@@ -238,6 +246,13 @@ impl Shard {
                 got: gradient.len(),
             });
         }
+        if let Some(index) = gradient.iter().position(|v| !v.is_finite()) {
+            return Err(ShardError::NonFinite {
+                worker,
+                step,
+                index,
+            });
+        }
         self.admit(worker, base, step, now)?;
         let version = self.version;
         match self.consistency {
@@ -298,6 +313,13 @@ impl Shard {
             return Err(ShardError::WrongLength {
                 expected,
                 got: gradient.len(),
+            });
+        }
+        if let Some(index) = gradient.first_non_finite() {
+            return Err(ShardError::NonFinite {
+                worker,
+                step,
+                index,
             });
         }
         self.admit(worker, base, step, now)?;
@@ -620,6 +642,43 @@ mod tests {
         ));
         assert_eq!((s.params().to_vec(), s.optimizer().clone()), before);
         assert_eq!(s.version(), 0);
+    }
+
+    #[test]
+    fn a_non_finite_gradient_is_refused_naming_the_worker_and_changes_nothing() {
+        let now = Instant::now();
+        for consistency in [
+            Consistency::Sync,
+            Consistency::Async,
+            Consistency::BoundedStaleness(1),
+        ] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut s = momentum_shard(2);
+                s.consistency = consistency;
+                let before = (s.params().to_vec(), s.optimizer().clone());
+                let refused = ShardError::NonFinite {
+                    worker: 1,
+                    step: 0,
+                    index: 2,
+                };
+                assert_eq!(
+                    s.push(1, 0, 0, vec![1.0, 0.5, bad], now),
+                    Err(refused.clone())
+                );
+                assert_eq!(
+                    s.push_wire(1, 0, 0, &wire(&[1.0, 0.5, bad]), 1, now),
+                    Err(refused.clone())
+                );
+                assert!(refused.to_string().starts_with("worker 1 pushed"));
+                assert_eq!((s.params().to_vec(), s.optimizer().clone()), before);
+                assert_eq!(s.version(), 0);
+                // The refused worker's clock did not move: in Sync nothing is pending from it,
+                // so worker 0 alone cannot complete the step.
+                if consistency == Consistency::Sync {
+                    assert_eq!(s.push(0, 0, 0, vec![1.0; 3], now), Ok(PushOutcome::Pending));
+                }
+            }
+        }
     }
 
     #[test]

@@ -258,7 +258,11 @@ impl Links {
         step: u64,
         grad: Arc<Vec<f32>>,
     ) -> Result<Result<Vec<f32>, StepError>, StepError> {
-        let needs: Vec<u64> = self.links.iter().map(|l| l.base + 1).collect();
+        let needs = self
+            .links
+            .iter()
+            .map(|l| next_version(l.index, l.base))
+            .collect::<Result<Vec<u64>, _>>()?;
         let pull = self.start_pull(step + 1, Some(&needs));
         let push = self.start_push(step, grad);
         // A failed push drops (aborts) the pull, which would otherwise wait in vain.
@@ -361,7 +365,10 @@ impl Links {
             let (i, base, result) =
                 joined.map_err(|e| StepError::Fatal(TrainerError::Compute(e.to_string())))?;
             match result {
-                Ok(_) => self.links[i].need = base + 1,
+                Ok(_) => match next_version(self.links[i].index, base) {
+                    Ok(need) => self.links[i].need = need,
+                    Err(error) => failure = Some(error),
+                },
                 Err(status) => {
                     let error = self.classify(i, "Push", status);
                     if failure.is_none() || matches!(error, StepError::Fatal(_)) {
@@ -505,6 +512,36 @@ impl Links {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The version after `base`, which a PS reported. Checked: a PS (or something posing as
+/// one) that reports the last representable version must not make the worker wrap
+/// around to 0 or panic.
+fn next_version(ps: usize, base: u64) -> Result<u64, StepError> {
+    base.checked_add(1).ok_or_else(|| {
+        StepError::Fatal(TrainerError::JobFailed(format!(
+            "ps {ps} reports version {base}, after which there is none; its state is corrupt"
+        )))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_after_the_last_one_is_an_error_not_a_wrap() {
+        assert_eq!(next_version(0, 41).ok(), Some(42));
+        match next_version(2, u64::MAX) {
+            Err(StepError::Fatal(TrainerError::JobFailed(why))) => {
+                assert!(
+                    why.starts_with("ps 2 reports version 18446744073709551615"),
+                    "{why}"
+                )
+            }
+            other => panic!("expected a fatal error, got {:?}", other.map_err(|_| ())),
         }
     }
 }

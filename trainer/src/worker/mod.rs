@@ -15,11 +15,12 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::data::{self, Batcher, Examples, Partition, Schedule};
 use crate::error::TrainerError;
-use crate::model::{Evaluation, ModelError, Network, as_matrix};
+use crate::model::{Evaluation, ModelError, Network, as_matrix, divergence};
 use crate::net;
 use crate::progress::{ProgressService, ProgressState};
 use crate::proto::progress_server::ProgressServer;
 use crate::ps::{Consistency, shard_ranges};
+use crate::termination::Termination;
 use links::{Links, StepError};
 
 /// What a worker reports when it finishes.
@@ -34,9 +35,11 @@ pub struct WorkerOutcome {
 
 /// Runs one worker to the end of training.
 /// `progress` is the chief's shared progress (None on other workers).
+/// `termination` stops it between steps.
 pub async fn run_worker(
     config: Config,
     progress: Option<ProgressState>,
+    termination: Termination,
 ) -> Result<WorkerOutcome, TrainerError> {
     let chief = config.is_chief();
     let workers = config.cluster.worker.len();
@@ -83,6 +86,11 @@ pub async fn run_worker(
     let ranges = shard_ranges(net.num_params(), config.cluster.ps.len());
     let mut links = Links::new(&config, ranges, net.widths())?;
     let resume = links.register_all().await?;
+    if resume > total_steps {
+        return Err(TrainerError::JobFailed(format!(
+            "the parameter servers report step {resume}, past this job's {total_steps} steps; their checkpoint is from another run: point spec.training.checkpoint.path elsewhere"
+        )));
+    }
     if resume > 0 {
         info!(
             worker = index,
@@ -118,6 +126,10 @@ pub async fn run_worker(
         if let Some(reason) = abort.borrow().clone() {
             return Err(TrainerError::JobFailed(reason));
         }
+        if termination.requested() {
+            // Pushed gradients are applied; nothing of this worker is half-way anywhere.
+            return Err(TrainerError::Terminated { step });
+        }
         let attempt = async {
             let t0 = Instant::now();
             let params = match prefetched.take() {
@@ -152,6 +164,7 @@ pub async fn run_worker(
             batch = (x, y);
             links.recycle(params);
             let (loss, grad) = result.map_err(|e| StepError::Fatal(e.into()))?;
+            divergence::check_gradient(step + 1, &grad).map_err(|e| StepError::Fatal(e.into()))?;
             let t2 = Instant::now();
             let mut next = None;
             if sync && step + 1 < total_steps {
@@ -172,7 +185,9 @@ pub async fn run_worker(
                 step += 1;
                 steps_done += 1;
                 last_progress = Instant::now();
-                loss_avg = Some(loss_avg.map_or(loss, |a| 0.9 * a + 0.1 * loss));
+                let smoothed = loss_avg.map_or(loss, |a| 0.9 * a + 0.1 * loss);
+                loss_avg = Some(smoothed);
+                divergence::check_loss(step, loss, smoothed, net.classes())?;
                 let rate =
                     steps_done as f64 * global_batch / started.elapsed().as_secs_f64().max(1e-9);
                 // Counting from 1, as status.progress.epoch does, in the log line too.

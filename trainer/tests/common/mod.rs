@@ -137,6 +137,12 @@ impl Proc {
         }
     }
 
+    /// SIGTERM, as the kubelet sends it first on every delete, drain and preemption.
+    pub fn terminate(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM sent");
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

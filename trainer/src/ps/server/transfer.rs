@@ -266,6 +266,11 @@ fn apply(
 ) -> Result<u64, Status> {
     let mut state = inner.lock();
     state.last_contact = Instant::now();
+    if state.stopping {
+        return Err(Status::unavailable(
+            "parameter server is stopping (SIGTERM); push again once it is back",
+        ));
+    }
     let state = &mut *state;
     let total_params = state.total_params;
     let shard = state
