@@ -55,7 +55,12 @@ async fn push(
 fn parameter_server_rejects_bad_input_without_crashing() {
     let _serial = serial();
     let cluster = Cluster::new("badinput", 1, 2);
-    let training = digits_training(json!({"kind": "softmax"}), json!({"kind": "Async"}), 1);
+    // A 4-feature CSV: the PS reads its header, so the spec's model is a 4 -> 3 softmax of
+    // 15 parameters (3 classes; a CSV's class count is only bounded, at 256).
+    let csv = cluster.dir.join("four.csv");
+    std::fs::write(&csv, "a,b,c,d,label\n1,2,3,4,0\n4,3,2,1,2\n").unwrap();
+    let mut training = digits_training(json!({"kind": "softmax"}), json!({"kind": "Async"}), 1);
+    training["dataset"] = json!({"path": csv.to_str().unwrap(), "format": "csv"});
     let mut ps = cluster.spawn("ps", 0, &training, &[]);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -97,6 +102,25 @@ fn parameter_server_rejects_bad_input_without_crashing() {
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
         let err = client.register(register(0, 0, vec![4])).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        // Models other than the spec's are refused before anyone registered, so they lock
+        // nobody out, with errors that stay short: the widths that aborted a PS under a
+        // 2.5 GiB limit, and 100,000 widths that came back as a 362 KB error.
+        for widths in [vec![16384, 16384], vec![4; 100_000]] {
+            let total = widths
+                .windows(2)
+                .map(|w| w[0] as u64 * w[1] as u64 + w[1] as u64);
+            let err = client
+                .register(register(0, total.sum(), widths))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+            assert!(
+                err.message()
+                    .contains("are not this job's model [4, classes]"),
+                "{err}"
+            );
+            assert!(err.message().len() < 300, "{} bytes", err.message().len());
+        }
         // A 4 -> 3 softmax model: 15 parameters, all on this one PS.
         let ok = client
             .register(register(0, 15, vec![4, 3]))

@@ -18,10 +18,11 @@ use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// A 1024 -> 300 softmax: 307,500 parameters, above the PS's threshold for applying a
-/// push on a blocking thread, split over several.
-const WIDTHS: [u32; 2] = [1024, 300];
-const PARAMS: usize = 1024 * 300 + 300;
+/// A digits MLP 64 -> 4096 -> 10: 311,306 parameters, above the PS's threshold for
+/// applying a push on a blocking thread, split over several. The PS's spec names the same
+/// model, as a PS accepts no other.
+const WIDTHS: [u32; 3] = [64, 4096, 10];
+const PARAMS: usize = 64 * 4096 + 4096 + 4096 * 10 + 10;
 const LR: f32 = 0.05;
 const MU: f32 = 0.9;
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -90,7 +91,11 @@ fn chunks(worker_id: u32, base_version: u64, grad: &Arc<Vec<f32>>) -> Vec<PushCh
 fn large_pushes_apply_exactly_and_atomically() {
     let _serial = serial();
     let cluster = Cluster::new("transfer", 1, 2);
-    let training = digits_training(json!({"kind": "softmax"}), json!({"kind": "Async"}), 1);
+    let training = digits_training(
+        json!({"kind": "mlp", "hidden": [WIDTHS[1]]}),
+        json!({"kind": "Async"}),
+        1,
+    );
     // The test's client sends no heartbeats.
     let mut ps = cluster.spawn("ps", 0, &training, &["--heartbeat-timeout-ms", "600000"]);
     let runtime = tokio::runtime::Builder::new_multi_thread()

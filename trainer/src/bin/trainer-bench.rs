@@ -175,12 +175,13 @@ fn raw_tcp_round_trip(bytes: usize, rounds: usize, update: Option<&OptimizerSpec
 }
 
 /// The job the transport's PS runs: Async, so each push is applied as it arrives, with
-/// the SGD-momentum optimizer of every example job.
+/// the SGD-momentum optimizer of every example job. Its model is the one the pushes are
+/// for, since a PS accepts only its own spec's model.
 fn transport_training() -> TrainingSpec {
     let mut spec = training(
         ModelSpec {
-            kind: ModelKind::Softmax,
-            hidden: vec![],
+            kind: ModelKind::Mlp,
+            hidden: TRANSPORT_WIDTHS[1..3].iter().map(|&w| w as u32).collect(),
         },
         DatasetSpec {
             builtin: Some(BuiltinDataset::Digits),
@@ -202,12 +203,15 @@ struct GrpcTimes {
     bytes: usize,
 }
 
-/// The transport's model: 2048 -> 2047 softmax, 4,194,303 parameters, one value short of
-/// 16 MiB.
-const TRANSPORT_WIDTHS: [usize; 2] = [2048, 2047];
+/// The transport's model: a digits MLP 64 -> 2009 -> 2009 -> 10, 4,190,784 parameters,
+/// 3,520 values short of 16 MiB.
+const TRANSPORT_WIDTHS: [usize; 4] = [64, 2009, 2009, 10];
 
 fn transport_params() -> usize {
-    TRANSPORT_WIDTHS[0] * TRANSPORT_WIDTHS[1] + TRANSPORT_WIDTHS[1]
+    TRANSPORT_WIDTHS
+        .windows(2)
+        .map(|w| w[0] * w[1] + w[1])
+        .sum()
 }
 
 /// gRPC: push a 16 MiB gradient to a PS in its own process (the real `kubetrain-trainer`

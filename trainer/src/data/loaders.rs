@@ -5,6 +5,12 @@ use flate2::read::GzDecoder;
 
 use super::{DataError, Examples, Features, LoadedData, Partition, assign};
 
+/// The built-in datasets' shapes, which [`super::shape`] reports without loading them.
+pub(super) const DIGITS_INPUTS: usize = 64;
+pub(super) const DIGITS_CLASSES: usize = 10;
+pub(super) const FASHION_MNIST_INPUTS: usize = 28 * 28;
+pub(super) const FASHION_MNIST_CLASSES: usize = 10;
+
 /// The 8x8 UCI digits (1,797 examples, CC BY 4.0), as scikit-learn ships them: 64 pixel
 /// columns in 0..16, then the label.
 pub const DIGITS_CSV_GZ: &[u8] = include_bytes!("../../data/digits.csv.gz");
@@ -114,8 +120,8 @@ pub(super) fn digits(
         Table {
             values: pixels,
             labels,
-            inputs: 64,
-            classes: 10,
+            inputs: DIGITS_INPUTS,
+            classes: DIGITS_CLASSES,
             scale: 1.0 / 16.0,
             wrap: Features::U8,
         },
@@ -244,11 +250,64 @@ pub(super) fn fashion_mnist(
     };
     Ok(LoadedData {
         inputs: train.inputs,
-        classes: 10,
+        classes: FASHION_MNIST_CLASSES,
         train_total: total,
         train,
         test,
     })
+}
+
+/// An open CSV file past its header: the remaining lines, the header's column count, the
+/// label's column, and how to report a corrupt file.
+struct CsvHead {
+    lines: std::io::Lines<BufReader<std::fs::File>>,
+    columns: usize,
+    label_at: usize,
+    hint: String,
+}
+
+impl CsvHead {
+    fn open(path: &Path, label_column: &str) -> Result<Self, DataError> {
+        let hint = format!(
+            "give a CSV file with a header row, numeric feature columns and an integer column {label_column:?} (spec.training.dataset.labelColumn)"
+        );
+        let file = std::fs::File::open(path).map_err(|source| DataError::Open {
+            path: path.to_path_buf(),
+            source,
+            hint: format!("mount the file at this path or fix spec.training.dataset.path; {hint}"),
+        })?;
+        let corrupt = |reason: String| DataError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+            hint: hint.clone(),
+        };
+        let mut lines = BufReader::new(file).lines();
+        let header = lines
+            .next()
+            .ok_or_else(|| corrupt("the file is empty".into()))?
+            .map_err(|e| corrupt(e.to_string()))?;
+        let columns: Vec<&str> = header.split(',').map(str::trim).collect();
+        let label_at = columns
+            .iter()
+            .position(|c| *c == label_column)
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "no column named {label_column:?} in header {columns:?}"
+                ))
+            })?;
+        let columns = columns.len();
+        Ok(Self {
+            lines,
+            columns,
+            label_at,
+            hint,
+        })
+    }
+}
+
+/// The number of feature columns of a CSV dataset, from its header alone.
+pub(super) fn csv_inputs(path: &Path, label_column: &str) -> Result<usize, DataError> {
+    Ok(CsvHead::open(path, label_column)?.columns - 1)
 }
 
 pub(super) fn csv_file(
@@ -259,34 +318,18 @@ pub(super) fn csv_file(
     partition: Partition,
     with_test: bool,
 ) -> Result<LoadedData, DataError> {
-    let hint = format!(
-        "give a CSV file with a header row, numeric feature columns and an integer column {label_column:?} (spec.training.dataset.labelColumn)"
-    );
-    let file = std::fs::File::open(path).map_err(|source| DataError::Open {
-        path: path.to_path_buf(),
-        source,
-        hint: format!("mount the file at this path or fix spec.training.dataset.path; {hint}"),
-    })?;
+    let CsvHead {
+        lines,
+        columns,
+        label_at,
+        hint,
+    } = CsvHead::open(path, label_column)?;
     let corrupt = |reason: String| DataError::Corrupt {
         path: path.to_path_buf(),
         reason,
         hint: hint.clone(),
     };
-    let mut lines = BufReader::new(file).lines();
-    let header = lines
-        .next()
-        .ok_or_else(|| corrupt("the file is empty".into()))?
-        .map_err(|e| corrupt(e.to_string()))?;
-    let columns: Vec<&str> = header.split(',').map(str::trim).collect();
-    let label_at = columns
-        .iter()
-        .position(|c| *c == label_column)
-        .ok_or_else(|| {
-            corrupt(format!(
-                "no column named {label_column:?} in header {columns:?}"
-            ))
-        })?;
-    let inputs = columns.len() - 1;
+    let inputs = columns - 1;
     let (mut values, mut labels) = (Vec::new(), Vec::new());
     for (n, line) in lines.enumerate() {
         let line = line.map_err(|e| corrupt(e.to_string()))?;
@@ -294,12 +337,12 @@ pub(super) fn csv_file(
             continue;
         }
         let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-        if cells.len() != columns.len() {
+        if cells.len() != columns {
             return Err(corrupt(format!(
                 "line {}: {} columns, header has {}",
                 n + 2,
                 cells.len(),
-                columns.len()
+                columns
             )));
         }
         for (c, cell) in cells.iter().enumerate() {

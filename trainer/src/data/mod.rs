@@ -119,6 +119,42 @@ pub struct LoadedData {
     pub test: Option<Examples>,
 }
 
+/// Labels are stored as bytes, so no dataset has more classes than this.
+pub const MAX_CLASSES: usize = 256;
+
+/// The ends of the model a dataset fixes, known without reading its examples: the
+/// feature count, and the class count where the dataset declares it (the builtins). A
+/// CSV's classes are the largest label + 1, which only a full read tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataShape {
+    pub inputs: usize,
+    pub classes: Option<usize>,
+}
+
+/// The [`DataShape`] of the dataset the spec names; a CSV's header is read for it.
+pub fn shape(spec: &DatasetSpec) -> Result<DataShape, DataError> {
+    match (spec.builtin, &spec.path) {
+        (Some(BuiltinDataset::Digits), _) => Ok(DataShape {
+            inputs: loaders::DIGITS_INPUTS,
+            classes: Some(loaders::DIGITS_CLASSES),
+        }),
+        (Some(BuiltinDataset::FashionMnist), _) => Ok(DataShape {
+            inputs: loaders::FASHION_MNIST_INPUTS,
+            classes: Some(loaders::FASHION_MNIST_CLASSES),
+        }),
+        (None, Some(path)) => {
+            let label = spec.label_column.as_deref().unwrap_or("label");
+            Ok(DataShape {
+                inputs: loaders::csv_inputs(path.as_ref(), label)?,
+                classes: None,
+            })
+        }
+        (None, None) => Err(DataError::Spec(
+            "name a dataset: builtin digits or fashion-mnist, or a csv path".into(),
+        )),
+    }
+}
+
 /// Reads the dataset the spec names, keeping `partition`'s training examples and, when
 /// `with_test`, the test split.
 pub fn load(

@@ -3,6 +3,7 @@
 //! service around them.
 
 pub mod checkpoint;
+mod registration;
 mod server;
 mod shard;
 pub mod staleness;

@@ -8,10 +8,12 @@ use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
 use super::checkpoint::{self, ShardCheckpoint};
+use super::registration::{self, ExpectedModel, RefusedModel};
 use super::shard::{Shard, ShardError};
 use super::shard_ranges;
 use super::staleness;
 use crate::config::Config;
+use crate::data;
 use crate::error::TrainerError;
 use crate::metrics::PsMetrics;
 use crate::model::{Network, Optimizer};
@@ -20,14 +22,13 @@ use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServ
 use crate::proto::*;
 use crate::tensorboard::EventLog;
 use crate::termination::Termination;
+use kubetrain_api::validation::effective_hidden;
 
 mod transfer;
 
 /// How long a pull waits server-side before telling the worker to ask again. Bounded so a
 /// blocked call never outlives its deadline; the worker simply re-issues it.
 const PULL_WAIT: Duration = Duration::from_secs(5);
-/// Largest model a PS accepts (4 GiB of f32 across all shards).
-const MAX_PARAMS: usize = 1 << 30;
 /// After giving up on the job, how long the PS keeps answering so workers hear why.
 const FAILURE_GRACE: Duration = Duration::from_secs(2);
 
@@ -46,6 +47,8 @@ struct Inner {
     servers: usize,
     workers: Vec<String>,
     config: Config,
+    /// The model registrations must describe.
+    expected: ExpectedModel,
     incarnation: u64,
     state: Mutex<State>,
     changed: watch::Sender<u64>,
@@ -267,26 +270,13 @@ impl ParameterServer for PsService {
         let req = request.into_inner();
         inner.check_worker(req.worker_id)?;
         let widths: Vec<usize> = req.widths.iter().map(|&w| w as usize).collect();
-        if widths.len() < 2 || widths.contains(&0) {
-            return Err(Status::invalid_argument(format!(
-                "layer widths {widths:?} do not describe a model (need input and output widths, all at least 1)"
-            )));
-        }
-        // Counted in u128 so hostile widths cannot overflow, and capped so they cannot make
-        // the PS allocate without bound.
-        let total: u128 = widths
-            .windows(2)
-            .map(|w| w[0] as u128 * w[1] as u128 + w[1] as u128)
-            .sum();
-        if total > MAX_PARAMS as u128 {
-            return Err(Status::invalid_argument(format!(
-                "a model with widths {widths:?} has {total} parameters; this trainer holds at most {MAX_PARAMS}"
-            )));
-        }
-        let total = total as usize;
+        let total = registration::check(&inner.expected, &widths).map_err(|e| match e {
+            RefusedModel::NotTheSpec { .. } => Status::failed_precondition(e.to_string()),
+            _ => Status::invalid_argument(e.to_string()),
+        })?;
         if req.total_params != total as u64 {
             return Err(Status::invalid_argument(format!(
-                "total_params {} does not match widths {widths:?} ({total})",
+                "total_params {} does not match the widths' {total} parameters",
                 req.total_params
             )));
         }
@@ -294,8 +284,8 @@ impl ParameterServer for PsService {
         match &state.widths {
             Some(known) if *known != widths => {
                 return Err(Status::failed_precondition(format!(
-                    "worker {} has model widths {widths:?} but this PS serves {known:?}; every worker must run the same spec.training",
-                    req.worker_id
+                    "worker {} has model widths {:?} but this PS serves {known:?}; every worker must run the same spec.training",
+                    req.worker_id, widths
                 )));
             }
             Some(_) => {}
@@ -447,6 +437,7 @@ pub async fn run_ps(
         written: Arc::new(Mutex::new(0)),
         events,
         staleness_logged: Mutex::new((Instant::now(), BTreeMap::new())),
+        expected: expected_model(&config),
         config: config.clone(),
     });
 
@@ -499,6 +490,23 @@ pub async fn run_ps(
     watchdog.abort();
     on_sigterm.abort();
     outcome.map_err(TrainerError::PsGaveUp)
+}
+
+/// The model this PS's own spec describes. A CSV dataset may be mounted on the workers
+/// only; then its width is taken from the first registration.
+fn expected_model(config: &Config) -> ExpectedModel {
+    let hidden = effective_hidden(&config.training.model)
+        .iter()
+        .map(|&h| h as usize)
+        .collect();
+    let data = match data::shape(&config.training.dataset) {
+        Ok(shape) => Some(shape),
+        Err(error) => {
+            warn!(ps = config.index, %error, "cannot read the dataset here; the first registration's input width is taken");
+            None
+        }
+    };
+    ExpectedModel::new(hidden, data)
 }
 
 /// Marks silent workers dead, fails a Sync job that lost one, and ends a PS nobody talks to.
