@@ -127,6 +127,21 @@ fn sync_training_fails_fast_naming_the_dead_worker() {
     assert!(ps.stderr().contains(&named), "{}", ps.logs());
 }
 
+/// A Sync job of 1 PS (checkpointing every `every` versions) and 2 workers, started:
+/// `[ps, worker 1, chief]`.
+fn checkpointed_sync(name: &str, every: u64) -> (Cluster, serde_json::Value, [Proc; 3]) {
+    let cluster = Cluster::new(name, 1, 2);
+    let checkpoint =
+        json!({"path": cluster.dir.join("ckpt").to_str().unwrap(), "everySteps": every});
+    let training = long_training(json!({"kind": "Sync"}), Some(checkpoint));
+    let procs = [
+        cluster.spawn("ps", 0, &training, &[]),
+        cluster.spawn("worker", 1, &training, &[]),
+        cluster.spawn("worker", 0, &training, &[]),
+    ];
+    (cluster, training, procs)
+}
+
 /// The version a PS's stdout says it shut down at.
 fn shutdown_version(ps: &Proc) -> u64 {
     ps.stdout()
@@ -158,15 +173,9 @@ fn logged(log: &str, what: &str, key: &str) -> Option<u64> {
 #[test]
 fn a_parameter_server_stopped_by_sigterm_checkpoints_everything_and_loses_no_step() {
     let _serial = serial();
-    let cluster = Cluster::new("ps-sigterm", 1, 2);
     // Checkpoints far apart: only the final one can hold the version the PS stops at.
     let every = 1000u64;
-    let checkpoint =
-        json!({"path": cluster.dir.join("ckpt").to_str().unwrap(), "everySteps": every});
-    let training = long_training(json!({"kind": "Sync"}), Some(checkpoint));
-    let mut ps = cluster.spawn("ps", 0, &training, &[]);
-    let mut w1 = cluster.spawn("worker", 1, &training, &[]);
-    let mut chief = cluster.spawn("worker", 0, &training, &[]);
+    let (cluster, training, [mut ps, mut w1, mut chief]) = checkpointed_sync("ps-sigterm", every);
     let at_term = wait_for_step(&mut chief, &cluster.worker[0], 150);
     ps.terminate();
     // Well inside the default 30 s grace period.
@@ -215,14 +224,8 @@ fn a_worker_stopped_by_sigterm_ends_its_step_and_exits_143() {
 #[test]
 fn restarted_parameter_server_resumes_from_its_checkpoint() {
     let _serial = serial();
-    let cluster = Cluster::new("ps-restart", 1, 2);
     let every = 20u64;
-    let checkpoint =
-        json!({"path": cluster.dir.join("ckpt").to_str().unwrap(), "everySteps": every});
-    let training = long_training(json!({"kind": "Sync"}), Some(checkpoint));
-    let mut ps = cluster.spawn("ps", 0, &training, &[]);
-    let mut w1 = cluster.spawn("worker", 1, &training, &[]);
-    let mut chief = cluster.spawn("worker", 0, &training, &[]);
+    let (cluster, training, [mut ps, mut w1, mut chief]) = checkpointed_sync("ps-restart", every);
     let at_kill = wait_for_step(&mut chief, &cluster.worker[0], 150);
     ps.kill();
     std::thread::sleep(Duration::from_millis(500));
