@@ -314,6 +314,24 @@ fn bad_training_values_are_refused_at_start_naming_the_field() {
 }
 
 #[test]
+fn an_unwritable_checkpoint_path_fails_the_parameter_server_at_start() {
+    let _serial = serial();
+    let mut training = digits_training(json!({"kind": "softmax"}), json!({"kind": "Sync"}), 1);
+    // Below a file no directory can be made, for root too.
+    training["checkpoint"] = json!({"path": "/dev/null/ckpt", "everySteps": 10});
+    let cluster = Cluster::new("unwritable-ckpt", 1, 1);
+    let mut ps = cluster.spawn("ps", 0, &training, &[]);
+    let status = ps.wait(Duration::from_secs(30));
+    let stderr = ps.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("spec.training.checkpoint.path: /dev/null/ckpt is not writable here"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("parameter server listening"), "{stderr}");
+}
+
+#[test]
 fn a_missing_contract_variable_is_named_and_left_as_last_words() {
     let dir = temp_dir("missing-env");
     let last_words = dir.join("termination-log");

@@ -108,7 +108,10 @@ pub async fn run_stage(
         .as_ref()
         .map(|c| PathBuf::from(&c.path));
     let checkpoints = match &dir {
-        Some(dir) => list_checkpoints(dir, stage, stages)?,
+        Some(dir) => {
+            checkpoint::probe_writable(dir)?;
+            list_checkpoints(dir, stage, stages)?
+        }
         None => Vec::new(),
     };
     let (inbox, inbox_rx) = mpsc::unbounded_channel();

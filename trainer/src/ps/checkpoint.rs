@@ -31,6 +31,31 @@ pub enum CheckpointError {
         "reading checkpoint {path}: {reason}; delete the file to start this shard from scratch"
     )]
     Invalid { path: PathBuf, reason: String },
+    #[error(
+        "spec.training.checkpoint.path: {path} is not writable here ({source}); mount a writable volume at that path in this pod, or remove spec.training.checkpoint"
+    )]
+    Unwritable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Proves at start that `dir` takes checkpoints: creates it, then writes, syncs and
+/// removes a probe file. An unwritable path then fails the pod at once, naming the field,
+/// instead of warning at every write while the job goes on to succeed with no checkpoint.
+pub fn probe_writable(dir: &Path) -> Result<(), CheckpointError> {
+    let err = |source| CheckpointError::Unwritable {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let probe = dir.join(format!(".kubetrain-write-probe-{}", std::process::id()));
+    let written = std::fs::File::create(&probe).and_then(|mut file| {
+        file.write_all(b"probe")?;
+        file.sync_all()
+    });
+    let _ = std::fs::remove_file(&probe);
+    written.map_err(err)
 }
 
 /// Everything a shard needs to resume.
@@ -195,6 +220,22 @@ fn decode(bytes: &[u8]) -> Result<ShardCheckpoint, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_writable_directory_passes_the_probe_and_keeps_no_file() {
+        let dir = std::env::temp_dir().join(format!("kubetrain-probe-{}", std::process::id()));
+        let nested = dir.join("a/b");
+        probe_writable(&nested).unwrap();
+        assert_eq!(std::fs::read_dir(&nested).unwrap().count(), 0);
+        // Below a file no directory can exist, for root too.
+        let err = probe_writable(Path::new("/dev/null/ckpt")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("spec.training.checkpoint.path: /dev/null/ckpt is not writable here"),
+            "{text}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn round_trips_and_detects_corruption() {

@@ -417,6 +417,9 @@ pub async fn run_ps(
         .checkpoint
         .as_ref()
         .map(|c| (PathBuf::from(&c.path), u64::from(c.every_steps.max(1))));
+    if let Some((dir, _)) = &checkpoint {
+        checkpoint::probe_writable(dir)?;
+    }
     let (finish, finished) = watch::channel(None);
     let inner = Arc::new(Inner {
         index: config.index,
