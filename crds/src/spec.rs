@@ -432,6 +432,27 @@ pub struct ConsistencySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub staleness: Option<u32>,
+
+    /// Sync only: how long the parameter servers hold the step for a worker whose
+    /// heartbeats stopped, so that a replacement pod (deleted, preempted, drained, or
+    /// recreated on another node) can register again and training continues from the same
+    /// step. Only past this does the job fail, naming the worker. Default 120.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub worker_grace_period_seconds: Option<u32>,
+}
+
+impl ConsistencySpec {
+    /// The default grace covers a pod being rescheduled and its image pulled on a new node.
+    pub const DEFAULT_WORKER_GRACE_PERIOD_SECONDS: u32 = 120;
+
+    /// Sync: how long a silent worker may be away before the job fails.
+    pub fn worker_grace_period(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(
+            self.worker_grace_period_seconds
+                .unwrap_or(Self::DEFAULT_WORKER_GRACE_PERIOD_SECONDS),
+        ))
+    }
 }
 
 /// Consistency models between workers and parameter servers.

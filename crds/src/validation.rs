@@ -271,6 +271,22 @@ fn check_training(
             ),
             _ => {}
         }
+    if let Some(grace) = consistency.worker_grace_period_seconds {
+        if consistency.kind != ConsistencyKind::Sync {
+            fail(
+                "spec.training.consistency.workerGracePeriodSeconds",
+                format!(
+                    "only Sync waits for a lost worker; {:?} goes on without it. Remove workerGracePeriodSeconds or set kind: Sync",
+                    consistency.kind
+                ),
+            );
+        } else if !(1..=86_400).contains(&grace) {
+            fail(
+                "spec.training.consistency.workerGracePeriodSeconds",
+                format!("must be between 1 and 86400 seconds, got {grace}"),
+            );
+        }
+    }
 
     match mode {
         Mode::DataParallel => {

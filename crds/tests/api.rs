@@ -90,6 +90,14 @@ fn schema_carries_the_minimums_enums_and_defaults() {
     assert_eq!(min("spec.training.batchSize"), Some(1.0));
     assert_eq!(min("spec.training.epochs"), Some(1.0));
     assert_eq!(min("spec.training.consistency.staleness"), Some(0.0));
+    assert_eq!(
+        min("spec.training.consistency.workerGracePeriodSeconds"),
+        Some(1.0)
+    );
+    assert_eq!(
+        schema_at(&s, "spec.training.consistency.workerGracePeriodSeconds")["maximum"],
+        86400.0
+    );
     assert_eq!(min("spec.runPolicy.activeDeadlineSeconds"), Some(1.0));
     assert_eq!(min("spec.runPolicy.startupDeadlineSeconds"), Some(1.0));
     let lr = schema_at(&s, "spec.training.optimizer.learningRate");

@@ -141,6 +141,16 @@ fn cross_field_rules() {
         "only applies",
     );
     assert_one_error(
+        json!({"spec": {"training": {"consistency": {"kind": "Async", "workerGracePeriodSeconds": 60}}}}),
+        "spec.training.consistency.workerGracePeriodSeconds",
+        "only Sync waits for a lost worker",
+    );
+    assert_one_error(
+        json!({"spec": {"training": {"consistency": {"kind": "Sync", "workerGracePeriodSeconds": 0}}}}),
+        "spec.training.consistency.workerGracePeriodSeconds",
+        "between 1 and 86400",
+    );
+    assert_one_error(
         json!({"spec": {"training": {"model": {"kind": "softmax"}}}}),
         "spec.training.model.hidden",
         "no hidden layers",

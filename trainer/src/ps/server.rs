@@ -526,11 +526,16 @@ async fn watchdog(inner: Arc<Inner>) {
             let dead = shard.check_liveness(
                 now,
                 inner.config.heartbeat_timeout,
+                inner.config.training.consistency.worker_grace_period(),
                 inner.config.idle_timeout,
                 &inner.workers,
             );
             for w in &dead {
-                warn!(ps = inner.index, worker = w, addr = %inner.workers[*w as usize], "worker stopped heartbeating; marked dead");
+                if shard.applies_on_arrival() {
+                    warn!(ps = inner.index, worker = w, addr = %inner.workers[*w as usize], "worker stopped heartbeating; marked dead, going on without it");
+                } else {
+                    warn!(ps = inner.index, worker = w, addr = %inner.workers[*w as usize], grace_s = inner.config.training.consistency.worker_grace_period().as_secs(), "worker stopped heartbeating; marked dead, holding the step for its replacement");
+                }
             }
             if let (false, Some(reason)) = (had_failure, shard.failure()) {
                 error!(ps = inner.index, "{reason}");

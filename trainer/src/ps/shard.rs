@@ -179,12 +179,21 @@ impl Shard {
 
     /// A worker (re)announces itself; returns the steps this shard has seen it complete.
     pub fn register(&mut self, worker: u32, now: Instant) -> Result<u64, ShardError> {
+        let (version, sync) = (self.version, self.consistency == Consistency::Sync);
         let w = self.worker(worker)?;
         w.registered = true;
         w.last_seen = Some(now);
-        // A restarted worker is alive again (Async / BoundedStaleness keep going with it).
+        // A restarted worker is alive again: Async / BoundedStaleness keep going with it,
+        // and Sync, which held the step for it, takes its gradient again.
         w.dead = false;
         w.done = false;
+        if sync {
+            // In Sync every worker is at the shard's version, or one step past it when its
+            // gradient is in and waits for the others. The clock cannot say which: the
+            // pull for step t+1 goes out beside the push of step t, and may be all that
+            // arrived before the worker died.
+            w.clock = version + u64::from(w.pending.is_some());
+        }
         Ok(w.clock)
     }
 
@@ -406,12 +415,15 @@ impl Shard {
     }
 
     /// Marks workers silent for longer than `timeout` dead (never-registered ones get
-    /// `startup` from the shard's start). Returns the newly dead. In Sync one dead worker
-    /// fails the job, with a message naming it.
+    /// `startup` from the shard's start). Returns the newly dead. Sync holds the step for
+    /// a dead worker, so that its replacement can register again; it fails the job, with
+    /// a message naming the worker, once one has been silent for longer than `grace` (or
+    /// never registered within `startup`).
     pub fn check_liveness(
         &mut self,
         now: Instant,
         timeout: Duration,
+        grace: Duration,
         startup: Duration,
         addresses: &[String],
     ) -> Vec<u32> {
@@ -429,20 +441,28 @@ impl Shard {
                 newly_dead.push(i as u32);
             }
         }
-        if self.consistency == Consistency::Sync
-            && self.failure.is_none()
-            && let Some(&first) = newly_dead.first()
-        {
-            let address = addresses.get(first as usize).map_or("?", String::as_str);
-            let registered = self.workers[first as usize].registered;
-            let what = if registered {
-                format!("sent nothing for more than {:.1}s", timeout.as_secs_f64())
-            } else {
-                format!("never registered within {:.0}s", startup.as_secs_f64())
-            };
-            self.failure = Some(format!(
-                "worker {first} ({address}) {what}; Sync training cannot continue without it"
-            ));
+        if self.consistency == Consistency::Sync && self.failure.is_none() {
+            let lost = self.workers.iter().position(|w| {
+                w.dead
+                    && !w.done
+                    && (!w.registered
+                        || w.last_seen
+                            .is_some_and(|seen| now.saturating_duration_since(seen) > grace))
+            });
+            if let Some(first) = lost {
+                let address = addresses.get(first).map_or("?", String::as_str);
+                let what = if self.workers[first].registered {
+                    format!(
+                        "sent nothing for more than {:.0}s (spec.training.consistency.workerGracePeriodSeconds) and no replacement registered",
+                        grace.as_secs_f64()
+                    )
+                } else {
+                    format!("never registered within {:.0}s", startup.as_secs_f64())
+                };
+                self.failure = Some(format!(
+                    "worker {first} ({address}) {what}; Sync training cannot continue without it"
+                ));
+            }
         }
         newly_dead
     }
@@ -753,24 +773,77 @@ mod tests {
     }
 
     #[test]
-    fn sync_fails_naming_a_silent_worker() {
+    fn sync_holds_the_step_for_a_silent_worker_and_fails_naming_it_past_the_grace() {
         let (mut s, now) = shard(Consistency::Sync, 2);
         s.register(0, now).unwrap();
         s.register(1, now).unwrap();
-        s.touch(0, now + Duration::from_secs(4)).unwrap();
         let addrs = vec!["a:1".to_string(), "b:2".to_string()];
-        let dead = s.check_liveness(
-            now + Duration::from_secs(4),
+        let (timeout, grace, startup) = (
             Duration::from_secs(3),
+            Duration::from_secs(120),
             Duration::from_secs(60),
-            &addrs,
         );
-        assert_eq!(dead, vec![1]);
+        let at = |secs| now + Duration::from_secs(secs);
+        s.touch(0, at(4)).unwrap();
+        assert_eq!(s.check_liveness(at(4), timeout, grace, startup, &addrs), vec![1]);
+        // Dead, but within the grace: the step waits for worker 1, the job has not failed.
+        assert_eq!(s.failure(), None);
+        assert_eq!(s.dead_workers(), vec![1]);
+        s.touch(0, at(100)).unwrap();
+        assert!(s.check_liveness(at(100), timeout, grace, startup, &addrs).is_empty());
+        assert_eq!(s.failure(), None);
+        assert_eq!(s.pull_decision(0, 1, 1, at(100)), Ok(PullDecision::Wait));
+
+        // Past the grace with no replacement, the job fails naming the worker and the field.
+        s.touch(0, at(125)).unwrap();
+        s.check_liveness(at(125), timeout, grace, startup, &addrs);
         let failure = s.failure().unwrap();
         assert!(failure.contains("worker 1 (b:2)"), "{failure}");
+        assert!(failure.contains("workerGracePeriodSeconds"), "{failure}");
         assert!(matches!(
             s.pull_decision(0, 0, 0, now),
             Ok(PullDecision::Failed(_))
         ));
+    }
+
+    #[test]
+    fn a_replaced_sync_worker_resumes_at_the_held_step_and_the_step_completes() {
+        let (mut s, now) = shard(Consistency::Sync, 2);
+        let addrs = vec!["a:1".to_string(), "b:2".to_string()];
+        let (timeout, grace, startup) = (
+            Duration::from_secs(3),
+            Duration::from_secs(120),
+            Duration::from_secs(60),
+        );
+        for w in 0..2 {
+            s.register(w, now).unwrap();
+        }
+        // Step 0 completes; worker 1's pull for step 1 (sent beside its push) raises its
+        // clock, then worker 0 pushes step 1 and worker 1 dies before its own push lands.
+        s.push(0, 0, 0, vec![1.0; 2], now).unwrap();
+        s.push(1, 0, 0, vec![1.0; 2], now).unwrap();
+        assert_eq!(s.version(), 1);
+        assert_eq!(s.pull_decision(1, 2, 2, now), Ok(PullDecision::Wait));
+        s.push(0, 1, 1, vec![1.0; 2], now).unwrap();
+        let later = now + Duration::from_secs(10);
+        s.touch(0, later).unwrap();
+        assert_eq!(s.check_liveness(later, timeout, grace, startup, &addrs), vec![1]);
+        assert_eq!(s.version(), 1, "the step is held for worker 1");
+
+        // The replacement resumes at step 1, the held one, not at its old clock (2).
+        assert_eq!(s.register(1, later), Ok(1));
+        assert_eq!(s.pull_decision(1, 1, 1, later), Ok(PullDecision::Ready));
+        let outcome = s.push(1, 1, 1, vec![1.0; 2], later).unwrap();
+        assert_eq!(outcome, PushOutcome::Applied { version: 2 });
+        assert_eq!(s.dead_workers(), Vec::<u32>::new());
+        assert_eq!(s.failure(), None);
+
+        // A worker whose gradient was in when it died resumes one step on, and waits for
+        // the step to complete before it pulls.
+        s.push(1, 2, 2, vec![1.0; 2], later).unwrap();
+        assert_eq!(s.register(1, later), Ok(3));
+        assert_eq!(s.pull_decision(1, 3, 3, later), Ok(PullDecision::Wait));
+        s.push(0, 2, 2, vec![1.0; 2], later).unwrap();
+        assert_eq!(s.pull_decision(1, 3, 3, later), Ok(PullDecision::Ready));
     }
 }

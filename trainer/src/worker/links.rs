@@ -187,10 +187,26 @@ impl Links {
     }
 
     /// Registers with every PS; returns the step to continue from.
-    pub async fn register_all(&mut self) -> Result<u64, TrainerError> {
-        let mut resume = 0;
+    ///
+    /// Sync takes the lowest step any shard reports, and waits for that version: a worker
+    /// that died half-way through a push has its gradient in on some shards only, and
+    /// redoing the step (the same batch on the same parameters) replaces those. Async
+    /// and BoundedStaleness count steps per shard and take the furthest.
+    pub async fn register_all(&mut self, sync: bool) -> Result<u64, TrainerError> {
+        let mut steps = Vec::with_capacity(self.links.len());
         for i in 0..self.links.len() {
-            resume = resume.max(self.register(i).await?);
+            steps.push(self.register(i).await?);
+        }
+        let resume = if sync {
+            steps.iter().copied().min()
+        } else {
+            steps.iter().copied().max()
+        }
+        .unwrap_or(0);
+        if sync {
+            for link in &mut self.links {
+                link.need = resume;
+            }
         }
         Ok(resume)
     }

@@ -85,7 +85,8 @@ pub async fn run_worker(
     );
     let ranges = shard_ranges(net.num_params(), config.cluster.ps.len());
     let mut links = Links::new(&config, ranges, net.widths())?;
-    let resume = links.register_all().await?;
+    let sync = config.consistency == Consistency::Sync;
+    let resume = links.register_all(sync).await?;
     if resume > total_steps {
         return Err(TrainerError::JobFailed(format!(
             "the parameter servers report step {resume}, past this job's {total_steps} steps; their checkpoint is from another run: point spec.training.checkpoint.path elsewhere"
@@ -105,7 +106,14 @@ pub async fn run_worker(
     let test = data.test.map(Arc::new);
     let mut batcher = Batcher::new(schedule, seed, index, data.train.len());
     let train = Arc::new(data.train);
-    let sync = config.consistency == Consistency::Sync;
+    // Sync: the parameter servers hold a step for a lost worker's replacement for the
+    // grace period, and fail the job past it; waiting here only ends a wait the PS
+    // would end anyway.
+    let stall_limit = if sync {
+        config.ps_timeout + config.training.consistency.worker_grace_period()
+    } else {
+        config.ps_timeout
+    };
     let started = Instant::now();
     let mut last_line = Instant::now();
     let mut loss_avg: Option<f64> = None;
@@ -210,9 +218,9 @@ pub async fn run_worker(
                 }
             }
             Err(StepError::Retry(why)) => {
-                if last_progress.elapsed() > config.ps_timeout {
+                if last_progress.elapsed() > stall_limit {
                     return Err(TrainerError::JobFailed(format!(
-                        "no training progress for {:.0}s (--ps-timeout-secs): {why}",
+                        "no training progress for {:.0}s (--ps-timeout-secs, plus Sync's workerGracePeriodSeconds): {why}",
                         last_progress.elapsed().as_secs_f64()
                     )));
                 }
