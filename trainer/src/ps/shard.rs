@@ -785,12 +785,18 @@ mod tests {
         );
         let at = |secs| now + Duration::from_secs(secs);
         s.touch(0, at(4)).unwrap();
-        assert_eq!(s.check_liveness(at(4), timeout, grace, startup, &addrs), vec![1]);
+        assert_eq!(
+            s.check_liveness(at(4), timeout, grace, startup, &addrs),
+            vec![1]
+        );
         // Dead, but within the grace: the step waits for worker 1, the job has not failed.
         assert_eq!(s.failure(), None);
         assert_eq!(s.dead_workers(), vec![1]);
         s.touch(0, at(100)).unwrap();
-        assert!(s.check_liveness(at(100), timeout, grace, startup, &addrs).is_empty());
+        assert!(
+            s.check_liveness(at(100), timeout, grace, startup, &addrs)
+                .is_empty()
+        );
         assert_eq!(s.failure(), None);
         assert_eq!(s.pull_decision(0, 1, 1, at(100)), Ok(PullDecision::Wait));
 
@@ -827,7 +833,10 @@ mod tests {
         s.push(0, 1, 1, vec![1.0; 2], now).unwrap();
         let later = now + Duration::from_secs(10);
         s.touch(0, later).unwrap();
-        assert_eq!(s.check_liveness(later, timeout, grace, startup, &addrs), vec![1]);
+        assert_eq!(
+            s.check_liveness(later, timeout, grace, startup, &addrs),
+            vec![1]
+        );
         assert_eq!(s.version(), 1, "the step is held for worker 1");
 
         // The replacement resumes at step 1, the held one, not at its old clock (2).
