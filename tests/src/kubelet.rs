@@ -29,8 +29,9 @@
 //!   `restartCount` incremented and the previous run in `lastState`.
 //! * **Deletion.** A deleted pod's process group is killed. A pod that is only
 //!   *terminating* (`deletionTimestamp` set, which the API server does for pods
-//!   with a `nodeName`) is killed and then deleted with grace period 0, because
-//!   no real kubelet exists to finish the deletion.
+//!   with a `nodeName`) gets SIGTERM, then SIGKILL after its
+//!   `terminationGracePeriodSeconds` (30 by default) as from a real kubelet, and is then
+//!   deleted with grace period 0, because no real kubelet exists to finish the deletion.
 //! * **Cleanup.** Each pod process runs in its own process group (so `sh -c`
 //!   grandchildren die with it) guarded by a [`Watchdog`]; dropping the
 //!   [`Kubelet`] kills every group. Output (stdout and stderr) goes to
@@ -437,6 +438,9 @@ struct Launch {
     env: Vec<(String, String)>,
     /// The host file standing in for the container's `terminationMessagePath`.
     termination_log: PathBuf,
+    /// The pod's `terminationGracePeriodSeconds`: how long a deleted pod's process has
+    /// between SIGTERM and SIGKILL, as with a real kubelet.
+    grace: Duration,
 }
 
 async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot::Receiver<Stop>) {
@@ -628,9 +632,16 @@ async fn run_once(
     let status: io::Result<ExitStatus> = tokio::select! {
         status = child.wait() => status,
         why = stop => {
+            let why = why.unwrap_or(Stop::Deleted);
+            if why == Stop::Terminating {
+                // A deleted pod's program hears SIGTERM and has its grace period to stop
+                // (a PS writes its final checkpoint); the group is killed after that.
+                Target::Group(pgid).terminate();
+                let _ = tokio::time::timeout(launch.grace, child.wait()).await;
+            }
             drop(group);
             let _ = child.wait().await;
-            return RunOutcome::Stopped(why.unwrap_or(Stop::Deleted));
+            return RunOutcome::Stopped(why);
         }
     };
     // The main process is gone; anything it left in its group goes too, as
@@ -836,11 +847,18 @@ fn prepare_launch(
             env.push((k.to_string(), v));
         }
     }
+    // A real kubelet's default.
+    let grace = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(30);
     Ok(Launch {
         program,
         args,
         env,
         termination_log,
+        grace: Duration::from_secs(u64::try_from(grace).unwrap_or(0)),
     })
 }
 

@@ -41,9 +41,18 @@ impl Target {
 
     /// Sends SIGKILL now. "No such process" is fine: it is already gone.
     pub fn kill_now(self) {
+        self.signal(Signal::SIGKILL);
+    }
+
+    /// Sends SIGTERM, as a kubelet does first when it stops a container.
+    pub fn terminate(self) {
+        self.signal(Signal::SIGTERM);
+    }
+
+    fn signal(self, signal: Signal) {
         let result = match self {
-            Target::Process(pid) => kill(to_pid(pid), Signal::SIGKILL),
-            Target::Group(pgid) => killpg(to_pid(pgid), Signal::SIGKILL),
+            Target::Process(pid) => kill(to_pid(pid), signal),
+            Target::Group(pgid) => killpg(to_pid(pgid), signal),
         };
         if let Err(err) = result
             && err != nix::errno::Errno::ESRCH
