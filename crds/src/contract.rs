@@ -33,6 +33,18 @@ pub const ENV_POD_IP: &str = "POD_IP";
 /// job too short for any progress poll still ends with its final step, loss and accuracy,
 /// and how `kubectl describe pod` shows why a trainer failed, with no API access from pods.
 pub const ENV_TERMINATION_LOG: &str = "KUBETRAIN_TERMINATION_LOG";
+/// The job's credential for the built-in trainer: 64 hex digits the operator generates
+/// once per job into the Secret [`token_secret_name`] (key [`TOKEN_SECRET_KEY`]), which
+/// the job owns. The parameter servers and pipeline stages refuse every call that drives
+/// training unless it carries this token, so only the job's own pods can drive the job.
+pub const ENV_JOB_TOKEN: &str = "KUBETRAIN_JOB_TOKEN";
+/// The key of the token in the job's Secret.
+pub const TOKEN_SECRET_KEY: &str = "token";
+
+/// The name of the Secret that holds a job's token.
+pub fn token_secret_name(job: &str) -> String {
+    format!("{job}-token")
+}
 /// The port the built-in trainer serves Prometheus `/metrics` on (unset: no metrics).
 pub const ENV_METRICS_PORT: &str = "KUBETRAIN_METRICS_PORT";
 /// The trainer's metrics port in pods the operator plans, unless configured otherwise.

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use clap::Parser;
 use kubetrain_api::contract::{
-    ClusterSpec, DEFAULT_PORT, ENV_CLUSTER, ENV_INDEX, ENV_JOB, ENV_METRICS_PORT, ENV_MODE,
-    ENV_POD_IP, ENV_ROLE, ENV_TERMINATION_LOG, ENV_TRAINING, Role,
+    ClusterSpec, DEFAULT_PORT, ENV_CLUSTER, ENV_INDEX, ENV_JOB, ENV_JOB_TOKEN, ENV_METRICS_PORT,
+    ENV_MODE, ENV_POD_IP, ENV_ROLE, ENV_TERMINATION_LOG, ENV_TRAINING, Role,
 };
 use kubetrain_api::{ConsistencyKind, Mode, TrainingSpec};
 
+use crate::credential::JobToken;
 use crate::error::TrainerError;
 use crate::ps::Consistency;
 
@@ -44,6 +45,10 @@ pub struct Cli {
     /// Address to bind; 0.0.0.0 when unset.
     #[arg(long, env = ENV_POD_IP)]
     pub pod_ip: Option<IpAddr>,
+    /// The job's credential (the operator sets it from the job's Secret). Servers refuse
+    /// calls without it; unset, they accept every call, and say so at start.
+    #[arg(long, env = ENV_JOB_TOKEN, hide_env_values = true)]
+    pub job_token: Option<String>,
     /// Serve Prometheus metrics on this port at /metrics (off when unset).
     #[arg(long, env = ENV_METRICS_PORT)]
     pub metrics_port: Option<u16>,
@@ -135,6 +140,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub ps_timeout: Duration,
     pub max_steps: Option<u64>,
+    /// Sent with every call to a peer, and required of every call that drives training.
+    pub token: JobToken,
 }
 
 impl Config {
@@ -217,7 +224,12 @@ impl Config {
             ));
         }
         let ip = cli.pod_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let token = match cli.job_token.as_deref() {
+            Some(token) => JobToken::new(token)?,
+            None => JobToken::none(),
+        };
         Ok(Self {
+            token,
             cluster,
             mode,
             role: cli.role,

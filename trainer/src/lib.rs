@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod credential;
 pub mod data;
 mod error;
 pub mod local;

@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use kubetrain_trainer::credential::JobToken;
 use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
 use kubetrain_trainer::proto::parameter_transfer_client::ParameterTransferClient;
 use kubetrain_trainer::proto::*;
@@ -15,20 +16,6 @@ use kubetrain_trainer::tensor_wire;
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
-
-async fn connect(addr: &str) -> Channel {
-    for _ in 0..100 {
-        if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return channel;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("PS at {addr} never came up");
-}
 
 fn chunk(worker_id: u32, offset: u64, total_len: u64, floats: usize) -> PushChunk {
     PushChunk {
@@ -230,8 +217,15 @@ fn parameter_server_rejects_bad_input_without_crashing() {
             );
         }
         let wire = kubetrain_trainer::net::channel(&cluster.ps[0]).unwrap();
+        let token = JobToken::none();
         let pull_framed = |len| {
-            tensor_wire::pull_tensor(&wire, &request, Duration::from_secs(5), Vec::new(), len)
+            tensor_wire::pull_tensor(
+                (&wire, &token),
+                &request,
+                Duration::from_secs(5),
+                Vec::new(),
+                len,
+            )
         };
         let (version, framed) = pull_framed(15).await.unwrap();
         assert_eq!(version, 1);

@@ -6,44 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kubetrain_trainer::proto::GetProgressRequest;
-use kubetrain_trainer::proto::progress_client::ProgressClient;
 use serde_json::json;
 
 const RUN: Duration = Duration::from_secs(120);
-
-/// Polls the chief's Progress service until it reports `step >= min`.
-fn wait_for_step(chief: &mut Proc, address: &str, min: u64) -> u64 {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let step = runtime.block_on(async {
-            let mut client = ProgressClient::connect(format!("http://{address}"))
-                .await
-                .ok()?;
-            let report = tokio::time::timeout(
-                Duration::from_secs(2),
-                client.get_progress(GetProgressRequest {}),
-            )
-            .await
-            .ok()?
-            .ok()?;
-            Some(report.into_inner().step)
-        });
-        if let Some(step) = step.filter(|&s| s >= min) {
-            return step;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "chief never reached step {min}\n{}",
-            chief.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn long_training(
     consistency: serde_json::Value,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use kubetrain_trainer::credential::JobToken;
 use kubetrain_trainer::net;
 use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
 use kubetrain_trainer::proto::parameter_transfer_client::ParameterTransferClient;
@@ -49,15 +50,21 @@ async fn pull(channel: &Channel, worker_id: u32, min_version: u64) -> (u64, Vec<
         min_version,
         step: 0,
     };
-    tensor_wire::pull_tensor(channel, &request, DEADLINE, Vec::new(), PARAMS)
-        .await
-        .unwrap()
+    tensor_wire::pull_tensor(
+        (channel, &JobToken::none()),
+        &request,
+        DEADLINE,
+        Vec::new(),
+        PARAMS,
+    )
+    .await
+    .unwrap()
 }
 
 /// One worker's whole push, framed as the worker frames it; the shard's version after it.
 async fn push(channel: &Channel, worker_id: u32, base_version: u64, grad: &Arc<Vec<f32>>) -> u64 {
     tensor_wire::push_tensor(
-        channel,
+        (channel, &JobToken::none()),
         head(worker_id, base_version),
         grad.clone(),
         0..PARAMS,
@@ -208,7 +215,7 @@ fn large_pushes_apply_exactly_and_atomically() {
         let mut poisoned = gradient(5).as_ref().clone();
         poisoned[PARAMS - 7] = f32::NAN;
         let err = tensor_wire::push_tensor(
-            &channel,
+            (&channel, &JobToken::none()),
             head(1, 4),
             Arc::new(poisoned),
             0..PARAMS,

@@ -21,6 +21,7 @@ use kubetrain_api::{
     BuiltinDataset, ConsistencySpec, DatasetSpec, ModelKind, ModelSpec, OptimizerKind,
     OptimizerSpec, TrainingSpec,
 };
+use kubetrain_trainer::credential::JobToken;
 use kubetrain_trainer::local;
 use kubetrain_trainer::model::{Optimizer, OptimizerState};
 use kubetrain_trainer::net;
@@ -289,6 +290,7 @@ fn push_pull_rounds(port: u16, rounds: usize, server: Server, dir: &Path) -> Grp
         let started = Instant::now();
         let channel = net::channel(&format!("127.0.0.1:{port}")).unwrap();
         let deadline = Duration::from_secs(30);
+        let token = JobToken::none();
         let grad = std::sync::Arc::new(vec![0.001f32; params]);
         let push = |version: u64, step: u64| {
             let head = PushChunk {
@@ -297,7 +299,7 @@ fn push_pull_rounds(port: u16, rounds: usize, server: Server, dir: &Path) -> Grp
                 step,
                 ..Default::default()
             };
-            tensor_wire::push_tensor(&channel, head, grad.clone(), 0..params, deadline)
+            tensor_wire::push_tensor((&channel, &token), head, grad.clone(), 0..params, deadline)
         };
         // Until the server is up: the PS's registration, or (discarding) a first push.
         let mut client = loop {
@@ -339,7 +341,7 @@ fn push_pull_rounds(port: u16, rounds: usize, server: Server, dir: &Path) -> Grp
             };
             // Reuses the receive buffer as the worker does.
             let (pulled, values) = tensor_wire::pull_tensor(
-                &channel,
+                (&channel, &token),
                 &request,
                 deadline,
                 std::mem::take(&mut buffer),

@@ -20,6 +20,7 @@ use kubetrain_api::{PipelineSchedule, PipelineSpec};
 use ndarray::Array2;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
+use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -134,7 +135,7 @@ pub async fn run_stage(
         .iter()
         .enumerate()
         .filter(|(i, _)| *i != stage)
-        .map(|(i, addr)| Peer::new(i, addr))
+        .map(|(i, addr)| Peer::new(i, addr, &config.token))
         .collect::<Result<_, _>>()?;
     let heartbeats: Vec<JoinHandle<()>> = peers
         .iter()
@@ -904,9 +905,18 @@ async fn serve(
             addr: config.bind,
             source,
         })?;
-    let stage = PipelineStageServer::new(StageService(shared))
-        .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(net::MAX_MESSAGE_BYTES);
+    let stage = InterceptedService::new(
+        PipelineStageServer::new(StageService(shared))
+            .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(net::MAX_MESSAGE_BYTES),
+        config.token.require(),
+    );
+    if !config.token.is_set() {
+        warn!(
+            stage = config.index,
+            "KUBETRAIN_JOB_TOKEN is unset: this stage accepts calls from anyone who reaches its port"
+        );
+    }
     reporter
         .set_serving::<PipelineStageServer<StageService>>()
         .await;

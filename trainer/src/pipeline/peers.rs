@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::Request;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tracing::warn;
 
 use super::service::{Direction, Shared};
+use crate::credential::{Attach, JobToken};
 use crate::error::TrainerError;
 use crate::net;
 use crate::proto::pipeline_stage_client::PipelineStageClient;
@@ -29,11 +31,11 @@ const FINISH_DEADLINE: Duration = Duration::from_secs(5);
 pub struct Peer {
     pub stage: usize,
     pub addr: String,
-    pub client: PipelineStageClient<Channel>,
+    pub client: PipelineStageClient<InterceptedService<Channel, Attach>>,
 }
 
 impl Peer {
-    pub fn new(stage: usize, addr: &str) -> Result<Self, TrainerError> {
+    pub fn new(stage: usize, addr: &str, token: &JobToken) -> Result<Self, TrainerError> {
         let channel = net::channel(addr).map_err(|e| TrainerError::Connect {
             role: "worker",
             index: stage,
@@ -43,7 +45,7 @@ impl Peer {
         Ok(Self {
             stage,
             addr: addr.to_string(),
-            client: PipelineStageClient::new(channel)
+            client: PipelineStageClient::with_interceptor(channel, token.attach())
                 .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(net::MAX_MESSAGE_BYTES),
         })

@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
@@ -457,9 +458,18 @@ pub async fn run_ps(
         .set_serving::<ParameterServerServer<PsService>>()
         .await;
     reporter.set_serving::<transfer::TransferService>().await;
-    let service = ParameterServerServer::new(PsService(inner.clone()))
-        .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(net::MAX_MESSAGE_BYTES);
+    let service = InterceptedService::new(
+        ParameterServerServer::new(PsService(inner.clone()))
+            .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(net::MAX_MESSAGE_BYTES),
+        config.token.require(),
+    );
+    if !config.token.is_set() {
+        warn!(
+            ps = config.index,
+            "KUBETRAIN_JOB_TOKEN is unset: this parameter server accepts calls from anyone who reaches its port"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .map_err(|source| TrainerError::Bind {

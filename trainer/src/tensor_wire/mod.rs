@@ -29,6 +29,7 @@ pub use framing::{
     FrameError, Piece, Splitter, TensorMessage, decode_single, encode_message, encode_tensor,
 };
 
+use crate::credential::JobToken;
 use crate::net::{self, ChunkOrder};
 use crate::proto::{PullRequest, PushChunk, PushResponse, TensorChunk};
 
@@ -120,11 +121,14 @@ pub fn parameters_answer(version: u64, values: Arc<Vec<f32>>) -> Pieces {
     Pieces::with_ok_trailers(pieces)
 }
 
+/// A PS to call: its channel, and the job token every call carries.
+pub type Peer<'a> = (&'a Channel, &'a JobToken);
+
 /// Calls `path` with the request body `pieces`; returns the answer's body once its headers
 /// say the call was taken (`None`: it succeeded with nothing to say). The deadline travels
 /// as `grpc-timeout` for the server; the caller also bounds its own wait.
 async fn call(
-    channel: &Channel,
+    (channel, token): Peer<'_>,
     path: &'static str,
     pieces: Pieces,
     deadline: Duration,
@@ -140,6 +144,7 @@ async fn call(
     );
     headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
     headers.insert("grpc-timeout", grpc_timeout(deadline));
+    token.attach_to(headers);
     let mut channel = channel.clone();
     std::future::poll_fn(|cx| channel.poll_ready(cx))
         .await
@@ -249,7 +254,7 @@ fn append_small(
 /// Pushes `values[range]` as this worker's gradient for one shard, each chunk sent without
 /// copying it; returns the shard's version after the push.
 pub async fn push_tensor(
-    channel: &Channel,
+    peer: Peer<'_>,
     head: PushChunk,
     values: Arc<Vec<f32>>,
     range: Range<usize>,
@@ -266,7 +271,7 @@ pub async fn push_tensor(
         encode_tensor(&head, data)
     });
     let call = async {
-        let body = call(channel, PUSH_PATH, Pieces::new(pieces), deadline).await?;
+        let body = call(peer, PUSH_PATH, Pieces::new(pieces), deadline).await?;
         let mut answer = BytesMut::new();
         read_answer(body, |data| {
             append_small(&mut answer, &data, || {
@@ -287,7 +292,7 @@ pub async fn push_tensor(
 /// costs more in page faults than filling it), copying each HTTP/2 frame straight into
 /// place; returns their version and the filled buffer.
 pub async fn pull_tensor(
-    channel: &Channel,
+    peer: Peer<'_>,
     request: &PullRequest,
     deadline: Duration,
     mut buffer: Vec<f32>,
@@ -298,7 +303,7 @@ pub async fn pull_tensor(
     let mut version = None;
     let (mut start, mut count, mut filled) = (0, 0, 0);
     let bad = |e: String| Status::internal(format!("bad parameter chunk: {e}"));
-    pull(channel, request, deadline, |piece| {
+    pull(peer, request, deadline, |piece| {
         match piece {
             Piece::Start { head, data_len } => {
                 if *version.get_or_insert(head.version) != head.version {
@@ -333,14 +338,14 @@ pub async fn pull_tensor(
 
 /// Pulls parameters: `on` sees each chunk's head, its data in pieces, and its end.
 async fn pull(
-    channel: &Channel,
+    peer: Peer<'_>,
     request: &PullRequest,
     deadline: Duration,
     mut on: impl FnMut(Piece<'_, TensorChunk>) -> Result<(), Status>,
 ) -> Result<(), Status> {
     let call = async {
         let request = Pieces::new(std::iter::once(encode_message(request)));
-        let body = call(channel, PULL_PATH, request, deadline).await?;
+        let body = call(peer, PULL_PATH, request, deadline).await?;
         let mut splitter = Splitter::<TensorChunk>::new(net::MAX_MESSAGE_BYTES);
         read_answer(body, |data| {
             splitter.feed(&data, &mut on).map_err(|e: Status| {

@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::credential::{Attach, JobToken};
 use crate::error::TrainerError;
 use crate::net;
 use crate::proto::parameter_server_client::ParameterServerClient;
@@ -40,7 +42,7 @@ type PushTasks = JoinSet<(usize, u64, Result<u64, Status>)>;
 struct Link {
     index: usize,
     addr: String,
-    client: ParameterServerClient<Channel>,
+    client: PsClient,
     /// The same connection, for the hand-framed tensor calls.
     channel: Channel,
     range: Range<usize>,
@@ -62,7 +64,12 @@ pub struct Links {
     /// fresh multi-MiB allocations cost more in page faults than filling them.
     spare: Vec<Vec<f32>>,
     spare_params: Vec<f32>,
+    /// Sent with every push and pull.
+    token: JobToken,
 }
+
+/// A control-call client whose calls carry the job token.
+type PsClient = ParameterServerClient<InterceptedService<Channel, Attach>>;
 
 fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
     let mut request = Request::new(message);
@@ -92,9 +99,12 @@ impl Links {
                 Ok(Link {
                     index,
                     addr: addr.clone(),
-                    client: ParameterServerClient::new(channel.clone())
-                        .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(net::MAX_MESSAGE_BYTES),
+                    client: ParameterServerClient::with_interceptor(
+                        channel.clone(),
+                        config.token.attach(),
+                    )
+                    .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(net::MAX_MESSAGE_BYTES),
                     channel,
                     range,
                     need: 0,
@@ -112,6 +122,7 @@ impl Links {
             expected_workers: config.cluster.worker.len(),
             spare: vec![Vec::new(); config.cluster.ps.len()],
             spare_params: Vec::new(),
+            token: config.token.clone(),
         })
     }
 
@@ -298,9 +309,16 @@ impl Links {
             };
             let len = link.range.len();
             let buffer = std::mem::take(&mut self.spare[i]);
+            let token = self.token.clone();
             tasks.spawn(async move {
-                let result =
-                    tensor_wire::pull_tensor(&channel, &request, PULL_DEADLINE, buffer, len).await;
+                let result = tensor_wire::pull_tensor(
+                    (&channel, &token),
+                    &request,
+                    PULL_DEADLINE,
+                    buffer,
+                    len,
+                )
+                .await;
                 (i, result)
             });
         }
@@ -364,11 +382,13 @@ impl Links {
                 ..Default::default()
             };
             let (base, grad, range) = (link.base, grad.clone(), link.range.clone());
+            let token = self.token.clone();
             tasks.spawn(async move {
                 // On a timeout, whether the push landed is unknown: it comes back as
                 // Unavailable, so the worker registers again and redoes the step.
                 let result =
-                    tensor_wire::push_tensor(&channel, head, grad, range, PUSH_DEADLINE).await;
+                    tensor_wire::push_tensor((&channel, &token), head, grad, range, PUSH_DEADLINE)
+                        .await;
                 (i, base, result)
             });
         }
@@ -500,8 +520,7 @@ impl Links {
         interval: Duration,
         abort: watch::Sender<Option<String>>,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let clients: Vec<ParameterServerClient<Channel>> =
-            self.links.iter().map(|l| l.client.clone()).collect();
+        let clients: Vec<PsClient> = self.links.iter().map(|l| l.client.clone()).collect();
         let worker = self.worker;
         async move {
             let mut tick = tokio::time::interval(interval);

@@ -37,6 +37,8 @@ pub struct Cluster {
     pub ps: Vec<String>,
     pub worker: Vec<String>,
     pub dir: PathBuf,
+    /// `KUBETRAIN_JOB_TOKEN` for every process, as the operator gives every pod.
+    pub token: Option<String>,
 }
 
 impl Cluster {
@@ -46,6 +48,7 @@ impl Cluster {
             ps: (0..ps).map(addr).collect(),
             worker: (0..workers).map(addr).collect(),
             dir: temp_dir(name),
+            token: None,
         }
     }
 
@@ -70,7 +73,11 @@ impl Cluster {
                 .open(self.dir.join(format!("{name}.{ext}")))
                 .unwrap()
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_kubetrain-trainer"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kubetrain-trainer"));
+        if let Some(token) = &self.token {
+            command.env("KUBETRAIN_JOB_TOKEN", token);
+        }
+        let child = command
             .env("KUBETRAIN_CLUSTER", self.json())
             .env("KUBETRAIN_ROLE", role)
             .env("KUBETRAIN_INDEX", index.to_string())
@@ -233,4 +240,54 @@ pub async fn shut_down_ps(
         })
         .await
         .unwrap();
+}
+
+/// Polls the chief's Progress service until it reports `step >= min`.
+pub fn wait_for_step(chief: &mut Proc, address: &str, min: u64) -> u64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let step = runtime.block_on(async {
+            let mut client = kubetrain_trainer::proto::progress_client::ProgressClient::connect(
+                format!("http://{address}"),
+            )
+            .await
+            .ok()?;
+            let report = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.get_progress(kubetrain_trainer::proto::GetProgressRequest {}),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            Some(report.into_inner().step)
+        });
+        if let Some(step) = step.filter(|&s| s >= min) {
+            return step;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "chief never reached step {min}\n{}",
+            chief.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A connected channel to a trainer that is starting, retried for up to 10 s.
+pub async fn connect(addr: &str) -> tonic::transport::Channel {
+    for _ in 0..100 {
+        if let Ok(channel) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return channel;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("PS at {addr} never came up");
 }

@@ -43,6 +43,10 @@ impl Service<http::Request<Body>> for TransferService {
         let inner = self.0.clone();
         Box::pin(async move {
             let (head, body) = request.into_parts();
+            // Before a byte of the body is read: a stranger's push allocates nothing.
+            if let Err(refused) = inner.config.token.check_headers(&head.headers) {
+                return Ok(tensor_wire::error_response(refused));
+            }
             let answer = match head.uri.path() {
                 tensor_wire::PUSH_PATH => push(&inner, body).await.map(tensor_wire::push_answer),
                 tensor_wire::PULL_PATH => pull(&inner, body).await,
