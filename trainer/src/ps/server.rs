@@ -25,11 +25,15 @@ use crate::tensorboard::EventLog;
 use crate::termination::Termination;
 use kubetrain_api::validation::effective_hidden;
 
+mod push_slots;
 mod transfer;
 
 /// How long a pull waits server-side before telling the worker to ask again. Bounded so a
 /// blocked call never outlives its deadline; the worker simply re-issues it.
 const PULL_WAIT: Duration = Duration::from_secs(5);
+/// See [`run_ps`]'s server.
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(40);
 /// After giving up on the job, how long the PS keeps answering so workers hear why.
 const FAILURE_GRACE: Duration = Duration::from_secs(2);
 
@@ -61,6 +65,8 @@ struct Inner {
     events: EventLog,
     /// When the staleness was last logged, and the histogram then.
     staleness_logged: Mutex<(Instant, BTreeMap<u64, u64>)>,
+    /// Bounds the pushes arriving at once, and so the memory they hold.
+    push_slots: Arc<push_slots::PushSlots>,
 }
 
 /// How often the PS adds the staleness of recent updates to its event log.
@@ -441,6 +447,7 @@ pub async fn run_ps(
         written: Arc::new(Mutex::new(0)),
         events,
         staleness_logged: Mutex::new((Instant::now(), BTreeMap::new())),
+        push_slots: push_slots::PushSlots::for_workers(config.cluster.worker.len()),
         expected: expected_model(&config),
         config: config.clone(),
     });
@@ -479,6 +486,12 @@ pub async fn run_ps(
     info!(ps = config.index, addr = %config.bind, consistency = ?config.consistency, "parameter server listening");
     let mut signal = finished.clone();
     let server = net::server()
+        // Per connection: a worker has a push, a pull, a heartbeat and a control call
+        // open at most; far more is a flood, and each open stream costs memory.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        // No call of a worker's takes this long (its own deadlines are 5 to 30 s): a
+        // request that stalls is ended, and its push slot freed.
+        .timeout(REQUEST_TIMEOUT)
         .add_service(health)
         .add_service(service)
         .add_service(transfer::TransferService(inner.clone()))

@@ -241,7 +241,9 @@ impl Links {
                 link.addr,
                 status.message()
             ))),
-            Code::DeadlineExceeded => {
+            // A PS that has as many pushes arriving as it takes at once read none of this
+            // one: pushing again is safe.
+            Code::DeadlineExceeded | Code::ResourceExhausted => {
                 StepError::Retry(format!("{call} on ps {}: {}", link.index, status.message()))
             }
             Code::FailedPrecondition

@@ -106,6 +106,10 @@ pub struct Proc {
 }
 
 impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stdout(&self) -> String {
         std::fs::read_to_string(self.dir.join(format!("{}.out", self.name))).unwrap_or_default()
     }

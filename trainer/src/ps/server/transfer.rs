@@ -14,6 +14,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::Service;
 use tonic::server::NamedService;
+use tonic::transport::server::TcpConnectInfo;
 
 use super::{Inner, PULL_WAIT, status_of};
 use crate::net::{self, ChunkOrder};
@@ -48,7 +49,17 @@ impl Service<http::Request<Body>> for TransferService {
                 return Ok(tensor_wire::error_response(refused));
             }
             let answer = match head.uri.path() {
-                tensor_wire::PUSH_PATH => push(&inner, body).await.map(tensor_wire::push_answer),
+                tensor_wire::PUSH_PATH => {
+                    let connection = head
+                        .extensions
+                        .get::<TcpConnectInfo>()
+                        .and_then(TcpConnectInfo::remote_addr);
+                    match inner.push_slots.take(connection) {
+                        // Held until the push is applied or refused.
+                        Ok(_slot) => push(&inner, body).await.map(tensor_wire::push_answer),
+                        Err(refused) => Err(refused),
+                    }
+                }
                 tensor_wire::PULL_PATH => pull(&inner, body).await,
                 path => Err(Status::unimplemented(format!("no method {path}"))),
             };
@@ -63,7 +74,9 @@ impl Service<http::Request<Body>> for TransferService {
 /// Where a push's bytes go as they arrive.
 enum Gradient {
     /// Sync: copied into a vector, to be summed with the other workers' gradients. The
-    /// chunk being received: its first value, its length, and its bytes so far.
+    /// chunk being received: its first value, its length, and its bytes so far. The
+    /// vector grows only as bytes arrive (unless it is a recycled one, already whole), so
+    /// a push head that announces a shard and sends nothing costs nothing.
     Copied {
         values: Vec<f32>,
         start: usize,
@@ -94,7 +107,12 @@ impl Gradient {
                 len,
                 filled,
             } => {
-                net::write_le_bytes(&mut values[*start..*start + *len], *filled, &data);
+                // Splitter hands over no more bytes than the chunk announced.
+                let end = (*start + (*filled + data.len()).div_ceil(4)).min(*start + *len);
+                if values.len() < end {
+                    values.resize(end, 0.0);
+                }
+                net::write_le_bytes(&mut values[*start..end], *filled, &data);
                 *filled += data.len();
             }
             Gradient::Kept(wire) => wire.push(data),
@@ -173,8 +191,12 @@ impl IncomingPush {
                     Gradient::Kept(WireTensor::default())
                 } else {
                     let mut values = shard.take_spare();
-                    // A recycled buffer already has this length: no zero-fill, no page faults.
-                    values.resize(self.limit, 0.0);
+                    // A recycled buffer already has this length: no zero-fill, no page
+                    // faults. A new one only reserves address space; `data` fills it.
+                    if values.len() != self.limit {
+                        values.clear();
+                        values.reserve_exact(self.limit);
+                    }
                     Gradient::Copied {
                         values,
                         start: 0,
