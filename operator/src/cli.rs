@@ -1,6 +1,8 @@
 //! The `kubetrain` command line. In the library so tests can check that the shipped
 //! manifests pass arguments the binary really accepts.
 
+use std::collections::BTreeMap;
+
 use clap::{Parser, Subcommand};
 
 use crate::local::LocalArgs;
@@ -91,14 +93,65 @@ pub struct OperatorArgs {
         default_value_t = kubetrain_api::contract::DEFAULT_TRAINER_METRICS_PORT
     )]
     pub trainer_metrics_port: u16,
+    /// Give every job a NetworkPolicy that admits to its pods only the job's own pods,
+    /// this operator's pods (the trainer port, for progress) and metric scrapes.
+    #[arg(
+        long,
+        env = "KUBETRAIN_JOB_NETWORK_POLICY",
+        action = clap::ArgAction::Set,
+        default_value_t = true
+    )]
+    pub job_network_policy: bool,
+    /// The labels of this operator's pods, `key=value,...`: the job NetworkPolicies admit
+    /// pods with these labels in the operator's namespace (POD_NAMESPACE).
+    #[arg(
+        long,
+        env = "KUBETRAIN_OPERATOR_POD_LABELS",
+        value_parser = parse_labels,
+        default_value = "app.kubernetes.io/name=kubetrain,app.kubernetes.io/component=operator"
+    )]
+    pub operator_pod_labels: BTreeMap<String, String>,
+    /// The namespace this operator runs in (from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kubetrain-system")]
+    pub operator_namespace: String,
     /// Create PodGroups for this gang scheduler for jobs with schedulingPolicy.gang.
     #[arg(long, env = "KUBETRAIN_GANG_SCHEDULER", value_enum)]
     pub gang_scheduler: Option<GangSchedulerArg>,
 }
 
+/// `key=value,key=value` as a label map; each key and value non-empty.
+fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    text.split(',')
+        .map(|pair| match pair.trim().split_once('=') {
+            Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(format!("{pair:?} is not key=value")),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_network_policies_are_on_by_default_and_labels_parse() {
+        let parse = |extra: &[&str]| {
+            let cli = Cli::try_parse_from([&["kubetrain", "operator"], extra].concat()).unwrap();
+            let Command::Operator(args) = cli.command else {
+                panic!("not the operator subcommand");
+            };
+            args
+        };
+        let args = parse(&[]);
+        assert!(args.job_network_policy);
+        assert_eq!(
+            args.operator_pod_labels["app.kubernetes.io/component"],
+            "operator"
+        );
+        assert!(!parse(&["--job-network-policy", "false"]).job_network_policy);
+        assert!(parse_labels("a=b,c").is_err());
+        assert!(parse_labels("=b").is_err());
+    }
 
     #[test]
     fn gang_scheduler_flag_values_map_to_the_schedulers() {

@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -24,6 +25,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::cached_pod::CachedPod;
 use crate::gang::{self, GangObservation, PodGroupState};
+use crate::isolation;
 use crate::metrics::Metrics;
 use crate::plan::{self, PlanSettings, ReplicaId};
 use crate::pod_cache::PodCache;
@@ -118,6 +120,38 @@ pub enum Error {
         /// The API error.
         source: kube::Error,
     },
+    /// Creating the job's token Secret failed.
+    #[error("creating secret {name}: {source}")]
+    CreateTokenSecret {
+        /// Secret name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Deleting the job's token Secret failed.
+    #[error("deleting secret {name}: {source}")]
+    DeleteTokenSecret {
+        /// Secret name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Applying the job's NetworkPolicy failed.
+    #[error("applying networkpolicy {name}: {source}")]
+    ApplyNetworkPolicy {
+        /// NetworkPolicy name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
+    /// Deleting the job's NetworkPolicy failed.
+    #[error("deleting networkpolicy {name}: {source}")]
+    DeleteNetworkPolicy {
+        /// NetworkPolicy name.
+        name: String,
+        /// The API error.
+        source: kube::Error,
+    },
     /// Reading the job's PodGroup failed.
     #[error("reading podgroup {name}: {source}")]
     GetPodGroup {
@@ -162,6 +196,10 @@ impl Error {
         "delete_pod",
         "apply_service",
         "delete_service",
+        "create_token_secret",
+        "delete_token_secret",
+        "apply_network_policy",
+        "delete_network_policy",
         "get_pod_group",
         "apply_pod_group",
         "patch_status",
@@ -176,6 +214,10 @@ impl Error {
             Error::DeletePod { .. } => "delete_pod",
             Error::ApplyService { .. } => "apply_service",
             Error::DeleteService { .. } => "delete_service",
+            Error::CreateTokenSecret { .. } => "create_token_secret",
+            Error::DeleteTokenSecret { .. } => "delete_token_secret",
+            Error::ApplyNetworkPolicy { .. } => "apply_network_policy",
+            Error::DeleteNetworkPolicy { .. } => "delete_network_policy",
             Error::GetPodGroup { .. } => "get_pod_group",
             Error::ApplyPodGroup { .. } => "apply_pod_group",
             Error::PatchStatus { .. } => "patch_status",
@@ -453,6 +495,8 @@ async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Erro
                         name: name.clone(),
                         source,
                     })?;
+                    // The job's other pod-lifetime children go with the Service.
+                    remove_isolation(job, ctx).await?;
                 }
             }
             Action::DeleteJob => {
@@ -503,6 +547,10 @@ async fn create_pods(
     ctx: &Context,
     api: &Api<CachedPod>,
 ) -> Result<(), Error> {
+    if replicas.is_empty() {
+        return Ok(());
+    }
+    ensure_isolation(job, ctx).await?;
     let applies = replicas.iter().copied().map(|replica| async move {
         let pod = plan::pod(job, replica, &ctx.settings);
         let name = pod.name_any();
@@ -519,6 +567,70 @@ async fn create_pods(
         .collect()
         .await;
     results.into_iter().collect()
+}
+
+/// Before any pod of the job is created: its token Secret exists (a pod that refers to a
+/// missing Secret cannot start), and so does its NetworkPolicy. Pods are created rarely
+/// (at start, and to replace one), so this costs no request on a steady job.
+///
+/// The Secret is created, never applied: the operator may `create` and `delete` Secrets
+/// but never read one, so an existing Secret (409) is left as it is, and the running
+/// pods keep the token they hold.
+async fn ensure_isolation(job: &TrainingJob, ctx: &Context) -> Result<(), Error> {
+    let namespace = job.namespace().unwrap_or_default();
+    if isolation::uses_token(job) {
+        let secret = isolation::token_secret(job, &isolation::new_token());
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => info!(secret = %secret.name_any(), "created the job's token secret"),
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(source) => {
+                return Err(Error::CreateTokenSecret {
+                    name: secret.name_any(),
+                    source,
+                });
+            }
+        }
+    }
+    if let Some(policy) = isolation::network_policy(job, &ctx.settings) {
+        let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+        api.patch(&policy.name_any(), &apply_params(), &Patch::Apply(&policy))
+            .await
+            .map_err(|source| Error::ApplyNetworkPolicy {
+                name: policy.name_any(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Deletes the job's token Secret and NetworkPolicy once its pods are cleaned up.
+async fn remove_isolation(job: &TrainingJob, ctx: &Context) -> Result<(), Error> {
+    let namespace = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    if isolation::uses_token(job) {
+        let secret = kubetrain_api::contract::token_secret_name(&name);
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+        ignore_gone(
+            api.delete(&secret, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        )
+        .map_err(|source| Error::DeleteTokenSecret {
+            name: secret,
+            source,
+        })?;
+    }
+    if ctx.settings.job_network_policy.is_some() {
+        let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+        ignore_gone(
+            api.delete(&name, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        )
+        .map_err(|source| Error::DeleteNetworkPolicy { name, source })?;
+    }
+    Ok(())
 }
 
 /// Makes sure a gang-scheduled job's PodGroup exists (before any of its pods, so the
@@ -770,6 +882,22 @@ mod error_kind_tests {
                 source: api(),
             },
             Error::DeleteService {
+                name: s(),
+                source: api(),
+            },
+            Error::CreateTokenSecret {
+                name: s(),
+                source: api(),
+            },
+            Error::DeleteTokenSecret {
+                name: s(),
+                source: api(),
+            },
+            Error::ApplyNetworkPolicy {
+                name: s(),
+                source: api(),
+            },
+            Error::DeleteNetworkPolicy {
                 name: s(),
                 source: api(),
             },

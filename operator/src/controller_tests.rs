@@ -30,11 +30,15 @@ fn job() -> TrainingJob {
 }
 
 fn context() -> (Arc<Context>, Handle) {
+    context_with(PlanSettings::default())
+}
+
+fn context_with(settings: PlanSettings) -> (Arc<Context>, Handle) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "ns");
     let ctx = Context::new(
         client,
-        PlanSettings::default(),
+        settings,
         Some("test".into()),
         Arc::new(Metrics::new()),
     );
@@ -170,6 +174,13 @@ async fn a_new_job_gets_its_status_service_and_pods_by_server_side_apply() {
         assert_eq!(service["spec"]["clusterIP"], "None");
         assert_eq!(service["metadata"]["ownerReferences"][0]["uid"], "job-uid");
 
+        // Created (never applied nor read) before the pods that refer to it.
+        let secret = expect_token_secret(&mut handle, 201).await;
+        assert_eq!(secret["immutable"], true);
+        assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "job-uid");
+        // 64 hex digits, base64-encoded.
+        assert_eq!(secret["data"]["token"].as_str().map(str::len), Some(88));
+
         for name in [
             "quickstart-ps-0",
             "quickstart-worker-0",
@@ -205,6 +216,103 @@ async fn a_new_job_gets_its_status_service_and_pods_by_server_side_apply() {
             "created 3 pods: quickstart-ps-0, quickstart-worker-0, quickstart-worker-1"
         );
         assert_eq!(event["reportingController"], "kubetrain.io/operator");
+        handle
+    });
+    reconcile(guard(job), ctx)
+        .await
+        .expect("reconcile succeeds");
+    let mut handle = scenario.await.unwrap();
+    assert_no_more_requests(&mut handle).await;
+}
+
+async fn expect_token_secret(handle: &mut Handle, status: u16) -> Value {
+    let secret = expect(
+        handle,
+        Expect {
+            method: Method::POST,
+            path_and_query: "/api/v1/namespaces/ns/secrets?",
+            respond: if status == 409 {
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "secrets \"quickstart-token\" already exists"})
+            } else {
+                any_object("v1", "Secret", "quickstart-token")
+            },
+            status,
+        },
+    )
+    .await;
+    assert_eq!(secret["metadata"]["name"], "quickstart-token");
+    secret
+}
+
+#[tokio::test]
+async fn an_existing_token_secret_is_kept_and_the_network_policy_comes_before_the_pods() {
+    let job = job();
+    let (ctx, mut handle) = context_with(PlanSettings {
+        job_network_policy: Some(crate::plan::OperatorPods {
+            namespace: "kubetrain-system".into(),
+            labels: [("app.kubernetes.io/component".into(), "operator".into())].into(),
+        }),
+        ..PlanSettings::default()
+    });
+    cached(&ctx, &[]);
+    let job_json = serde_json::to_value(&job).unwrap();
+    let scenario = tokio::spawn(async move {
+        expect_status_patch(&mut handle, &job_json).await;
+        expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path_and_query: &format!("/api/v1/namespaces/ns/services/quickstart{APPLY_QUERY}"),
+                respond: any_object("v1", "Service", "quickstart"),
+                status: 200,
+            },
+        )
+        .await;
+        // A retried reconcile finds the Secret there: the pods keep the token they hold.
+        expect_token_secret(&mut handle, 409).await;
+        let policy = expect(
+            &mut handle,
+            Expect {
+                method: Method::PATCH,
+                path_and_query: &format!(
+                    "/apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/quickstart{APPLY_QUERY}"
+                ),
+                respond: any_object("networking.k8s.io/v1", "NetworkPolicy", "quickstart"),
+                status: 200,
+            },
+        )
+        .await;
+        assert_eq!(
+            policy["spec"]["podSelector"]["matchLabels"]["kubetrain.io/job-name"],
+            "quickstart"
+        );
+        assert_eq!(policy["metadata"]["ownerReferences"][0]["uid"], "job-uid");
+        for name in [
+            "quickstart-ps-0",
+            "quickstart-worker-0",
+            "quickstart-worker-1",
+        ] {
+            expect(
+                &mut handle,
+                Expect {
+                    method: Method::PATCH,
+                    path_and_query: &format!("/api/v1/namespaces/ns/pods/{name}{APPLY_QUERY}"),
+                    respond: any_object("v1", "Pod", name),
+                    status: 200,
+                },
+            )
+            .await;
+        }
+        expect(
+            &mut handle,
+            Expect {
+                method: Method::POST,
+                path_and_query: "/apis/events.k8s.io/v1/namespaces/ns/events?",
+                respond: any_object("events.k8s.io/v1", "Event", "quickstart.1"),
+                status: 201,
+            },
+        )
+        .await;
         handle
     });
     reconcile(guard(job), ctx)

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod controller;
 pub mod curves;
 pub mod gang;
+pub mod isolation;
 pub mod leader;
 pub mod local;
 pub mod metrics;

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, Pod,
-    PodCondition, PodStatus,
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, EnvVarSource,
+    Pod, PodCondition, PodStatus, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -31,10 +31,12 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::curves;
+use crate::isolation;
 use crate::plan::{self, PlanSettings, ReplicaId};
 use crate::podsim::forward::PortForward;
 use crate::podsim::network::{DnsContext, DnsKey, PodAddress, PodNetwork};
 use crate::podsim::paths::PathMap;
+use crate::podsim::secrets;
 use crate::podsim::termination;
 use crate::status::{self, Action};
 
@@ -139,6 +141,16 @@ pub enum LocalError {
         pod: String,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// An env value of a pod could not be resolved.
+    #[error("pod {pod}: env {var}: {reason}")]
+    ResolveEnv {
+        /// The pod.
+        pod: String,
+        /// The env variable.
+        var: String,
+        /// Why.
+        reason: String,
     },
     /// `--follow` names no replica of the job.
     #[error("--follow {0}: the job has no such replica; use ROLE-INDEX, for example worker-0")]
@@ -286,6 +298,11 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
     let mut world = World {
         network: PodNetwork::new(settings.port),
         mounts: PathMap::default(),
+        // As the operator creates it before the first pod.
+        secrets: isolation::uses_token(&job)
+            .then(|| isolation::token_secret(&job, &isolation::new_token()))
+            .into_iter()
+            .collect(),
     };
     for (host, container) in &args.volumes {
         world.mounts.mount(container.clone(), host.clone());
@@ -431,6 +448,8 @@ fn parse_follow(job: &TrainingJob, text: &str) -> Result<ReplicaId, LocalError> 
 struct World {
     network: PodNetwork,
     mounts: PathMap,
+    /// The job's Secrets (its token), for env `secretKeyRef`s.
+    secrets: Vec<Secret>,
 }
 
 /// The pod's DNS identity: namespace, subdomain (the job's Service), hostname.
@@ -684,6 +703,22 @@ async fn spawn(
             (Some(v), _) => world.mounts.apply(&world.network.rewrite(v, &dns)),
             // The only downward-API value the plan uses is the pod's IP.
             (None, Some(_)) if env.name == contract::ENV_POD_IP => local.address.ip.to_string(),
+            (
+                None,
+                Some(EnvVarSource {
+                    secret_key_ref: Some(selector),
+                    ..
+                }),
+            ) => world
+                .secrets
+                .iter()
+                .filter(|s| s.metadata.name.as_deref() == Some(selector.name.as_str()))
+                .find_map(|s| secrets::value(s, selector))
+                .ok_or_else(|| LocalError::ResolveEnv {
+                    pod: pod_name.clone(),
+                    var: env.name.clone(),
+                    reason: secrets::missing(selector),
+                })?,
             _ => continue,
         };
         command.env(&env.name, value);

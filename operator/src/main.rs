@@ -13,7 +13,7 @@ use kubetrain_operator::controller::{self, Context};
 use kubetrain_operator::leader::{Elector, Timing};
 use kubetrain_operator::local;
 use kubetrain_operator::metrics::{self, Metrics};
-use kubetrain_operator::plan::PlanSettings;
+use kubetrain_operator::plan::{OperatorPods, PlanSettings};
 use kubetrain_operator::telemetry::{self, LogFormat};
 
 #[tokio::main]
@@ -53,6 +53,10 @@ async fn run_operator(args: OperatorArgs) -> Result<(), Box<dyn std::error::Erro
         trainer_image: args.trainer_image,
         gang_scheduler: args.gang_scheduler.map(Into::into),
         trainer_metrics_port: (args.trainer_metrics_port != 0).then_some(args.trainer_metrics_port),
+        job_network_policy: args.job_network_policy.then(|| OperatorPods {
+            namespace: args.operator_namespace.clone(),
+            labels: args.operator_pod_labels.clone(),
+        }),
         ..PlanSettings::default()
     };
     let identity = args.instance.clone().unwrap_or_else(|| {

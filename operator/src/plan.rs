@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service,
-    ServicePort, ServiceSpec, TCPSocketAction,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
+    SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -30,6 +30,18 @@ pub struct PlanSettings {
     /// The port the built-in trainer serves `/metrics` on, as the container port named
     /// `metrics` that the chart's PodMonitor scrapes; None for no trainer metrics.
     pub trainer_metrics_port: Option<u16>,
+    /// Give every job a NetworkPolicy (`--job-network-policy`) that admits these operator
+    /// pods to the trainer port; None for no policy.
+    pub job_network_policy: Option<OperatorPods>,
+}
+
+/// The operator's own pods, which ask each job's chief for progress on the trainer port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperatorPods {
+    /// The namespace they run in.
+    pub namespace: String,
+    /// Labels that select them there.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Default for PlanSettings {
@@ -39,6 +51,7 @@ impl Default for PlanSettings {
             port: contract::DEFAULT_PORT,
             gang_scheduler: None,
             trainer_metrics_port: Some(contract::DEFAULT_TRAINER_METRICS_PORT),
+            job_network_policy: None,
         }
     }
 }
@@ -110,7 +123,11 @@ pub fn job_selector(job_name: &str) -> String {
     format!("{}={job_name}", contract::LABEL_JOB_NAME)
 }
 
-fn child_meta(job: &TrainingJob, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+pub(crate) fn child_meta(
+    job: &TrainingJob,
+    name: String,
+    labels: BTreeMap<String, String>,
+) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: job.namespace(),
@@ -200,6 +217,19 @@ pub fn contract_env(job: &TrainingJob, replica: ReplicaId, settings: &PlanSettin
             contract::ENV_TRAINING,
             serde_json::to_string(training).expect("a TrainingSpec always serialises"),
         ));
+        // The built-in trainer refuses calls without the job's token (isolation.rs).
+        env.push(EnvVar {
+            name: contract::ENV_JOB_TOKEN.to_string(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: contract::token_secret_name(&name),
+                    key: contract::TOKEN_SECRET_KEY.to_string(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+        });
     }
     env
 }

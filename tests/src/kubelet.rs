@@ -54,7 +54,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
-    ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus,
+    ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -63,6 +63,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, ResourceExt};
 use kubetrain_api::contract;
+use kubetrain_operator::podsim;
 use kubetrain_operator::podsim::forward::PortForward;
 use kubetrain_operator::podsim::network::{DnsContext, DnsKey, PodAddress, PodNetwork};
 use kubetrain_operator::podsim::paths::PathMap;
@@ -71,7 +72,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::process::{Target, Watchdog};
-use crate::volumes;
+use crate::{pod_secrets, volumes};
 
 /// The label every pod of a TrainingJob carries (DESIGN.md §2).
 pub const JOB_NAME_LABEL: &str = "kubetrain.io/job-name";
@@ -116,6 +117,12 @@ pub enum KubeletError {
         pod: String,
         #[source]
         source: kube::Error,
+    },
+    #[error("pod {pod}: env {var}: {message}")]
+    EnvSecret {
+        pod: String,
+        var: String,
+        message: String,
     },
     #[error("pod {pod}: volume {volume}: {message}")]
     MountVolume {
@@ -463,13 +470,16 @@ async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot
 
     let log = log_path(&config.log_dir, &ns, &name);
     let workdir = log.with_extension("d");
-    let launch = match volumes::mount(&api, &pod, &workdir).await {
-        Ok(mounts) => {
-            let mut network = shared.network.lock().expect("pod network lock");
-            prepare_launch(&pod, config, pod_ip, &mut network, &mounts)
-        }
+    let mounted = match volumes::mount(&api, &pod, &workdir).await {
+        Ok(mounts) => pod_secrets::read(&api, &pod)
+            .await
+            .map(|secrets| (mounts, secrets)),
         Err(err) => Err(err),
     };
+    let launch = mounted.and_then(|(mounts, secrets)| {
+        let mut network = shared.network.lock().expect("pod network lock");
+        prepare_launch(&pod, config, pod_ip, &mut network, &mounts, &secrets)
+    });
     // Whoever dials podIP:<contract port>, as the operator does for progress, reaches
     // the program on its mapped port. Held for the pod's life.
     let _forward = match PortForward::start(
@@ -778,6 +788,7 @@ fn prepare_launch(
     pod_ip: Ipv4Addr,
     network: &mut PodNetwork,
     mounts: &PathMap,
+    secrets: &[Secret],
 ) -> Result<Launch, KubeletError> {
     let pod_name = pod.name_any();
     let container = main_container(pod).ok_or_else(|| KubeletError::NoContainer {
@@ -818,14 +829,23 @@ fn prepare_launch(
         let value = match (&var.value, &var.value_from) {
             (Some(v), _) => mounts.apply(&network.rewrite(v, &ctx)),
             (None, None) => String::new(),
-            (None, Some(source)) => match &source.field_ref {
-                Some(field) => field_value(pod, &field.field_path, pod_ip, config.host_ip)
+            (None, Some(source)) => match (&source.field_ref, &source.secret_key_ref) {
+                (Some(field), _) => field_value(pod, &field.field_path, pod_ip, config.host_ip)
                     .ok_or_else(|| KubeletError::UnsupportedEnvSource {
                         pod: pod_name.clone(),
                         var: var.name.clone(),
                         what: format!("fieldRef {}", field.field_path),
                     })?,
-                None => {
+                (None, Some(selector)) => secrets
+                    .iter()
+                    .filter(|s| s.metadata.name.as_deref() == Some(selector.name.as_str()))
+                    .find_map(|s| podsim::secrets::value(s, selector))
+                    .ok_or_else(|| KubeletError::EnvSecret {
+                        pod: pod_name.clone(),
+                        var: var.name.clone(),
+                        message: podsim::secrets::missing(selector),
+                    })?,
+                (None, None) => {
                     return Err(KubeletError::UnsupportedEnvSource {
                         pod: pod_name.clone(),
                         var: var.name.clone(),

@@ -12,10 +12,12 @@
 //!   arrives.
 //! - [`paths`]: container paths of mounted volumes become host directories in argv and
 //!   env.
+//! - [`secrets`]: env values from Secrets, as a kubelet resolves `secretKeyRef`.
 //! - [`termination`]: what a process left at its termination-message path, for the
 //!   terminated container state.
 
 pub mod forward;
 pub mod network;
 pub mod paths;
+pub mod secrets;
 pub mod termination;
