@@ -16,16 +16,43 @@ fn trainer_binary() -> PathBuf {
     envtest::workspace_binary("kubetrain-trainer", "kubetrain-trainer")
 }
 
+/// A namespace on the real API server with the operator watching it and the test kubelet
+/// running its pods' trainers. Bind every field when taking it apart: `..` drops the
+/// operator and the log directory on the spot.
+struct Harness {
+    ns: envtest::TestNamespace,
+    kubelet: Kubelet,
+    _operator: OperatorTask,
+    _logs: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start(prefix: &str) -> Self {
+        let trainer = tokio::task::spawn_blocking(trainer_binary).await.unwrap();
+        let ns = namespace_with_crd(prefix).await;
+        let logs = tempfile::tempdir().unwrap();
+        let kubelet = Kubelet::start(
+            ns.client.clone(),
+            KubeletConfig::new(&ns.name, logs.path()).trainer(&trainer),
+        );
+        let operator = OperatorTask::start(&ns);
+        Self {
+            ns,
+            kubelet,
+            _operator: operator,
+            _logs: logs,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quickstart_trains_to_succeeded_on_the_real_api_server() {
-    let trainer = tokio::task::spawn_blocking(trainer_binary).await.unwrap();
-    let ns = namespace_with_crd("e2e").await;
-    let logs = tempfile::tempdir().unwrap();
-    let kubelet = Kubelet::start(
-        ns.client.clone(),
-        KubeletConfig::new(&ns.name, logs.path()).trainer(&trainer),
-    );
-    let _operator = OperatorTask::start(&ns);
+    let Harness {
+        ns,
+        kubelet,
+        _operator,
+        _logs,
+    } = Harness::start("e2e").await;
     let mut watch = JobWatch::new(&ns, "quickstart");
 
     let server = envtest::shared().await.unwrap();
@@ -143,14 +170,12 @@ async fn kubectl(args: &[&str], stdin: Option<String>) -> String {
 /// the job ends Succeeded with the accuracy of an undisturbed run beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_job_survives_kubectl_delete_of_a_worker_pod() {
-    let trainer = tokio::task::spawn_blocking(trainer_binary).await.unwrap();
-    let ns = namespace_with_crd("e2e-delete").await;
-    let logs = tempfile::tempdir().unwrap();
-    let kubelet = Kubelet::start(
-        ns.client.clone(),
-        KubeletConfig::new(&ns.name, logs.path()).trainer(&trainer),
-    );
-    let _operator = OperatorTask::start(&ns);
+    let Harness {
+        ns,
+        kubelet,
+        _operator,
+        _logs,
+    } = Harness::start("e2e-delete").await;
     let run_for = std::time::Duration::from_secs(240);
     let mut undisturbed = JobWatch::new(&ns, "undisturbed").with_timeout(run_for);
     let mut replaced = JobWatch::new(&ns, "replaced").with_timeout(run_for);
@@ -162,48 +187,8 @@ async fn a_sync_job_survives_kubectl_delete_of_a_worker_pod() {
         .await;
     }
 
-    let pods: kube::Api<Pod> = ns.api();
-    let running = replaced
-        .until("the chief past a tenth of its epochs", |job| {
-            job.status
-                .as_ref()
-                .and_then(|s| s.progress.as_ref())
-                .is_some_and(|p| p.epoch * 10 >= EPOCHS)
-        })
-        .await;
-    let at = running.status.unwrap().progress.unwrap();
-    let old_uid = pods.get("replaced-worker-1").await.unwrap().metadata.uid;
-    kubectl(
-        &[
-            "delete",
-            "pod",
-            "-n",
-            &ns.name,
-            "replaced-worker-1",
-            "--wait=false",
-        ],
-        None,
-    )
-    .await;
-    let jobs: kube::Api<kubetrain_api::TrainingJob> = ns.api();
-    let recreated = wait_until("replaced-worker-1 to be recreated", || {
-        let (pods, jobs) = (pods.clone(), jobs.clone());
-        let old_uid = old_uid.clone();
-        async move {
-            match pods.get_opt("replaced-worker-1").await {
-                Ok(Some(pod)) if pod.metadata.uid != old_uid => Ok(pod),
-                other => {
-                    let status = jobs.get("replaced").await.map(|j| j.status);
-                    Err(format!(
-                        "pod {:?}; job status {status:?}",
-                        other.map(|p| p.map(|p| p.metadata.uid))
-                    ))
-                }
-            }
-        }
-    })
-    .await;
-    assert_ne!(recreated.metadata.uid, old_uid);
+    let at = past_a_tenth(&mut replaced).await;
+    delete_and_wait_for_replacement(&ns, "replaced", "replaced-worker-1").await;
 
     let done = replaced.until_state("Succeeded").await;
     let baseline = undisturbed.until_state("Succeeded").await;
@@ -234,6 +219,124 @@ async fn a_sync_job_survives_kubectl_delete_of_a_worker_pod() {
     assert!(
         worker_log.contains("continuing from the step"),
         "{worker_log}"
+    );
+    kubelet.shutdown().await;
+}
+
+/// Waits until `job` is past a tenth of its epochs; its progress then.
+async fn past_a_tenth(job: &mut JobWatch) -> kubetrain_api::TrainingProgress {
+    let running = job
+        .until("the chief past a tenth of its epochs", |job| {
+            job.status
+                .as_ref()
+                .and_then(|s| s.progress.as_ref())
+                .is_some_and(|p| p.epoch * 10 >= EPOCHS)
+        })
+        .await;
+    running.status.unwrap().progress.unwrap()
+}
+
+/// `kubectl delete pod <pod>` of job `job_name`, and waits for the operator to recreate it
+/// (a new uid).
+async fn delete_and_wait_for_replacement(ns: &envtest::TestNamespace, job_name: &str, pod: &str) {
+    let pods: kube::Api<Pod> = ns.api();
+    let old_uid = pods.get(pod).await.unwrap().metadata.uid;
+    kubectl(
+        &["delete", "pod", "-n", &ns.name, pod, "--wait=false"],
+        None,
+    )
+    .await;
+    let jobs: kube::Api<kubetrain_api::TrainingJob> = ns.api();
+    let recreated = wait_until(&format!("{pod} to be recreated"), || {
+        let (pods, jobs) = (pods.clone(), jobs.clone());
+        let old_uid = old_uid.clone();
+        async move {
+            match pods.get_opt(pod).await {
+                Ok(Some(pod)) if pod.metadata.uid != old_uid => Ok(pod),
+                other => {
+                    let status = jobs.get(job_name).await.map(|j| j.status);
+                    Err(format!(
+                        "pod {:?}; job status {status:?}",
+                        other.map(|p| p.map(|p| p.metadata.uid))
+                    ))
+                }
+            }
+        }
+    })
+    .await;
+    assert_ne!(recreated.metadata.uid, old_uid);
+}
+
+/// `key=<number>` from the first line of `log` that contains `what`.
+fn logged(log: &str, what: &str, key: &str) -> Option<u64> {
+    log.lines().find(|l| l.contains(what)).and_then(|l| {
+        l.split(&format!("{key}="))
+            .nth(1)?
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// Issue #21: `kubectl delete pod <job>-ps-0` during a Sync run with checkpoints. The test
+/// kubelet gives the PS SIGTERM, it writes a final checkpoint and exits; the operator
+/// recreates the pod, the new PS resumes from the checkpoint, the workers register again,
+/// and the job ends Succeeded, having lost no more than `everySteps` steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_job_survives_kubectl_delete_of_its_parameter_server_pod() {
+    let Harness {
+        ns,
+        kubelet,
+        _operator,
+        _logs,
+    } = Harness::start("e2e-delete-ps").await;
+    let checkpoints = tempfile::tempdir().unwrap();
+    let every: u64 = 200;
+    let mut job: serde_yaml::Value =
+        serde_yaml::from_str(&long_quickstart("ps-replaced")).expect("YAML");
+    job["spec"]["training"]["checkpoint"]["path"] = checkpoints.path().display().to_string().into();
+    job["spec"]["training"]["checkpoint"]["everySteps"] = every.into();
+    kubectl(
+        &["apply", "-n", &ns.name, "-f", "-"],
+        Some(serde_yaml::to_string(&job).unwrap()),
+    )
+    .await;
+    let mut watch =
+        JobWatch::new(&ns, "ps-replaced").with_timeout(std::time::Duration::from_secs(240));
+    // Mid-run, and after a periodic checkpoint: the chief's progress reaches the status
+    // only every 10 s, late in a run this short, so the PS's own log says when.
+    wait_until("the PS to write its first checkpoint", || {
+        let log = kubelet.logs(&ns.name, "ps-replaced-ps-0");
+        async move {
+            match logged(&log, "checkpoint written", "version") {
+                Some(version) => Ok(version),
+                None => Err(log.lines().last().unwrap_or("").to_string()),
+            }
+        }
+    })
+    .await;
+    delete_and_wait_for_replacement(&ns, "ps-replaced", "ps-replaced-ps-0").await;
+    let done = watch.until_state("Succeeded").await;
+    let ps_log = kubelet.logs(&ns.name, "ps-replaced-ps-0");
+    let stopped = logged(&ps_log, "stopping on SIGTERM", "version")
+        .unwrap_or_else(|| panic!("the PS did not stop on SIGTERM\n{ps_log}"));
+    let resumed = logged(&ps_log, "resumed shard from checkpoint", "version")
+        .unwrap_or_else(|| panic!("the new PS did not resume from a checkpoint\n{ps_log}"));
+    let progress = done.status.unwrap().progress.unwrap();
+    eprintln!(
+        "deleted ps-0 after its first checkpoint: stopped at version {stopped}, resumed at {resumed}; final step {}, accuracy {:?}",
+        progress.step, progress.accuracy
+    );
+    assert!(
+        stopped.saturating_sub(resumed) <= every,
+        "lost {} steps, more than everySteps {every}\n{ps_log}",
+        stopped - resumed
+    );
+    assert!(resumed > 0, "resumed from a checkpoint with steps in it");
+    assert!(
+        progress.accuracy.is_some_and(|a| a >= 0.9),
+        "{progress:?}\n{ps_log}"
     );
     kubelet.shutdown().await;
 }
