@@ -90,7 +90,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-fn encode(ckpt: &ShardCheckpoint) -> Vec<u8> {
+pub(super) fn encode(ckpt: &ShardCheckpoint) -> Vec<u8> {
     let (kind, adam_step) = match &ckpt.optimizer {
         OptimizerState::Sgd { .. } => ("sgd", 0),
         OptimizerState::Adam { t, .. } => ("adam", *t),
@@ -161,7 +161,7 @@ pub fn read(path: &Path) -> Result<Option<ShardCheckpoint>, CheckpointError> {
         })
 }
 
-fn decode(bytes: &[u8]) -> Result<ShardCheckpoint, String> {
+pub(super) fn decode(bytes: &[u8]) -> Result<ShardCheckpoint, String> {
     if bytes.len() < 20 || &bytes[..8] != MAGIC {
         return Err("not a kubetrain shard checkpoint (bad magic)".into());
     }
@@ -187,11 +187,14 @@ fn decode(bytes: &[u8]) -> Result<ShardCheckpoint, String> {
         other => return Err(format!("unknown optimizer {other:?}")),
     };
     let payload = &body[header_end..];
-    if payload.len() != 4 * len * (1 + vectors) {
+    // The header's range is untrusted: its size in bytes may not fit in a usize at all.
+    let expected = len
+        .checked_mul(4 * (1 + vectors))
+        .ok_or_else(|| format!("shard range of {len} parameters is larger than any file"))?;
+    if payload.len() != expected {
         return Err(format!(
-            "payload has {} bytes, expected {}",
+            "payload has {} bytes, expected {expected}",
             payload.len(),
-            4 * len * (1 + vectors)
         ));
     }
     let mut floats = payload
@@ -235,6 +238,21 @@ mod tests {
             "{text}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_range_larger_than_any_file_is_refused() {
+        // Found by `fuzz/` (target `checkpoint`): the payload size, 8 bytes a parameter
+        // here, overflowed; without overflow checks 2^61 + 1 parameters wrapped to 8 bytes.
+        let header = br#"{"version":1,"start":0,"end":2305843009213693953,"total_params":1,"optimizer":"sgd","adam_step":0}"#;
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[0; 8]);
+        let sum = fnv1a(&bytes);
+        bytes.extend_from_slice(&sum.to_le_bytes());
+        let err = decode(&bytes).unwrap_err();
+        assert!(err.contains("2305843009213693953 parameters"), "{err}");
     }
 
     #[test]

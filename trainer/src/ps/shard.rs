@@ -232,7 +232,9 @@ impl Shard {
         if base > version || (consistency == Consistency::Sync && base != version) {
             return Err(ShardError::Stale { base, version });
         }
-        w.clock = w.clock.max(step + 1);
+        // `step` comes off the wire: a push for the last step there is must not wrap (or,
+        // with overflow checks, panic while the shard's lock is held).
+        w.clock = w.clock.max(step.saturating_add(1));
         Ok(())
     }
 
@@ -308,7 +310,9 @@ impl Shard {
         threads: usize,
         now: Instant,
     ) -> Result<PushOutcome, ShardError> {
-        if !self.applies_on_arrival() {
+        // A tensor that ends inside a value is refused below in every mode: copying only
+        // its whole values would take a cut-off push for a complete one.
+        if !self.applies_on_arrival() && gradient.is_whole() {
             let mut values = self.take_spare();
             values.clear();
             gradient.extend_into(&mut values);
@@ -665,6 +669,29 @@ mod tests {
     }
 
     #[test]
+    fn a_wire_push_cut_inside_a_value_is_refused_in_sync_too() {
+        // Found by `fuzz/` (target `push`): Sync copied the whole values and dropped the rest.
+        let now = Instant::now();
+        let (mut s, _) = shard(Consistency::Sync, 1);
+        let mut cut = wire(&[1.0, 2.0]);
+        cut.push(bytes::Bytes::from_static(&[0x3f]));
+        assert_eq!(
+            s.push_wire(0, 0, 0, &cut, 1, now),
+            Err(ShardError::WrongLength {
+                expected: 2,
+                got: 2
+            })
+        );
+        assert_eq!((s.version(), s.params()), (0, &[0.0, 0.0][..]));
+        // Nothing of it is pending: the next whole push completes the step on its own.
+        assert_eq!(
+            s.push_wire(0, 0, 0, &wire(&[1.0, 2.0]), 1, now),
+            Ok(PushOutcome::Applied { version: 1 })
+        );
+        assert_eq!(s.params(), &[-1.0, -2.0]);
+    }
+
+    #[test]
     fn a_non_finite_gradient_is_refused_naming_the_worker_and_changes_nothing() {
         let now = Instant::now();
         for consistency in [
@@ -770,6 +797,30 @@ mod tests {
             s.pull_decision(0, u64::MAX, 5, now),
             Ok(PullDecision::Restarted { version: 0 })
         );
+    }
+
+    #[test]
+    fn a_push_for_the_last_step_there_is_wraps_nothing() {
+        // Found by `fuzz/` (target `push`): `step + 1` overflowed in `admit`.
+        for consistency in [
+            Consistency::Sync,
+            Consistency::Async,
+            Consistency::BoundedStaleness(2),
+        ] {
+            let (mut s, now) = shard(consistency, 2);
+            let outcome = s.push(0, 0, u64::MAX, vec![1.0, 1.0], now);
+            let expected = match consistency {
+                Consistency::Sync => PushOutcome::Pending,
+                _ => PushOutcome::Applied { version: 1 },
+            };
+            assert_eq!(outcome, Ok(expected), "{consistency:?}");
+        }
+        // The pushing worker's clock stops at the end of the range, so it holds nobody
+        // back, and is itself held back by the slowest.
+        let (mut s, now) = shard(Consistency::BoundedStaleness(2), 2);
+        s.push(0, 0, u64::MAX, vec![1.0, 1.0], now).unwrap();
+        assert_eq!(s.pull_decision(1, 0, 2, now), Ok(PullDecision::Ready));
+        assert_eq!(s.pull_decision(0, 0, u64::MAX, now), Ok(PullDecision::Wait));
     }
 
     #[test]
