@@ -6,12 +6,33 @@ pub mod checkpoint;
 mod registration;
 mod server;
 mod shard;
+#[cfg(test)]
+mod shard_props;
 pub mod staleness;
 
 use std::ops::Range;
 
 pub use server::run_ps;
 pub use shard::{Consistency, PullDecision, PushOutcome, Shard, ShardError};
+
+/// The PS's pure parts that the fuzz targets in `fuzz/` drive and that stay private to
+/// the crate otherwise. Not an API: nothing outside `fuzz/` may depend on it.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::registration::{ExpectedModel, MAX_PARAMS, RefusedModel, check};
+
+    use super::checkpoint::ShardCheckpoint;
+
+    /// [`super::checkpoint::read`] without the file: the bytes of a checkpoint parsed.
+    pub fn decode_checkpoint(bytes: &[u8]) -> Result<ShardCheckpoint, String> {
+        super::checkpoint::decode(bytes)
+    }
+
+    /// The bytes [`super::checkpoint::write`] puts in the file.
+    pub fn encode_checkpoint(ckpt: &ShardCheckpoint) -> Vec<u8> {
+        super::checkpoint::encode(ckpt)
+    }
+}
 
 /// Cuts `total` parameters into `servers` contiguous ranges whose sizes differ by at most
 /// one, so the largest shard is within `1 + servers/total` of the mean. Equal cuts of the
