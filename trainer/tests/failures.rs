@@ -241,6 +241,37 @@ fn a_worker_stopped_by_sigterm_ends_its_step_and_exits_143() {
 }
 
 #[test]
+fn a_damaged_checkpoint_is_logged_and_the_one_before_it_resumes_the_run() {
+    let _serial = serial();
+    let every = 20u64;
+    let (cluster, training, [mut ps, mut w1, mut chief]) = checkpointed_sync("ps-damaged", every);
+    wait_for_step(&mut chief, &cluster.worker[0], 150);
+    ps.kill();
+    // As a copy cut short would leave it. A kill between the writer's two renames leaves
+    // no newest file at all; then a damaged one stands in for it.
+    let newest = cluster.dir.join("ckpt").join("ps-0-of-1.ckpt");
+    let bytes = std::fs::read(&newest).unwrap_or_else(|_| b"KTCKPT01 cut short".to_vec());
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let mut ps = cluster.spawn("ps", 0, &training, &[]);
+    assert!(chief.wait(RUN).success(), "{}", chief.logs());
+    assert!(w1.wait(RUN).success(), "{}", w1.logs());
+    assert!(ps.wait(RUN).success(), "{}", ps.logs());
+    let log = ps.stderr();
+    assert!(
+        log.contains("ps-0-of-1.ckpt") && log.contains("resuming from the checkpoint before it"),
+        "{log}"
+    );
+    let resumed = logged(&log, "resumed shard from checkpoint", "version")
+        .unwrap_or_else(|| panic!("the PS did not resume\n{log}"));
+    assert!(
+        resumed > 0 && resumed.is_multiple_of(every),
+        "{resumed}\n{log}"
+    );
+    let accuracy = final_value(&chief.stdout(), "test_accuracy").unwrap();
+    assert!(accuracy >= 0.9, "accuracy {accuracy}\n{}", chief.logs());
+}
+
+#[test]
 fn restarted_parameter_server_resumes_from_its_checkpoint() {
     let _serial = serial();
     let every = 20u64;

@@ -1,6 +1,8 @@
 //! Shard checkpoints: parameters, optimizer state and version in one file per PS, written
 //! atomically (temp file, fsync, rename, fsync of the directory) so a crash mid-write
-//! leaves the previous checkpoint intact.
+//! leaves the previous checkpoint intact. The one before is kept as `.ckpt.prev`: a
+//! checkpoint damaged after it was written (a truncated copy, a bad disk) costs one
+//! interval of steps instead of the run.
 //!
 //! Layout: `KTCKPT01`, u32 LE header length, JSON header, the parameters and then each
 //! optimizer state vector as LE f32, and a trailing u64 LE FNV-1a checksum of all before.
@@ -133,12 +135,59 @@ pub fn write(path: &Path, ckpt: &ShardCheckpoint) -> Result<(), CheckpointError>
     file.write_all(&encode(ckpt)).map_err(err)?;
     file.sync_all().map_err(err)?;
     drop(file);
+    // A crash between the renames leaves only `.prev`, which `read_newest` then takes.
+    match std::fs::rename(path, previous(path)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
     std::fs::rename(&tmp, path).map_err(err)?;
     // The rename itself must survive a crash too.
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(err)?;
     Ok(())
+}
+
+/// Where the checkpoint before the one at `path` is kept.
+pub fn previous(path: &Path) -> PathBuf {
+    path.with_extension("ckpt.prev")
+}
+
+/// A checkpoint to resume from, and the newer one that could not be read, if any.
+#[derive(Debug)]
+pub struct Resume {
+    pub checkpoint: ShardCheckpoint,
+    pub from: PathBuf,
+    pub skipped: Option<CheckpointError>,
+}
+
+/// The newest readable checkpoint of `path`: the file itself, else the one before it.
+/// `Ok(None)` when there is neither; an error when neither can be read.
+pub fn read_newest(path: &Path) -> Result<Option<Resume>, CheckpointError> {
+    let skipped = match read(path) {
+        Ok(Some(checkpoint)) => {
+            return Ok(Some(Resume {
+                checkpoint,
+                from: path.to_path_buf(),
+                skipped: None,
+            }));
+        }
+        Ok(None) => None,
+        Err(e) => Some(e),
+    };
+    let older = previous(path);
+    match (read(&older), skipped) {
+        (Ok(Some(checkpoint)), skipped) => Ok(Some(Resume {
+            checkpoint,
+            from: older,
+            skipped,
+        })),
+        (Ok(None), None) => Ok(None),
+        // The newest is damaged and there is nothing older: its error says what to do.
+        (Ok(None), Some(e)) | (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(e),
+    }
 }
 
 /// Reads a checkpoint; `Ok(None)` when there is none yet.
@@ -237,6 +286,58 @@ mod tests {
             text.starts_with("spec.training.checkpoint.path: /dev/null/ckpt is not writable here"),
             "{text}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn checkpoint(version: u64) -> ShardCheckpoint {
+        ShardCheckpoint {
+            version,
+            start: 0,
+            end: 3,
+            total_params: 3,
+            params: vec![version as f32; 3],
+            optimizer: OptimizerState::Sgd {
+                velocity: vec![0.5; 3],
+            },
+        }
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_falls_back_to_the_one_before_and_says_why() {
+        let dir = std::env::temp_dir().join(format!("kubetrain-prev-{}", std::process::id()));
+        let path = dir.join("ps-0-of-1.ckpt");
+        assert!(read_newest(&path).unwrap().is_none(), "nothing yet");
+        write(&path, &checkpoint(100)).unwrap();
+        write(&path, &checkpoint(200)).unwrap();
+        let newest = read_newest(&path).unwrap().unwrap();
+        assert_eq!(
+            (newest.checkpoint.version, newest.skipped.is_none()),
+            (200, true)
+        );
+        assert_eq!(read(&previous(&path)).unwrap().unwrap().version, 100);
+
+        // Truncated, as by a copy cut short: the one before is taken, and the reason kept.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let resumed = read_newest(&path).unwrap().unwrap();
+        assert_eq!(resumed.checkpoint.version, 100);
+        assert_eq!(resumed.from, previous(&path));
+        let why = resumed.skipped.unwrap().to_string();
+        assert!(why.contains("ps-0-of-1.ckpt"), "{why}");
+
+        // Gone (a crash between the two renames): the one before, with nothing skipped.
+        std::fs::remove_file(&path).unwrap();
+        let resumed = read_newest(&path).unwrap().unwrap();
+        assert_eq!(
+            (resumed.checkpoint.version, resumed.skipped.is_none()),
+            (100, true)
+        );
+
+        // Both damaged: an error naming the newest, never a silent fresh start.
+        std::fs::write(&path, &bytes[..10]).unwrap();
+        std::fs::write(previous(&path), &bytes[..10]).unwrap();
+        let err = read_newest(&path).unwrap_err().to_string();
+        assert!(err.contains("ps-0-of-1.ckpt:"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -121,12 +121,27 @@ impl Inner {
         let mut version = 0;
         let mut params = None;
         if let Some((dir, _)) = &self.checkpoint {
-            let path = checkpoint::file_name(dir, self.index, self.servers);
-            match checkpoint::read(&path) {
-                Ok(Some(ckpt))
-                    if ckpt.start == range.start
-                        && ckpt.end == range.end
-                        && ckpt.total_params == total =>
+            let newest = checkpoint::file_name(dir, self.index, self.servers);
+            let found = checkpoint::read_newest(&newest).map_err(|e| {
+                error!(ps = self.index, "{e}");
+                Status::failed_precondition(e.to_string())
+            })?;
+            if let Some(checkpoint::Resume {
+                from,
+                skipped: Some(skipped),
+                ..
+            }) = &found
+            {
+                warn!(ps = self.index, older = %from.display(), "{skipped}; resuming from the checkpoint before it, which is at most everySteps steps older");
+            }
+            match found {
+                Some(checkpoint::Resume {
+                    checkpoint: ckpt,
+                    from: path,
+                    ..
+                }) if ckpt.start == range.start
+                    && ckpt.end == range.end
+                    && ckpt.total_params == total =>
                 {
                     optimizer.restore(ckpt.optimizer).map_err(|e| {
                         Status::internal(format!("checkpoint {}: {e}", path.display()))
@@ -135,7 +150,11 @@ impl Inner {
                     params = Some(ckpt.params);
                     info!(ps = self.index, version, path = %path.display(), "resumed shard from checkpoint");
                 }
-                Ok(Some(ckpt)) => {
+                Some(checkpoint::Resume {
+                    checkpoint: ckpt,
+                    from: path,
+                    ..
+                }) => {
                     return Err(Status::failed_precondition(format!(
                         "checkpoint {} holds [{}, {}) of {} parameters but this model needs [{}, {}) of {total}; delete it or point checkpoint.path elsewhere",
                         path.display(),
@@ -146,8 +165,7 @@ impl Inner {
                         range.end
                     )));
                 }
-                Ok(None) => {}
-                Err(e) => return Err(Status::failed_precondition(e.to_string())),
+                None => {}
             }
         }
         let params =
