@@ -27,6 +27,8 @@ use kubetrain_api::condition::types;
 use kubetrain_api::contract::{self, Role};
 use kubetrain_api::{TrainingJob, TrainingProgress};
 use kubetrain_trainer::tensorboard;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -403,9 +405,9 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
         }
     }
 
-    for local in pods.values_mut() {
-        stop(local).await;
-    }
+    // All at once, as a kubelet stops the pods of a deleted job: each gets its grace
+    // period side by side, not one after another.
+    futures::future::join_all(pods.values_mut().map(stop)).await;
     view.finish();
 
     let succeeded = !interrupted
@@ -858,12 +860,32 @@ fn progress_from(
     })
 }
 
+/// Stops a pod's process as a kubelet does: SIGTERM, then SIGKILL once the pod's
+/// `terminationGracePeriodSeconds` (default 30) has passed. The trainer needs the grace:
+/// a PS writes its final checkpoint, a worker ends its step.
 async fn stop(local: &mut LocalPod) {
     if let Some(mut child) = local.child.take() {
+        let grace = local
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(DEFAULT_GRACE_SECONDS);
+        let grace = Duration::from_secs(u64::try_from(grace).unwrap_or(0));
+        let terminated = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .is_some_and(|pid| kill(Pid::from_raw(pid), Signal::SIGTERM).is_ok());
+        if terminated && tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
         let _ = child.start_kill();
         let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
     }
 }
+
+/// A pod's terminationGracePeriodSeconds when it sets none (the API server's default).
+const DEFAULT_GRACE_SECONDS: i64 = 30;
 
 /// SIGINT and SIGTERM as one stream.
 struct Signals {

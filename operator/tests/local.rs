@@ -355,6 +355,27 @@ fn sigint_stops_every_process_within_five_seconds() {
     for kid in kids {
         assert!(!alive(kid), "trainer process {kid} outlived the runner");
     }
+    // As a kubelet would, the runner sent SIGTERM first: the PS stopped on its own.
+    let logs: String = walk(dir.path())
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect();
+    assert!(logs.contains("stopping on SIGTERM"), "{logs}");
+}
+
+/// Every file below `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }
 
 #[test]

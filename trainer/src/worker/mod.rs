@@ -33,9 +33,14 @@ pub struct WorkerOutcome {
     pub samples_per_second: f64,
 }
 
+/// How long a step in progress may go on after SIGTERM: ample for a step that can end
+/// (milliseconds), well inside the pod's grace period for one that cannot.
+const STEP_GRACE_ON_SIGTERM: Duration = Duration::from_secs(3);
+
 /// Runs one worker to the end of training.
 /// `progress` is the chief's shared progress (None on other workers).
-/// `termination` stops it between steps.
+/// `termination` stops it between steps (or within [`STEP_GRACE_ON_SIGTERM`], if the step
+/// cannot end).
 pub async fn run_worker(
     config: Config,
     progress: Option<ProgressState>,
@@ -130,6 +135,7 @@ pub async fn run_worker(
     // The widened batch buffers, kept across steps instead of allocated for each one.
     let mut batch: (Vec<f32>, Vec<u8>) = (Vec::new(), Vec::new());
 
+    let mut stop = termination.clone();
     while step < total_steps {
         if let Some(reason) = abort.borrow().clone() {
             return Err(TrainerError::JobFailed(reason));
@@ -184,7 +190,23 @@ pub async fn run_worker(
             }
             Ok::<_, StepError>((loss, [t1 - t0, t2 - t1, t2.elapsed()], next))
         };
-        match attempt.await {
+        let outcome = {
+            tokio::pin!(attempt);
+            tokio::select! {
+            outcome = &mut attempt => outcome,
+            () = stop.wait() => {
+                // The step in progress gets a moment to end; one that cannot (its PS is
+                // gone too, say) is abandoned rather than retried past the grace period.
+                // Nothing is half-applied: a push that breaks off is never applied, and
+                // Sync's replacement redoes a step whose gradient is in on some shards only.
+                match tokio::time::timeout(STEP_GRACE_ON_SIGTERM, &mut attempt).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => return Err(TrainerError::Terminated { step }),
+                }
+            }
+            }
+        };
+        match outcome {
             Ok((loss, times, next)) => {
                 prefetched = next;
                 for (total, t) in timing.iter_mut().zip(times) {
