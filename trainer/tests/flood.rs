@@ -163,12 +163,11 @@ async fn rss_once_closed(pid: u32, files: usize) -> f64 {
     }
 }
 
-#[test]
-fn push_floods_hold_the_parameter_server_under_its_memory_bound() {
-    let _serial = serial();
+/// A Sync PS of a job with the token and [`WORKERS`] workers, none started.
+fn start_ps(name: &str) -> (Cluster, Proc) {
     let cluster = Cluster {
         token: Some(TOKEN.to_string()),
-        ..Cluster::new("flood", 1, WORKERS)
+        ..Cluster::new(name, 1, WORKERS)
     };
     let training = digits_training(
         json!({"kind": "mlp", "hidden": [4096]}),
@@ -176,24 +175,55 @@ fn push_floods_hold_the_parameter_server_under_its_memory_bound() {
         1,
     );
     let ps = cluster.spawn("ps", 0, &training, &[]);
-    let pid = ps.pid();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    (cluster, ps)
+}
+
+/// Registers as worker 0, so the PS has its shard; the channel it did so on.
+async fn register_worker_0(addr: &str, own: &JobToken) -> Channel {
+    let channel: Channel = connect(addr).await;
+    let mut control = ParameterServerClient::with_interceptor(channel.clone(), own.attach());
+    control
+        .register(RegisterRequest {
+            worker_id: 0,
+            total_params: PARAMS as u64,
+            widths: WIDTHS.to_vec(),
+        })
+        .await
+        .expect("register: the shard exists from here on");
+    channel
+}
+
+/// A real push of worker 0's whole gradient; the shard's version after it.
+async fn real_push(channel: &Channel, own: &JobToken) -> Result<u64, tonic::Status> {
+    tensor_wire::push_tensor(
+        (channel, own),
+        PushChunk {
+            worker_id: 0,
+            ..PushChunk::default()
+        },
+        Arc::new(vec![0.001; PARAMS]),
+        0..PARAMS,
+        Duration::from_secs(10),
+    )
+    .await
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
-    runtime.block_on(async {
+        .unwrap()
+}
+
+#[test]
+fn push_floods_hold_the_parameter_server_under_its_memory_bound() {
+    let _serial = serial();
+    let (cluster, ps) = start_ps("flood");
+    let pid = ps.pid();
+    runtime().block_on(async {
         let own = JobToken::new(TOKEN).unwrap();
-        let channel: Channel = connect(&cluster.ps[0]).await;
-        let mut control = ParameterServerClient::with_interceptor(channel.clone(), own.attach());
-        control
-            .register(RegisterRequest {
-                worker_id: 0,
-                total_params: PARAMS as u64,
-                widths: WIDTHS.to_vec(),
-            })
-            .await
-            .expect("register: the shard exists from here on");
+        let channel = register_worker_0(&cluster.ps[0], &own).await;
         let shard = (PARAMS * 4) as f64;
         let bound = shard * (WORKERS + 2) as f64 + 32.0 * MIB;
         let before = rss_bytes(pid);
@@ -294,18 +324,65 @@ fn push_floods_hold_the_parameter_server_under_its_memory_bound() {
         );
         // The slots came back: a real push from worker 0 lands (Sync: it waits for worker
         // 1's, so the version is still 0).
-        let version = tensor_wire::push_tensor(
-            (&channel, &own),
-            PushChunk {
-                worker_id: 0,
-                ..PushChunk::default()
-            },
-            Arc::new(vec![0.001; PARAMS]),
-            0..PARAMS,
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("a real push after the floods");
+        let version = real_push(&channel, &own)
+            .await
+            .expect("a real push after the floods");
         assert_eq!(version, 0);
+    });
+}
+
+/// A push whose bytes stop coming holds its slot only until the PS's request timeout
+/// (40 s): then the PS ends it, the slot is free again, and a real push lands.
+#[test]
+fn a_stalled_push_is_ended_by_the_request_timeout_and_frees_its_slot() {
+    let _serial = serial();
+    let (cluster, _ps) = start_ps("stalled");
+    runtime().block_on(async {
+        let own = JobToken::new(TOKEN).unwrap();
+        let channel = register_worker_0(&cluster.ps[0], &own).await;
+        // One push more than the slots (workers + 2, two a connection), all stalling.
+        let started = Instant::now();
+        let mut stalled = JoinSet::new();
+        for pushes in [2, 2, 1] {
+            let connection = Endpoint::from_shared(format!("http://{}", cluster.ps[0]))
+                .unwrap()
+                .connect()
+                .await
+                .expect("connect");
+            for _ in 0..pushes {
+                let (mut connection, request) = (connection.clone(), stalled_push(&own));
+                stalled.spawn(async move {
+                    std::future::poll_fn(|cx| connection.poll_ready(cx))
+                        .await
+                        .unwrap();
+                    let answer = connection.call(request).await.expect("an HTTP answer");
+                    let code = tonic::Status::from_header_map(answer.headers()).map(|s| s.code());
+                    (code, started.elapsed())
+                });
+            }
+        }
+        let mut ended = Vec::new();
+        while let Some(joined) = tokio::time::timeout(Duration::from_secs(60), stalled.join_next())
+            .await
+            .expect("the PS ends stalled pushes within its request timeout")
+        {
+            ended.push(joined.expect("task"));
+        }
+        println!("stalled pushes: {ended:?}");
+        type Ended<'a> = Vec<&'a (Option<tonic::Code>, Duration)>;
+        let (refused, held): (Ended, Ended) = ended
+            .iter()
+            .partition(|(code, _)| *code == Some(tonic::Code::ResourceExhausted));
+        assert_eq!(refused.len(), 1, "one too many for the slots: {ended:?}");
+        assert!(
+            refused[0].1 < Duration::from_secs(5),
+            "refused at once: {ended:?}"
+        );
+        assert_eq!(held.len(), WORKERS + 2, "{ended:?}");
+        for (code, took) in held {
+            assert!(code.is_some_and(|c| c != tonic::Code::Ok), "{ended:?}");
+            assert!(*took >= Duration::from_secs(39), "ended early: {ended:?}");
+        }
+        assert_eq!(real_push(&channel, &own).await.expect("a slot is free"), 0);
     });
 }
