@@ -161,16 +161,7 @@ async fn a_new_job_gets_its_status_service_and_pods_by_server_side_apply() {
         assert_eq!(status["status"]["conditions"][0]["status"], "True");
         assert_eq!(status["status"]["workersReady"], "0/2");
 
-        let service = expect(
-            &mut handle,
-            Expect {
-                method: Method::PATCH,
-                path_and_query: &format!("/api/v1/namespaces/ns/services/quickstart{APPLY_QUERY}"),
-                respond: any_object("v1", "Service", "quickstart"),
-                status: 200,
-            },
-        )
-        .await;
+        let service = expect_service_apply(&mut handle).await;
         assert_eq!(service["spec"]["clusterIP"], "None");
         assert_eq!(service["metadata"]["ownerReferences"][0]["uid"], "job-uid");
 
@@ -181,35 +172,7 @@ async fn a_new_job_gets_its_status_service_and_pods_by_server_side_apply() {
         // 64 hex digits, base64-encoded.
         assert_eq!(secret["data"]["token"].as_str().map(str::len), Some(88));
 
-        for name in [
-            "quickstart-ps-0",
-            "quickstart-worker-0",
-            "quickstart-worker-1",
-        ] {
-            let pod = expect(
-                &mut handle,
-                Expect {
-                    method: Method::PATCH,
-                    path_and_query: &format!("/api/v1/namespaces/ns/pods/{name}{APPLY_QUERY}"),
-                    respond: any_object("v1", "Pod", name),
-                    status: 200,
-                },
-            )
-            .await;
-            assert_eq!(pod["kind"], "Pod");
-            assert_eq!(pod["metadata"]["name"], name);
-            assert_eq!(pod["metadata"]["ownerReferences"][0]["controller"], true);
-        }
-        let event = expect(
-            &mut handle,
-            Expect {
-                method: Method::POST,
-                path_and_query: "/apis/events.k8s.io/v1/namespaces/ns/events?",
-                respond: any_object("events.k8s.io/v1", "Event", "quickstart.1"),
-                status: 201,
-            },
-        )
-        .await;
+        let event = expect_quickstart_pods_and_event(&mut handle).await;
         assert_eq!(event["reason"], "PodCreated");
         assert_eq!(
             event["note"],
@@ -223,6 +186,53 @@ async fn a_new_job_gets_its_status_service_and_pods_by_server_side_apply() {
         .expect("reconcile succeeds");
     let mut handle = scenario.await.unwrap();
     assert_no_more_requests(&mut handle).await;
+}
+
+async fn expect_service_apply(handle: &mut Handle) -> Value {
+    expect(
+        handle,
+        Expect {
+            method: Method::PATCH,
+            path_and_query: &format!("/api/v1/namespaces/ns/services/quickstart{APPLY_QUERY}"),
+            respond: any_object("v1", "Service", "quickstart"),
+            status: 200,
+        },
+    )
+    .await
+}
+
+/// The quickstart's three pod applies, each owned by the job, then the one `PodCreated`
+/// Event; returns the Event.
+async fn expect_quickstart_pods_and_event(handle: &mut Handle) -> Value {
+    for name in [
+        "quickstart-ps-0",
+        "quickstart-worker-0",
+        "quickstart-worker-1",
+    ] {
+        let pod = expect(
+            handle,
+            Expect {
+                method: Method::PATCH,
+                path_and_query: &format!("/api/v1/namespaces/ns/pods/{name}{APPLY_QUERY}"),
+                respond: any_object("v1", "Pod", name),
+                status: 200,
+            },
+        )
+        .await;
+        assert_eq!(pod["kind"], "Pod");
+        assert_eq!(pod["metadata"]["name"], name);
+        assert_eq!(pod["metadata"]["ownerReferences"][0]["controller"], true);
+    }
+    expect(
+        handle,
+        Expect {
+            method: Method::POST,
+            path_and_query: "/apis/events.k8s.io/v1/namespaces/ns/events?",
+            respond: any_object("events.k8s.io/v1", "Event", "quickstart.1"),
+            status: 201,
+        },
+    )
+    .await
 }
 
 async fn expect_token_secret(handle: &mut Handle, status: u16) -> Value {
@@ -258,16 +268,7 @@ async fn an_existing_token_secret_is_kept_and_the_network_policy_comes_before_th
     let job_json = serde_json::to_value(&job).unwrap();
     let scenario = tokio::spawn(async move {
         expect_status_patch(&mut handle, &job_json).await;
-        expect(
-            &mut handle,
-            Expect {
-                method: Method::PATCH,
-                path_and_query: &format!("/api/v1/namespaces/ns/services/quickstart{APPLY_QUERY}"),
-                respond: any_object("v1", "Service", "quickstart"),
-                status: 200,
-            },
-        )
-        .await;
+        expect_service_apply(&mut handle).await;
         // A retried reconcile finds the Secret there: the pods keep the token they hold.
         expect_token_secret(&mut handle, 409).await;
         let policy = expect(
@@ -287,32 +288,7 @@ async fn an_existing_token_secret_is_kept_and_the_network_policy_comes_before_th
             "quickstart"
         );
         assert_eq!(policy["metadata"]["ownerReferences"][0]["uid"], "job-uid");
-        for name in [
-            "quickstart-ps-0",
-            "quickstart-worker-0",
-            "quickstart-worker-1",
-        ] {
-            expect(
-                &mut handle,
-                Expect {
-                    method: Method::PATCH,
-                    path_and_query: &format!("/api/v1/namespaces/ns/pods/{name}{APPLY_QUERY}"),
-                    respond: any_object("v1", "Pod", name),
-                    status: 200,
-                },
-            )
-            .await;
-        }
-        expect(
-            &mut handle,
-            Expect {
-                method: Method::POST,
-                path_and_query: "/apis/events.k8s.io/v1/namespaces/ns/events?",
-                respond: any_object("events.k8s.io/v1", "Event", "quickstart.1"),
-                status: 201,
-            },
-        )
-        .await;
+        expect_quickstart_pods_and_event(&mut handle).await;
         handle
     });
     reconcile(guard(job), ctx)
