@@ -74,8 +74,15 @@ impl Network {
     /// output, zero biases. Every process derives the same vector from the same seed, so
     /// parameter servers need not exchange initial values.
     pub fn init(&self, seed: u64) -> Vec<f32> {
+        self.init_range(seed, 0..self.num_params())
+    }
+
+    /// `init(seed)[range]`, holding only the range: a PS initialises its own shard of a
+    /// model that may not fit in its memory whole. The random stream is the same, so
+    /// every PS's shard matches the whole model's initialisation.
+    pub fn init_range(&self, seed: u64, range: std::ops::Range<usize>) -> Vec<f32> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut params = vec![0.0f32; self.num_params()];
+        let mut params = vec![0.0f32; range.len()];
         let layers = self.layout();
         let last = layers.len() - 1;
         for (i, &(weights, _, fan_in, fan_out)) in layers.iter().enumerate() {
@@ -84,8 +91,14 @@ impl Network {
             } else {
                 (6.0 / fan_in as f64).sqrt()
             } as f32;
-            for p in &mut params[weights..weights + fan_in * fan_out] {
-                *p = rng.random_range(-limit..limit);
+            for p in weights..weights + fan_in * fan_out {
+                if p >= range.end {
+                    return params;
+                }
+                let value = rng.random_range(-limit..limit);
+                if p >= range.start {
+                    params[p - range.start] = value;
+                }
             }
         }
         params
@@ -338,6 +351,20 @@ mod tests {
     fn init_is_deterministic_per_seed() {
         let net = Network::new(64, &[32], 10);
         assert_eq!(net.init(7), net.init(7));
+        let whole = net.init(7);
+        for range in [
+            0..0,
+            0..whole.len(),
+            3..17,
+            10..whole.len(),
+            whole.len()..whole.len(),
+        ] {
+            assert_eq!(
+                net.init_range(7, range.clone()),
+                whole[range.clone()],
+                "{range:?}"
+            );
+        }
         assert_ne!(net.init(7), net.init(8));
         assert_eq!(net.num_params(), 64 * 32 + 32 + 32 * 10 + 10);
     }

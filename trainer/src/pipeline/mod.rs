@@ -359,7 +359,7 @@ async fn train(
         info!(stage, step = plan.resume, path = %path.display(), "resumed stage from checkpoint");
         Arc::new(ckpt.params)
     } else {
-        Arc::new(plan.net.init(training.seed)[range.clone()].to_vec())
+        Arc::new(plan.net.init_range(training.seed, range.clone()))
     };
     shared.params.send_replace((plan.resume, params.clone()));
 

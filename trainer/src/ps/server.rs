@@ -169,7 +169,7 @@ impl Inner {
             }
         }
         let params =
-            params.unwrap_or_else(|| net.init(self.config.training.seed)[range.clone()].to_vec());
+            params.unwrap_or_else(|| net.init_range(self.config.training.seed, range.clone()));
         info!(
             ps = self.index,
             start = range.start,
