@@ -35,7 +35,7 @@ pub struct WorkerOutcome {
 
 /// How long a step in progress may go on after SIGTERM: ample for a step that can end
 /// (milliseconds), well inside the pod's grace period for one that cannot.
-const STEP_GRACE_ON_SIGTERM: Duration = Duration::from_secs(3);
+const STEP_GRACE_ON_SIGTERM: Duration = Duration::from_secs(1);
 
 /// Runs one worker to the end of training.
 /// `progress` is the chief's shared progress (None on other workers).
