@@ -47,6 +47,20 @@ impl Termination {
         *self.0.borrow()
     }
 
+    /// Runs `work` unless SIGTERM comes first (then `None`). For start-up waits, which
+    /// have nothing to finish or save: a worker still registering when its pod is deleted
+    /// would otherwise retry a gone PS for the whole grace period, and hold the pod so.
+    pub async fn unless_requested<T>(
+        &self,
+        work: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let mut stop = self.clone();
+        tokio::select! {
+            done = work => Some(done),
+            () = stop.wait() => None,
+        }
+    }
+
     /// Returns once SIGTERM has arrived (never, for [`Termination::never`]).
     pub async fn wait(&mut self) {
         if self.0.wait_for(|&t| t).await.is_err() {

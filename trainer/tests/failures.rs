@@ -241,6 +241,26 @@ fn a_worker_stopped_by_sigterm_ends_its_step_and_exits_143() {
 }
 
 #[test]
+fn a_worker_stopped_by_sigterm_while_registering_exits_143_at_once() {
+    let _serial = serial();
+    // No PS ever comes up: the worker retries its Register until SIGTERM.
+    let cluster = Cluster::new("register-sigterm", 1, 2);
+    let training = long_training(json!({"kind": "Async"}), None);
+    let mut w1 = cluster.spawn("worker", 1, &training, &[]);
+    w1.wait_for_log(Duration::from_secs(30), |log| log.contains("worker ready"));
+    let sent = Instant::now();
+    w1.terminate();
+    let exit = w1.wait(Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(143), "{}", w1.logs());
+    // Not the pod's whole grace period of retries against a PS that is gone.
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        sent.elapsed()
+    );
+}
+
+#[test]
 fn a_damaged_checkpoint_is_logged_and_the_one_before_it_resumes_the_run() {
     let _serial = serial();
     let every = 20u64;

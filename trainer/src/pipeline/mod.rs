@@ -229,7 +229,10 @@ async fn train(
         if let Some(max) = config.max_steps {
             total_steps = total_steps.min(max);
         }
-        let lists = hello_all(config, shared, peers).await?;
+        let lists = termination
+            .unless_requested(hello_all(config, shared, peers))
+            .await
+            .ok_or(TrainerError::Terminated { step: 0 })??;
         let resume = choose_resume(&lists);
         let plan = StartRequest {
             widths: net.widths().iter().map(|&w| w as u32).collect(),
@@ -250,6 +253,7 @@ async fn train(
         plan
     } else {
         let mut rx = shared.start.subscribe();
+        let mut stop = termination.clone();
         tokio::select! {
             r = tokio::time::timeout(config.idle_timeout, rx.wait_for(Option::is_some)) => {
                 r.map_err(|_| TrainerError::JobFailed(format!(
@@ -264,6 +268,7 @@ async fn train(
                 let reason = r.ok().and_then(|r| r.clone()).unwrap_or_default();
                 return Err(TrainerError::JobFailed(reason));
             }
+            () = stop.wait() => return Err(TrainerError::Terminated { step: 0 }),
         }
     };
     let plan = make_plan(&start, stage, stages)?;

@@ -55,7 +55,7 @@ pub async fn run_worker(
     let server = serve(&config, progress.clone()).await?;
 
     let (dataset, seed, index) = (training.dataset.clone(), training.seed, config.index);
-    let data = tokio::task::spawn_blocking(move || {
+    let load = tokio::task::spawn_blocking(move || {
         data::load(
             &dataset,
             seed,
@@ -65,9 +65,12 @@ pub async fn run_worker(
             },
             chief,
         )
-    })
-    .await
-    .map_err(|e| TrainerError::Compute(e.to_string()))??;
+    });
+    let data = termination
+        .unless_requested(load)
+        .await
+        .ok_or(TrainerError::Terminated { step: 0 })?
+        .map_err(|e| TrainerError::Compute(e.to_string()))??;
     let hidden: Vec<usize> = effective_hidden(&training.model)
         .iter()
         .map(|&h| h as usize)
@@ -91,7 +94,10 @@ pub async fn run_worker(
     let ranges = shard_ranges(net.num_params(), config.cluster.ps.len());
     let mut links = Links::new(&config, ranges, net.widths())?;
     let sync = config.consistency == Consistency::Sync;
-    let resume = links.register_all(sync).await?;
+    let resume = termination
+        .unless_requested(links.register_all(sync))
+        .await
+        .ok_or(TrainerError::Terminated { step: 0 })??;
     if resume > total_steps {
         return Err(TrainerError::JobFailed(format!(
             "the parameter servers report step {resume}, past this job's {total_steps} steps; their checkpoint is from another run: point spec.training.checkpoint.path elsewhere"

@@ -161,8 +161,22 @@ impl Proc {
 
     /// Polls stdout until `pred` holds; panics past the timeout.
     pub fn wait_for_output(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) {
+        self.wait_until(timeout, Self::stdout, pred)
+    }
+
+    /// Polls stderr (the trainer's log) until `pred` holds; panics past the timeout.
+    pub fn wait_for_log(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) {
+        self.wait_until(timeout, Self::stderr, pred)
+    }
+
+    fn wait_until(
+        &mut self,
+        timeout: Duration,
+        read: fn(&Self) -> String,
+        pred: impl Fn(&str) -> bool,
+    ) {
         let deadline = Instant::now() + timeout;
-        while !pred(&self.stdout()) {
+        while !pred(&read(self)) {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!(
                     "{} exited ({status}) before the expected output\n{}",
