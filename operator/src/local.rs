@@ -887,30 +887,35 @@ async fn stop(local: &mut LocalPod) {
 /// A pod's terminationGracePeriodSeconds when it sets none (the API server's default).
 const DEFAULT_GRACE_SECONDS: i64 = 30;
 
-/// SIGINT and SIGTERM as one stream.
+/// SIGINT and SIGTERM as one stream. Both handlers are installed once, up front: a
+/// handler made afresh on each wait (as `tokio::signal::ctrl_c()` is) misses a signal
+/// that arrives while the loop is busy between waits, and the runner then never stops.
 struct Signals {
-    term: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+    terminate: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
     fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
         Self {
-            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
+            terminate: signal(SignalKind::terminate()).ok(),
         }
     }
 
     async fn next(&mut self) -> &'static str {
-        let term = async {
-            match self.term.as_mut() {
+        async fn recv(s: Option<&mut tokio::signal::unix::Signal>) {
+            match s {
                 Some(s) => {
                     s.recv().await;
                 }
                 None => std::future::pending::<()>().await,
             }
-        };
+        }
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => "interrupted",
-            _ = term => "terminated",
+            _ = recv(self.interrupt.as_mut()) => "interrupted",
+            _ = recv(self.terminate.as_mut()) => "terminated",
         }
     }
 }
