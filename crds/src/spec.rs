@@ -440,6 +440,13 @@ pub struct ConsistencySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 86400))]
     pub worker_grace_period_seconds: Option<u32>,
+
+    /// Async and BoundedStaleness only: what the parameter servers do with a gradient
+    /// that other workers' updates overtook while it was computed. Default
+    /// `CorrectMomentum`, which converges at the learning rate and momentum tuned for Sync;
+    /// `Apply` is TensorFlow's parameter-server behaviour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_gradients: Option<StaleGradients>,
 }
 
 impl ConsistencySpec {
@@ -465,6 +472,28 @@ pub enum ConsistencyKind {
     Async,
     /// Async, but the fastest worker waits when it is `staleness` steps ahead of the slowest.
     BoundedStaleness,
+}
+
+/// Async and BoundedStaleness only: how the parameter servers apply a stale gradient, one
+/// computed against parameters `τ` updates older than the ones they now hold. Asynchrony
+/// acts as momentum of its own (Mitliagkas et al. 2016); on top of the momentum tuned for
+/// Sync, the run oscillates instead of converging. `CorrectMomentum` (default) lowers the
+/// explicit momentum (SGD's, Adam's β1) by what asynchrony adds; `ScaleLearningRate`
+/// divides the learning rate by `1 + τ`; `Apply` applies it as if fresh, as TensorFlow's
+/// parameter servers do.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum StaleGradients {
+    /// The explicit momentum gives up what asynchrony adds, `τ̄ / (1 + τ̄)` for the recent
+    /// updates' mean staleness `τ̄`: `μ' = max(0, μ - τ̄ / (1 + τ̄))` (the total being about
+    /// the sum, as YellowFin's momentum control takes it); Adam's β1 likewise. Without
+    /// momentum there is nothing to give up, and updates are applied as they are.
+    #[default]
+    CorrectMomentum,
+    /// The update's learning rate is divided by `1 + τ` (staleness-aware async SGD, Zhang
+    /// et al. 2016).
+    ScaleLearningRate,
+    /// Applied as if fresh, as TensorFlow's parameter servers do.
+    Apply,
 }
 
 /// Periodic checkpoints.

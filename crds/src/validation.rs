@@ -271,6 +271,12 @@ fn check_training(
             ),
             _ => {}
         }
+    if consistency.stale_gradients.is_some() && consistency.kind == ConsistencyKind::Sync {
+        fail(
+            "spec.training.consistency.staleGradients",
+            "Sync never applies a stale gradient; remove staleGradients or set kind: Async or BoundedStaleness".into(),
+        );
+    }
     if let Some(grace) = consistency.worker_grace_period_seconds {
         if consistency.kind != ConsistencyKind::Sync {
             fail(

@@ -141,6 +141,11 @@ fn cross_field_rules() {
         "only applies",
     );
     assert_one_error(
+        json!({"spec": {"training": {"consistency": {"kind": "Sync", "staleGradients": "Apply"}}}}),
+        "spec.training.consistency.staleGradients",
+        "Sync never applies a stale gradient",
+    );
+    assert_one_error(
         json!({"spec": {"training": {"consistency": {"kind": "Async", "workerGracePeriodSeconds": 60}}}}),
         "spec.training.consistency.workerGracePeriodSeconds",
         "only Sync waits for a lost worker",

@@ -8,11 +8,13 @@ pub mod divergence;
 mod network;
 mod optimizer;
 mod stage;
+mod stale_step;
 
 pub use divergence::Diverged;
 pub use network::{Evaluation, Network, as_matrix};
 pub use optimizer::{Optimizer, OptimizerState};
 pub use stage::{StageModel, Stash};
+pub use stale_step::{StaleSteps, StepAdjust};
 
 /// A model call was given inputs of the wrong shape.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -2,7 +2,7 @@ use std::ops::Range;
 
 use kubetrain_api::{OptimizerKind, OptimizerSpec};
 
-use super::ModelError;
+use super::{ModelError, StepAdjust};
 use crate::wire_tensor::WireTensor;
 
 /// An optimizer over one contiguous slice of the parameters, with its own state.
@@ -95,8 +95,18 @@ impl Optimizer {
 
     /// One update: `params -= step(grad)`.
     pub fn apply(&mut self, params: &mut [f32], grad: &[f32]) -> Result<(), ModelError> {
+        self.apply_adjusted(params, grad, StepAdjust::NONE)
+    }
+
+    /// One update, its step changed by `adjust` (a stale gradient's, [`StepAdjust`]).
+    pub fn apply_adjusted(
+        &mut self,
+        params: &mut [f32],
+        grad: &[f32],
+        adjust: StepAdjust,
+    ) -> Result<(), ModelError> {
         self.check_lengths(params.len(), grad.len())?;
-        let (step, state) = self.begin_update();
+        let (step, state) = self.begin_update(adjust);
         update(step, params, state, grad.iter().copied());
         Ok(())
     }
@@ -111,6 +121,7 @@ impl Optimizer {
         params: &mut [f32],
         grad: &WireTensor,
         threads: usize,
+        adjust: StepAdjust,
     ) -> Result<(), ModelError> {
         if !grad.is_whole() {
             return Err(ModelError::GradientLength {
@@ -121,7 +132,7 @@ impl Optimizer {
         self.check_lengths(params.len(), grad.len())?;
         let len = params.len();
         let threads = threads.clamp(1, len.max(1));
-        let (step, state) = self.begin_update();
+        let (step, state) = self.begin_update(adjust);
         std::thread::scope(|scope| {
             let (mut params, mut state, mut start) = (params, state, 0);
             for part in 1..=threads {
@@ -152,12 +163,14 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Starts one update: Adam counts it, and its bias corrections use the new count.
-    fn begin_update(&mut self) -> (Step, StateSlices<'_>) {
+    /// Starts one update: Adam counts it, and its bias corrections use the new count and
+    /// this update's β1 (as if it had always been that: with the configured β1 instead,
+    /// a lowered one would make the first steps several times too large).
+    fn begin_update(&mut self, adjust: StepAdjust) -> (Step, StateSlices<'_>) {
         let mut step = Step {
-            lr: self.learning_rate,
-            mu: self.momentum,
-            b1: self.beta1,
+            lr: self.learning_rate * adjust.lr_scale,
+            mu: adjust.momentum(self.momentum),
+            b1: adjust.momentum(self.beta1),
             b2: self.beta2,
             eps: self.epsilon,
             c1: 1.0,
@@ -168,7 +181,7 @@ impl Optimizer {
             OptimizerState::Sgd { velocity } => StateSlices::Momentum(velocity),
             OptimizerState::Adam { m, v, t } => {
                 *t += 1;
-                step.c1 = 1.0 - self.beta1.powi(*t as i32);
+                step.c1 = 1.0 - step.b1.powi(*t as i32);
                 step.c2 = 1.0 - self.beta2.powi(*t as i32);
                 StateSlices::Adam { m, v }
             }
@@ -358,7 +371,9 @@ mod tests {
                     let g: Vec<f32> = (0..37).map(|i| (i as f32 - step as f32) * 0.3).collect();
                     applied.apply(&mut p, &g).unwrap();
                     let wire = cut_at_random(&g, &mut rng);
-                    from_wire.apply_wire(&mut q, &wire, threads).unwrap();
+                    from_wire
+                        .apply_wire(&mut q, &wire, threads, StepAdjust::NONE)
+                        .unwrap();
                 }
                 assert_eq!(p, q, "{spec:?}, {threads} threads");
                 assert_eq!(applied, from_wire, "{spec:?}, {threads} threads");
@@ -373,10 +388,16 @@ mod tests {
         let mut params = vec![1.0; 4];
         let mut short = WireTensor::default();
         short.push(bytes::Bytes::from_static(&[0; 12]));
-        assert!(opt.apply_wire(&mut params, &short, 2).is_err());
+        assert!(
+            opt.apply_wire(&mut params, &short, 2, StepAdjust::NONE)
+                .is_err()
+        );
         let mut ragged = WireTensor::default();
         ragged.push(bytes::Bytes::from_static(&[0; 18]));
-        assert!(opt.apply_wire(&mut params, &ragged, 1).is_err());
+        assert!(
+            opt.apply_wire(&mut params, &ragged, 1, StepAdjust::NONE)
+                .is_err()
+        );
         assert_eq!((opt, params), (before, vec![1.0; 4]));
     }
 

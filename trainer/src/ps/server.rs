@@ -186,6 +186,13 @@ impl Inner {
             self.config.consistency,
             self.workers.len(),
             Instant::now(),
+        )
+        .with_stale_gradients(
+            self.config
+                .training
+                .consistency
+                .stale_gradients
+                .unwrap_or_default(),
         ))
     }
 

@@ -2,7 +2,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::model::{ModelError, Optimizer};
+use kubetrain_api::StaleGradients;
+
+use crate::model::{ModelError, Optimizer, StaleSteps};
 use crate::wire_tensor::WireTensor;
 
 /// How updates from different workers are combined (from `training.consistency`).
@@ -94,6 +96,8 @@ pub struct Shard {
     workers: Vec<WorkerState>,
     /// Async/BoundedStaleness: how many versions behind each applied gradient was.
     staleness: BTreeMap<u64, u64>,
+    /// Async/BoundedStaleness: how a stale gradient's update is scaled.
+    stale_steps: StaleSteps,
     failure: Option<String>,
     started: Instant,
     /// Gradient buffers already applied, for the next pushes to decode into.
@@ -120,10 +124,17 @@ impl Shard {
             consistency,
             workers: vec![WorkerState::default(); workers],
             staleness: BTreeMap::new(),
+            stale_steps: StaleSteps::new(StaleGradients::default(), workers),
             failure: None,
             started: now,
             spare: Vec::new(),
         }
+    }
+
+    /// Applies stale gradients as `policy` says (the default otherwise).
+    pub fn with_stale_gradients(mut self, policy: StaleGradients) -> Self {
+        self.stale_steps = StaleSteps::new(policy, self.workers.len());
+        self
     }
 
     pub fn version(&self) -> u64 {
@@ -280,8 +291,12 @@ impl Shard {
             }
             Consistency::Async | Consistency::BoundedStaleness(_) => {
                 *self.staleness.entry(version - base).or_default() += 1;
-                self.optimizer
-                    .apply(params_mut(&mut self.params, &mut self.retired), &gradient)?;
+                let adjust = self.stale_steps.adjust(version - base);
+                self.optimizer.apply_adjusted(
+                    params_mut(&mut self.params, &mut self.retired),
+                    &gradient,
+                    adjust,
+                )?;
                 self.version += 1;
                 self.recycle(gradient);
                 Ok(PushOutcome::Applied {
@@ -337,10 +352,12 @@ impl Shard {
         }
         self.admit(worker, base, step, now)?;
         *self.staleness.entry(self.version - base).or_default() += 1;
+        let adjust = self.stale_steps.adjust(self.version - base);
         self.optimizer.apply_wire(
             params_mut(&mut self.params, &mut self.retired),
             gradient,
             threads,
+            adjust,
         )?;
         self.version += 1;
         Ok(PushOutcome::Applied {
@@ -748,6 +765,32 @@ mod tests {
         plain.push(0, 0, 0, vec![1.0; 3], now).unwrap();
         plain.push(0, 1, 1, vec![1.0; 3], now).unwrap();
         assert_eq!(s.params(), plain.params());
+    }
+
+    #[test]
+    fn a_stale_gradient_gives_up_the_momentum_asynchrony_adds_unless_told_to_apply_it() {
+        // Worker 0's push is fresh; worker 1's, against the same version, is one behind.
+        let second_step = |policy| {
+            let now = Instant::now();
+            let mut s = momentum_shard(2).with_stale_gradients(policy);
+            s.push(0, 0, 0, vec![1.0; 3], now).unwrap();
+            let after_first = s.params()[0];
+            s.push(1, 0, 0, vec![1.0; 3], now).unwrap();
+            (after_first, after_first - s.params()[0])
+        };
+        // lr 0.5, momentum 0.9: the fresh update is 0.5 in every policy.
+        let (first, applied) = second_step(StaleGradients::Apply);
+        assert_eq!(first, 0.5);
+        assert!((applied - 0.5 * 1.9).abs() < 1e-6, "{applied}");
+        // Two workers leave updates about one behind: asynchrony's momentum is about 1/2,
+        // and the velocity keeps only about 0.4 of its 1.0.
+        let (first, corrected) = second_step(StaleGradients::CorrectMomentum);
+        assert_eq!(first, 0.5);
+        assert!((corrected - 0.5 * 1.4).abs() < 0.01, "{corrected}");
+        let (_, scaled) = second_step(StaleGradients::ScaleLearningRate);
+        assert!((scaled - 0.25 * 1.9).abs() < 1e-6, "{scaled}");
+        // The default is the one that converges at Sync's settings.
+        assert_eq!(StaleGradients::default(), StaleGradients::CorrectMomentum);
     }
 
     #[test]
