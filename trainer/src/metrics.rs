@@ -54,6 +54,8 @@ pub struct PsMetrics {
     pub pull_bytes: Counter,
     pub request_duration: Histogram,
     pub version: Gauge<i64>,
+    /// Async and BoundedStaleness: how many versions behind each applied gradient was.
+    pub update_staleness: Histogram,
 }
 
 impl Default for PsMetrics {
@@ -63,6 +65,9 @@ impl Default for PsMetrics {
             pull_bytes: Counter::default(),
             request_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             version: Gauge::default(),
+            update_staleness: Histogram::new([
+                0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0,
+            ]),
         }
     }
 }
@@ -89,6 +94,11 @@ impl PsMetrics {
             "version",
             "Shard version (updates applied)",
             self.version.clone(),
+        );
+        r.register(
+            "update_staleness_versions",
+            "Async and BoundedStaleness: versions behind of each applied gradient",
+            self.update_staleness.clone(),
         );
     }
 }

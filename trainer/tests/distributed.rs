@@ -102,6 +102,7 @@ fn sync_two_workers_converge_on_digits_and_report_progress() {
         "kubetrain_trainer_ps_push_bytes_total",
         "kubetrain_trainer_ps_pull_bytes_total",
         "kubetrain_trainer_ps_request_duration_seconds_bucket",
+        "kubetrain_trainer_ps_update_staleness_versions_bucket",
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
@@ -201,6 +202,43 @@ fn converges(consistency: serde_json::Value, name: &str) {
 #[test]
 fn async_converges() {
     converges(json!({"kind": "Async"}), "async");
+}
+
+#[test]
+fn async_staleness_is_on_the_parameter_servers_metrics() {
+    let _serial = serial();
+    let cluster = Cluster::new("async-metrics", 1, 2);
+    // Long enough that the run is still going when the metrics are read after epoch 1.
+    let training = digits_training(
+        json!({"kind": "mlp", "hidden": [64]}),
+        json!({"kind": "Async"}),
+        30,
+    );
+    let ps_metrics = free_port();
+    let _ps = cluster.spawn(
+        "ps",
+        0,
+        &training,
+        &["--metrics-port", &ps_metrics.to_string()],
+    );
+    let _w1 = cluster.spawn("worker", 1, &training, &[]);
+    let mut chief = cluster.spawn("worker", 0, &training, &[]);
+    chief.wait_for_output(RUN, |out| out.contains("epoch 1 done"));
+    let metrics = http_get(ps_metrics, "/metrics");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{metrics}"))
+    };
+    let updates = value("kubetrain_trainer_ps_update_staleness_versions_count");
+    let fresh = value("kubetrain_trainer_ps_update_staleness_versions_bucket{le=\"0.0\"}");
+    let within_64 = value("kubetrain_trainer_ps_update_staleness_versions_bucket{le=\"64.0\"}");
+    // Every applied update is counted; with two workers, some were behind, none far.
+    let version = value("kubetrain_trainer_ps_version");
+    assert!(updates > 0.0 && updates <= version, "{metrics}");
+    assert!(fresh < updates, "no update was stale\n{metrics}");
+    assert_eq!(within_64, updates, "{metrics}");
 }
 
 #[test]

@@ -312,6 +312,11 @@ fn apply(
     let version = shard.version();
     if let PushOutcome::Applied { .. } = outcome {
         inner.metrics.version.set(version as i64);
+        if shard.applies_on_arrival() {
+            // This push moved the shard by one version, from `version - 1`.
+            let behind = version.saturating_sub(1).saturating_sub(base);
+            inner.metrics.update_staleness.observe(behind as f64);
+        }
         inner.maybe_checkpoint(shard, total_params, false);
         inner.log_staleness(shard, false);
     }
