@@ -38,7 +38,10 @@ struct Args {
     #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
     fashion_dir: String,
     /// Comma-separated sections to run.
-    #[arg(long, default_value = "transport,checkpoint,throughput,accuracy")]
+    #[arg(
+        long,
+        default_value = "transport,checkpoint,throughput,accuracy,async,tensorflow"
+    )]
     sections: String,
     /// Rounds of the 16 MiB push+pull per repeat (after one warm-up round).
     #[arg(long, default_value_t = 20)]
@@ -55,14 +58,22 @@ struct Args {
     /// Accuracy runs: learning rate (momentum 0.9).
     #[arg(long, default_value_t = 0.1)]
     lr: f64,
-    /// Accuracy runs: learning rate of the Async run. Each Async update is one worker's
-    /// batch, a quarter of Sync's: lr / 4 by the linear scaling rule.
-    #[arg(long, default_value_t = 0.025)]
-    async_lr: f64,
-    /// Accuracy runs: momentum of the Async run. Asynchrony itself acts as momentum
-    /// (about 1 - 1/workers), so the explicit one is lowered from 0.9.
-    #[arg(long, default_value_t = 0.6)]
-    async_momentum: f64,
+    /// Async runs (section `async`): how stale gradients are applied, comma-separated;
+    /// each gets its own rows.
+    #[arg(long, default_value = "ScaleLearningRate,CorrectMomentum,Apply")]
+    stale_gradients: String,
+    /// Async runs: repeats of each setup (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    async_repeats: usize,
+    /// Async runs: worker counts, comma-separated (1 PS each).
+    #[arg(long, default_value = "2,4")]
+    async_workers: String,
+    /// Async runs, for exploring: the Async rows' learning rate instead of Sync's 0.1.
+    #[arg(long)]
+    async_lr: Option<f64>,
+    /// Async runs, for exploring: the Async rows' momentum instead of Sync's 0.9.
+    #[arg(long)]
+    async_momentum: Option<f64>,
     /// Throughput runs: batch per process (comma-separated: one table each).
     #[arg(long, default_value = "256,1024")]
     throughput_batch: String,
@@ -72,6 +83,13 @@ struct Args {
     /// Throughput runs: repeats.
     #[arg(long, default_value_t = 3)]
     throughput_repeats: usize,
+    /// Section `tensorflow`: the Python with tensorflow-cpu (tests/tensorflow/install.sh
+    /// makes this virtualenv).
+    #[arg(long, default_value = "~/.cache/kubetrain/tf-venv/bin/python")]
+    tf_python: String,
+    /// Section `tensorflow`: repeats (TensorFlow and kubetrain interleaved).
+    #[arg(long, default_value_t = 3)]
+    tf_repeats: usize,
     /// Internal: serve the discarding PS on this port (the transport's ceiling) and
     /// nothing else.
     #[arg(long, hide = true)]
@@ -446,6 +464,25 @@ struct RunResult {
     samples_per_second: f64,
     seconds: f64,
     peak_rss_kib: Vec<(String, u64)>,
+    /// Async: the mean of PS 0's staleness histogram, from its last line.
+    mean_staleness: Option<f64>,
+}
+
+/// The mean of the histogram in a PS's `kubetrain-trainer: ps N staleness {0: 12, 1: 3}`.
+fn mean_staleness(ps_stdout: &str) -> Option<f64> {
+    let histogram = ps_stdout
+        .lines()
+        .find_map(|l| l.split_once(" staleness {"))?
+        .1
+        .trim_end_matches('}');
+    let (mut updates, mut sum) = (0f64, 0f64);
+    for entry in histogram.split(',') {
+        let (behind, count) = entry.split_once(':')?;
+        let (behind, count): (f64, f64) = (behind.trim().parse().ok()?, count.trim().parse().ok()?);
+        updates += count;
+        sum += behind * count;
+    }
+    (updates > 0.0).then(|| sum / updates)
 }
 
 /// `servers` PS + `workers` workers as separate processes of the real binary.
@@ -534,6 +571,9 @@ fn distributed(
         samples_per_second: value("samples_per_second"),
         seconds,
         peak_rss_kib: peaks,
+        mean_staleness: std::fs::read_to_string(dir.join("ps-0.out"))
+            .ok()
+            .and_then(|out| mean_staleness(&out)),
     }
 }
 
@@ -636,6 +676,12 @@ fn main() {
     }
     if wants("accuracy") {
         accuracy(&args, &bin, &dir, &fashion, &mlp);
+    }
+    if wants("async") {
+        asynchrony(&args, &bin, &dir, &fashion, &mlp);
+    }
+    if wants("tensorflow") {
+        tensorflow(&args, &bin, &dir, &fashion, &mlp);
     }
     println!("load average at end: {}", load_average());
     let _ = std::fs::remove_dir_all(&dir);
@@ -848,17 +894,13 @@ fn accuracy(args: &Args, bin: &Path, dir: &Path, fashion: &DatasetSpec, mlp: &Mo
         peak_rss_kib(std::process::id()).unwrap_or(0) as f64 / 1024.0
     );
     let sync = distributed(bin, &spec, 2, 4, &dir.join("acc-sync"));
-    let async_lr = args.async_lr;
+    // The same learning rate and momentum: users run Async with the settings tuned for
+    // Sync, and the PS's stale-gradient default has to make them work.
     spec.consistency.kind = kubetrain_api::ConsistencyKind::Async;
-    spec.optimizer.learning_rate = async_lr;
-    spec.optimizer.momentum = Some(args.async_momentum);
     let asy = distributed(bin, &spec, 2, 4, &dir.join("acc-async"));
-    for (name, run, lr, momentum) in [
-        ("Sync", &sync, lr, 0.9),
-        ("Async", &asy, async_lr, args.async_momentum),
-    ] {
+    for (name, run) in [("Sync", &sync), ("Async", &asy)] {
         println!(
-            "| 2 PS + 4 workers, {name}, batch {batch} each, lr {lr} momentum {momentum} | {:.4} | {:+.2} pp | {:.0} | {:.1} s | {} |",
+            "| 2 PS + 4 workers, {name}, batch {batch} each, lr {lr} momentum 0.9 | {:.4} | {:+.2} pp | {:.0} | {:.1} s | {} |",
             run.accuracy,
             (run.accuracy - base) * 100.0,
             run.samples_per_second,
@@ -877,5 +919,195 @@ fn accuracy(args: &Args, bin: &Path, dir: &Path, fashion: &DatasetSpec, mlp: &Mo
         (sync.accuracy - base).abs() <= 0.005,
         (asy.accuracy - base).abs() <= 0.01,
         peak as f64 / 1024.0
+    );
+}
+
+/// Async at the settings a user tunes for Sync (issue #18): Fashion-MNIST mlp 784-256-10,
+/// batch 256 per worker, 3 epochs, SGD lr 0.1 momentum 0.9, 1 PS; 2 and 4 workers. Each
+/// stale-gradient policy against Sync with the same workers, interleaved repeat by repeat.
+fn asynchrony(args: &Args, bin: &Path, dir: &Path, fashion: &DatasetSpec, mlp: &ModelSpec) {
+    let policies: Vec<kubetrain_api::StaleGradients> = args
+        .stale_gradients
+        .split(',')
+        .map(|p| {
+            serde_json::from_value(serde_json::Value::String(p.trim().into()))
+                .expect("--stale-gradients: ScaleLearningRate, CorrectMomentum or Apply")
+        })
+        .collect();
+    let repeats = args.async_repeats;
+    println!(
+        "## Async at Sync's settings: Fashion-MNIST mlp 784-256-10, batch 256 per worker, 3 epochs, SGD lr 0.1 momentum 0.9, 1 PS, {repeats} repeats\n"
+    );
+    println!(
+        "| workers | run | test accuracy per repeat | median | samples/s median | vs Sync samples/s | mean staleness |\n|---|---|---|---|---|---|---|"
+    );
+    let workers: Vec<usize> = args
+        .async_workers
+        .split(',')
+        .map(|w| w.trim().parse().expect("--async-workers: numbers"))
+        .collect();
+    for workers in workers {
+        let spec = training(mlp.clone(), fashion.clone(), 256, 3, 0.1);
+        let mut rows: Vec<(String, Vec<RunResult>)> = std::iter::once("Sync".to_string())
+            .chain(policies.iter().map(|p| format!("Async, {p:?}")))
+            .map(|name| (name, Vec::new()))
+            .collect();
+        for repeat in 0..repeats {
+            for (i, (_, runs)) in rows.iter_mut().enumerate() {
+                let mut spec = spec.clone();
+                if i > 0 {
+                    spec.consistency.kind = kubetrain_api::ConsistencyKind::Async;
+                    spec.consistency.stale_gradients = Some(policies[i - 1]);
+                    if let Some(lr) = args.async_lr {
+                        spec.optimizer.learning_rate = lr;
+                    }
+                    if let Some(momentum) = args.async_momentum {
+                        spec.optimizer.momentum = Some(momentum);
+                    }
+                }
+                let run_dir = dir.join(format!("async-{workers}-{i}-{repeat}"));
+                runs.push(distributed(bin, &spec, 1, workers, &run_dir));
+            }
+        }
+        let sync_rate = median(rows[0].1.iter().map(|r| r.samples_per_second).collect());
+        for (name, runs) in &rows {
+            let accuracies: Vec<f64> = runs.iter().map(|r| r.accuracy).collect();
+            let rate = median(runs.iter().map(|r| r.samples_per_second).collect());
+            let staleness = median(runs.iter().filter_map(|r| r.mean_staleness).collect());
+            println!(
+                "| {workers} | {name} | {} | **{:.4}** | {rate:.0} | {:.2}x | {} |",
+                accuracies
+                    .iter()
+                    .map(|a| format!("{a:.4}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                median(accuracies.clone()),
+                rate / sync_rate,
+                if staleness.is_nan() {
+                    "-".to_string()
+                } else {
+                    format!("{staleness:.2}")
+                }
+            );
+        }
+    }
+    println!(
+        "\ntargets: Async median >= 0.845 with 2 workers and >= 0.84 with 4, at >= 0.9x Sync's samples/s\n"
+    );
+}
+
+/// One run of `bench/tensorflow/ps_strategy.py`: samples/s and test accuracy from the JSON
+/// line it ends with, or why there is none.
+fn tensorflow_run(python: &Path, mode: &str) -> Result<(f64, f64), String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/tensorflow/ps_strategy.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .args(["--mode", mode, "--workers", "2"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("{}: {e}", python.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    let json: serde_json::Value = serde_json::from_str(last).map_err(|_| {
+        format!(
+            "{} --mode {mode} exited {} without its JSON line",
+            script.display(),
+            out.status
+        )
+    })?;
+    let number = |key: &str| {
+        json[key]
+            .as_f64()
+            .ok_or_else(|| format!("no {key} in {last}"))
+    };
+    Ok((number("samples_per_second")?, number("test_accuracy")?))
+}
+
+/// TensorFlow's ParameterServerStrategy (tensorflow-cpu from PyPI) beside kubetrain, with
+/// the same settings, interleaved repeat by repeat: Fashion-MNIST mlp 784-256-10, batch
+/// 256 per worker, 3 epochs, SGD lr 0.1 momentum 0.9 (momentum slots on the PS), 1 PS + 2
+/// workers, and each one's single process.
+fn tensorflow(args: &Args, bin: &Path, dir: &Path, fashion: &DatasetSpec, mlp: &ModelSpec) {
+    let python = match args.tf_python.strip_prefix("~/") {
+        Some(rest) => std::env::home_dir().unwrap_or_default().join(rest),
+        None => args.tf_python.clone().into(),
+    };
+    let repeats = args.tf_repeats;
+    println!(
+        "## Side by side with TensorFlow's ParameterServerStrategy: Fashion-MNIST mlp 784-256-10, batch 256 per worker, 3 epochs, SGD lr 0.1 momentum 0.9, {repeats} repeats\n"
+    );
+    let spec = training(mlp.clone(), fashion.clone(), 256, 3, 0.1);
+    let mut async_spec = spec.clone();
+    async_spec.consistency.kind = kubetrain_api::ConsistencyKind::Async;
+    let names = [
+        "TensorFlow, 1 process",
+        "TensorFlow PS, 1 PS + 2 workers (async)",
+        "kubetrain, 1 process",
+        "kubetrain Sync, 1 PS + 2 workers",
+        "kubetrain Async, 1 PS + 2 workers",
+    ];
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); names.len()];
+    let mut peak_kib = 0;
+    for repeat in 0..repeats {
+        for (i, mode) in ["single", "ps"].into_iter().enumerate() {
+            match tensorflow_run(&python, mode) {
+                Ok(run) => runs[i].push(run),
+                Err(e) => {
+                    println!(
+                        "skipped: {e} (install TensorFlow with tests/tensorflow/install.sh)\n"
+                    );
+                    return;
+                }
+            }
+        }
+        match local::train(&spec, 1, None) {
+            Ok(one) => runs[2].push((one.samples_per_second, one.evaluation.accuracy)),
+            Err(e) => {
+                println!("skipped: {e}\n");
+                return;
+            }
+        }
+        for (i, spec) in [(3, &spec), (4, &async_spec)] {
+            let run = distributed(bin, spec, 1, 2, &dir.join(format!("tf-{i}-{repeat}")));
+            peak_kib = peak_kib.max(run.peak_rss_kib.iter().map(|(_, k)| *k).max().unwrap_or(0));
+            runs[i].push((run.samples_per_second, run.accuracy));
+        }
+    }
+    println!(
+        "| run | samples/s per repeat | median samples/s | vs TensorFlow PS | test accuracy per repeat | median accuracy |\n|---|---|---|---|---|---|"
+    );
+    let medians: Vec<(f64, f64)> = runs
+        .iter()
+        .map(|r| {
+            (
+                median(r.iter().map(|x| x.0).collect()),
+                median(r.iter().map(|x| x.1).collect()),
+            )
+        })
+        .collect();
+    for (name, (r, m)) in names.iter().zip(runs.iter().zip(&medians)) {
+        let list = |f: fn(&(f64, f64)) -> String| r.iter().map(f).collect::<Vec<_>>().join(", ");
+        println!(
+            "| {name} | {} | {:.0} | {:.2}x | {} | **{:.4}** |",
+            list(|x| format!("{:.0}", x.0)),
+            m.0,
+            m.0 / medians[1].0,
+            list(|x| format!("{:.4}", x.1)),
+            m.1
+        );
+    }
+    let (tf_ps, tf_one) = (medians[1], medians[0]);
+    for (name, m) in [("Sync", medians[3]), ("Async", medians[4])] {
+        println!(
+            "\nkubetrain {name}: {:.2}x TensorFlow PS's samples/s (target >= 2x), accuracy {:+.2} pp against it (target >= 0); {:.2}x TensorFlow's single process (stretch > 1x)",
+            m.0 / tf_ps.0,
+            (m.1 - tf_ps.1) * 100.0,
+            m.0 / tf_one.0
+        );
+    }
+    println!(
+        "\nlargest peak RSS of a kubetrain process: {:.1} MiB (target <= 64 MiB)\n",
+        peak_kib as f64 / 1024.0
     );
 }
