@@ -47,6 +47,9 @@ pub fn token_secret_name(job: &str) -> String {
 }
 /// The port the built-in trainer serves Prometheus `/metrics` on (unset: no metrics).
 pub const ENV_METRICS_PORT: &str = "KUBETRAIN_METRICS_PORT";
+/// How many threads the built-in trainer's matrix products use (unset: the CPUs the
+/// container may use, from its cgroup quota). Set it in a replica's pod template.
+pub const ENV_COMPUTE_THREADS: &str = "KUBETRAIN_COMPUTE_THREADS";
 /// The trainer's metrics port in pods the operator plans, unless configured otherwise.
 pub const DEFAULT_TRAINER_METRICS_PORT: u16 = 9090;
 /// The name of that container port, which the chart's PodMonitor scrapes.

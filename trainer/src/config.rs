@@ -77,6 +77,10 @@ pub struct Cli {
     /// Stop after this many steps even if the epochs are not done (tests, benchmarks).
     #[arg(long)]
     pub max_steps: Option<u64>,
+    /// Threads for the forward and backward pass's matrix products (default: the CPUs this
+    /// process may use, from its cgroup quota).
+    #[arg(long, env = kubetrain_api::contract::ENV_COMPUTE_THREADS)]
+    pub compute_threads: Option<std::num::NonZeroUsize>,
 }
 
 impl Cli {

@@ -5,6 +5,7 @@
 //! the equivalent flags; see [`config`]. [`run`] is what the binary calls.
 #![forbid(unsafe_code)]
 
+pub mod compute_threads;
 pub mod config;
 pub mod credential;
 pub mod data;
@@ -137,6 +138,20 @@ fn leave_last_words(path: &Path, message: &str) {
 /// failure is printed as one `kubetrain-trainer: error: ...` line and exits 1. Shared by
 /// the `kubetrain-trainer` binary and `kubetrain trainer`.
 pub async fn main_with(cli: Cli) -> std::process::ExitCode {
+    // Workers and pipeline stages compute; a PS only applies updates.
+    if cli.role == Role::Worker {
+        let threads = compute_threads::wanted(cli.compute_threads);
+        match compute_threads::ensure(threads) {
+            None => info!(
+                threads = threads.get(),
+                "matrix products on {threads} thread(s)"
+            ),
+            Some(error) => tracing::warn!(
+                %error,
+                "could not restart with MATMUL_NUM_THREADS={threads}; matrix products use matrixmultiply's own thread count"
+            ),
+        }
+    }
     let termination_log = cli.termination_log.clone();
     let result = match Config::from_cli(cli) {
         Ok(config) => run(config).await.map(|_| ()),
