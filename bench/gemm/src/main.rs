@@ -24,14 +24,50 @@ struct Shape {
 }
 
 const STEP: [Shape; 5] = [
-    Shape { m: 256, k: 784, n: 256, a_t: false, b_t: false },
-    Shape { m: 256, k: 256, n: 10, a_t: false, b_t: false },
-    Shape { m: 256, k: 256, n: 10, a_t: true, b_t: false },
-    Shape { m: 256, k: 10, n: 256, a_t: false, b_t: true },
-    Shape { m: 784, k: 256, n: 256, a_t: true, b_t: false },
+    Shape {
+        m: 256,
+        k: 784,
+        n: 256,
+        a_t: false,
+        b_t: false,
+    },
+    Shape {
+        m: 256,
+        k: 256,
+        n: 10,
+        a_t: false,
+        b_t: false,
+    },
+    Shape {
+        m: 256,
+        k: 256,
+        n: 10,
+        a_t: true,
+        b_t: false,
+    },
+    Shape {
+        m: 256,
+        k: 10,
+        n: 256,
+        a_t: false,
+        b_t: true,
+    },
+    Shape {
+        m: 784,
+        k: 256,
+        n: 256,
+        a_t: true,
+        b_t: false,
+    },
 ];
 
-const SQUARE: Shape = Shape { m: 1024, k: 1024, n: 1024, a_t: false, b_t: false };
+const SQUARE: Shape = Shape {
+    m: 1024,
+    k: 1024,
+    n: 1024,
+    a_t: false,
+    b_t: false,
+};
 
 fn flops(s: &Shape) -> f64 {
     2.0 * (s.m * s.k * s.n) as f64
@@ -48,12 +84,16 @@ fn operands(s: &Shape) -> (Vec<f32>, Vec<f32>) {
 fn matrixmultiply(s: &Shape, a: &[f32], b: &[f32]) -> Vec<f32> {
     use ndarray::ArrayView2;
     let av = if s.a_t {
-        ArrayView2::from_shape((s.k, s.m), a).unwrap().reversed_axes()
+        ArrayView2::from_shape((s.k, s.m), a)
+            .unwrap()
+            .reversed_axes()
     } else {
         ArrayView2::from_shape((s.m, s.k), a).unwrap()
     };
     let bv = if s.b_t {
-        ArrayView2::from_shape((s.n, s.k), b).unwrap().reversed_axes()
+        ArrayView2::from_shape((s.n, s.k), b)
+            .unwrap()
+            .reversed_axes()
     } else {
         ArrayView2::from_shape((s.k, s.n), b).unwrap()
     };
@@ -63,12 +103,16 @@ fn matrixmultiply(s: &Shape, a: &[f32], b: &[f32]) -> Vec<f32> {
 fn openblas(s: &Shape, a: &[f32], b: &[f32]) -> Vec<f32> {
     use ndarray_blas::ArrayView2;
     let av = if s.a_t {
-        ArrayView2::from_shape((s.k, s.m), a).unwrap().reversed_axes()
+        ArrayView2::from_shape((s.k, s.m), a)
+            .unwrap()
+            .reversed_axes()
     } else {
         ArrayView2::from_shape((s.m, s.k), a).unwrap()
     };
     let bv = if s.b_t {
-        ArrayView2::from_shape((s.n, s.k), b).unwrap().reversed_axes()
+        ArrayView2::from_shape((s.n, s.k), b)
+            .unwrap()
+            .reversed_axes()
     } else {
         ArrayView2::from_shape((s.k, s.n), b).unwrap()
     };
@@ -88,7 +132,11 @@ fn faer(s: &Shape, a: &[f32], b: &[f32], threads: usize) -> Vec<f32> {
         MatRef::from_row_major_slice(b, s.k, s.n)
     };
     let mut out = vec![0.0f32; s.m * s.n];
-    let par = if threads > 1 { Par::rayon(threads) } else { Par::Seq };
+    let par = if threads > 1 {
+        Par::rayon(threads)
+    } else {
+        Par::Seq
+    };
     faer::linalg::matmul::matmul(
         MatMut::from_row_major_slice_mut(&mut out, s.m, s.n),
         Accum::Replace,
@@ -170,12 +218,23 @@ fn main() {
                 .output()
                 .unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
-            let v: Vec<f64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            let v: Vec<f64> = text
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
             let [step, square, err] = v[..] else {
-                println!("| {candidate} | {threads} | failed: {} | | | | |", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+                println!(
+                    "| {candidate} | {threads} | failed: {} | | | | |",
+                    String::from_utf8_lossy(&out.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                );
                 continue;
             };
-            let speedup = one.map(|o: f64| format!("{:.2}x", o / step)).unwrap_or_default();
+            let speedup = one
+                .map(|o: f64| format!("{:.2}x", o / step))
+                .unwrap_or_default();
             one.get_or_insert(step);
             rows.push((candidate, threads, step, square));
             println!(
@@ -186,8 +245,14 @@ fn main() {
             );
         }
     }
-    let peak = rows.iter().map(|r| flops(&SQUARE) / r.3).fold(0.0, f64::max);
-    println!("\nmachine sgemm peak measured here (best 1024³ of any candidate): {:.1} GFLOP/s", peak / 1e9);
+    let peak = rows
+        .iter()
+        .map(|r| flops(&SQUARE) / r.3)
+        .fold(0.0, f64::max);
+    println!(
+        "\nmachine sgemm peak measured here (best 1024³ of any candidate): {:.1} GFLOP/s",
+        peak / 1e9
+    );
     for (candidate, threads, step, _) in rows {
         println!(
             "- {candidate} at {threads} thread(s): step GEMMs at {:.0} % of that peak",
