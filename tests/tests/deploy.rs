@@ -880,6 +880,7 @@ fn dashboard_queries_only_exported_metrics_and_labels() {
         "kubetrain_trainer_ps_push_bytes_total",
         "kubetrain_trainer_ps_pull_bytes_total",
         "kubetrain_trainer_ps_request_duration_seconds_bucket",
+        "kubetrain_trainer_ps_update_staleness_versions_bucket",
     ] {
         assert!(used.contains(name), "the dashboard does not show {name}");
     }
