@@ -819,8 +819,9 @@ fn write_checkpoint(
     optimizer: &Optimizer,
 ) -> Result<(), TrainerError> {
     let range = plan.stage.param_range();
+    let path = checkpoint_path(dir, stage, stages, step);
     checkpoint::write(
-        &checkpoint_path(dir, stage, stages, step),
+        &path,
         &ShardCheckpoint {
             version: step,
             start: range.start,
@@ -830,13 +831,25 @@ fn write_checkpoint(
             optimizer: optimizer.state().clone(),
         },
     )?;
+    // A stage's checkpoints are named by step, so the `.prev` that `write` keeps when a
+    // step is written again (after resuming from an earlier one) is only a stale copy.
+    remove_stale(&checkpoint::previous(&path), stage, step);
     let steps = list_checkpoints(dir, stage, stages)?;
     for old in steps.iter().rev().skip(2) {
-        if let Err(e) = std::fs::remove_file(checkpoint_path(dir, stage, stages, *old)) {
-            warn!(stage, step = old, "could not remove an old checkpoint: {e}");
-        }
+        let path = checkpoint_path(dir, stage, stages, *old);
+        remove_stale(&path, stage, *old);
+        remove_stale(&checkpoint::previous(&path), stage, *old);
     }
     Ok(())
+}
+
+fn remove_stale(path: &Path, stage: usize, step: u64) {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            warn!(stage, step, "could not remove an old checkpoint: {e}");
+        }
+        _ => {}
+    }
 }
 
 /// Chief: every stage's parameters after `step` updates, as the network's flat vector.
