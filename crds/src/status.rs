@@ -94,6 +94,36 @@ pub struct JobCondition {
     pub last_transition_time: Option<Time>,
 }
 
+impl TrainingJobStatus {
+    /// The one True lifecycle condition (Created, Running, Restarting, Suspended,
+    /// Succeeded, Failed), if the job has one yet.
+    pub fn lifecycle(&self) -> Option<&JobCondition> {
+        self.conditions
+            .iter()
+            .find(|c| c.is_true() && crate::condition::types::LIFECYCLE.contains(&c.type_.as_str()))
+    }
+
+    /// Whether condition `type_` is True.
+    pub fn is(&self, type_: &str) -> bool {
+        self.conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.is_true())
+    }
+
+    /// The True Succeeded or Failed condition, once the job has finished.
+    pub fn finished(&self) -> Option<&JobCondition> {
+        use crate::condition::types::{FAILED, SUCCEEDED};
+        self.conditions
+            .iter()
+            .find(|c| (c.type_ == SUCCEEDED || c.type_ == FAILED) && c.is_true())
+    }
+
+    /// Whether the job has reached Succeeded or Failed.
+    pub fn is_finished(&self) -> bool {
+        self.finished().is_some()
+    }
+}
+
 impl JobCondition {
     /// Whether the condition's status is `True`.
     pub fn is_true(&self) -> bool {
@@ -175,4 +205,63 @@ pub struct TrainingProgress {
     /// When the operator last read these values from the chief.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Time>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::condition::types;
+
+    fn condition(type_: &str, status: &str) -> JobCondition {
+        JobCondition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: String::new(),
+            message: String::new(),
+            last_transition_time: None,
+        }
+    }
+
+    #[test]
+    fn the_lifecycle_is_the_true_lifecycle_condition_and_details_do_not_count() {
+        let status = TrainingJobStatus {
+            conditions: vec![
+                condition(types::CREATED, "False"),
+                condition(types::RUNNING, "True"),
+                condition(types::PODS_STALLED, "True"),
+            ],
+            ..TrainingJobStatus::default()
+        };
+        assert_eq!(
+            status.lifecycle().map(|c| c.type_.as_str()),
+            Some(types::RUNNING)
+        );
+        assert!(status.is(types::RUNNING) && status.is(types::PODS_STALLED));
+        assert!(!status.is(types::CREATED));
+        assert!(!status.is_finished() && status.finished().is_none());
+
+        let detail_only = TrainingJobStatus {
+            conditions: vec![condition(types::PODS_STALLED, "True")],
+            ..TrainingJobStatus::default()
+        };
+        assert!(detail_only.lifecycle().is_none());
+        assert!(TrainingJobStatus::default().lifecycle().is_none());
+    }
+
+    #[test]
+    fn succeeded_and_failed_finish_a_job() {
+        for type_ in [types::SUCCEEDED, types::FAILED] {
+            let status = TrainingJobStatus {
+                conditions: vec![condition(types::RUNNING, "False"), condition(type_, "True")],
+                ..TrainingJobStatus::default()
+            };
+            assert!(status.is_finished(), "{type_}");
+            assert_eq!(status.finished().map(|c| c.type_.as_str()), Some(type_));
+        }
+        let not_yet = TrainingJobStatus {
+            conditions: vec![condition(types::SUCCEEDED, "False")],
+            ..TrainingJobStatus::default()
+        };
+        assert!(!not_yet.is_finished());
+    }
 }

@@ -60,7 +60,7 @@ pub struct OperatorArgs {
     /// Image for pods whose replica spec has no template.
     #[arg(long, env = "KUBETRAIN_TRAINER_IMAGE", default_value = DEFAULT_TRAINER_IMAGE)]
     pub trainer_image: String,
-    /// Port of /metrics, /healthz and /readyz.
+    /// Port of /metrics, /healthz and /readyz (0: any free port, named in the log).
     #[arg(long, env = "KUBETRAIN_METRICS_PORT", default_value_t = 8080)]
     pub metrics_port: u16,
     /// Log format.

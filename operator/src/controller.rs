@@ -27,9 +27,10 @@ use crate::cached_pod::CachedPod;
 use crate::gang::{self, GangObservation, PodGroupState};
 use crate::isolation;
 use crate::metrics::Metrics;
-use crate::plan::{self, PlanSettings, ReplicaId};
+use crate::plan::{self, PlanSettings};
 use crate::pod_cache::PodCache;
 use crate::progress::{self, ChiefReport};
+use crate::replica::ReplicaId;
 use crate::status::{self, Action, JobEvent};
 
 /// Everything a reconcile needs, shared by all reconciles.

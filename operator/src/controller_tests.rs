@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 
 use super::{Context, reconcile};
 use crate::metrics::Metrics;
-use crate::plan::{self, PlanSettings, ReplicaId};
+use crate::plan::{self, PlanSettings};
+use crate::replica::{self, ReplicaId};
 use crate::status;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
@@ -129,7 +130,7 @@ fn any_object(api_version: &str, kind: &str, name: &str) -> Value {
 }
 
 fn running_pods(job: &TrainingJob) -> Vec<Pod> {
-    plan::replica_ids(job)
+    replica::replica_ids(job)
         .into_iter()
         .map(|replica| {
             let mut pod = plan::pod(job, replica, &PlanSettings::default());

@@ -12,7 +12,7 @@ use kube::{Resource, ResourceExt};
 use kubetrain_api::TrainingJob;
 use serde_json::{Value, json};
 
-use crate::plan;
+use crate::replica;
 
 /// Gang schedulers the operator can create PodGroups for (`--gang-scheduler`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +77,7 @@ pub fn wanted(job: &TrainingJob) -> bool {
 
 /// Pods that must be placeable together: `minAvailable`, or every replica of the job.
 pub fn min_member(job: &TrainingJob) -> i32 {
-    let all = plan::replica_ids(job).len() as i32;
+    let all = replica::replica_ids(job).len() as i32;
     job.spec
         .run_policy
         .scheduling_policy
@@ -112,7 +112,7 @@ pub fn pod_group(job: &TrainingJob, scheduler: GangScheduler) -> DynamicObject {
     let metadata = ObjectMeta {
         name: Some(job.name_any()),
         namespace: job.namespace(),
-        labels: Some(plan::job_labels(job)),
+        labels: Some(replica::job_labels(job)),
         owner_references: job.controller_owner_ref(&()).map(|r| vec![r]),
         ..ObjectMeta::default()
     };
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn volcano_group_defaults_min_member_to_every_replica_and_carries_queue_and_priority() {
         let job = job(gang(None));
-        let all = plan::replica_ids(&job).len() as i32;
+        let all = replica::replica_ids(&job).len() as i32;
         let group = pod_group(&job, GangScheduler::Volcano);
         assert_eq!(
             group.types.as_ref().map(|t| t.api_version.as_str()),

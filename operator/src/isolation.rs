@@ -21,7 +21,8 @@ use rand::Rng;
 
 #[cfg(test)]
 use crate::plan::OperatorPods;
-use crate::plan::{PlanSettings, child_meta, job_labels};
+use crate::plan::{PlanSettings, child_meta};
+use crate::replica::job_labels;
 
 /// 32 random bytes as 64 hex digits, from the operating system's generator (through
 /// `rand`'s thread-local ChaCha, seeded from it).

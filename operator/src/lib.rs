@@ -18,5 +18,6 @@ pub mod plan;
 pub mod pod_cache;
 pub mod podsim;
 pub mod progress;
+pub mod replica;
 pub mod status;
 pub mod telemetry;

@@ -25,7 +25,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kubetrain_api::condition::types;
 use kubetrain_api::contract::{self, Role};
-use kubetrain_api::{TrainingJob, TrainingProgress};
+use kubetrain_api::{TrainingJob, TrainingJobStatus, TrainingProgress};
 use kubetrain_trainer::tensorboard;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -34,12 +34,13 @@ use tokio::process::{Child, Command};
 
 use crate::curves;
 use crate::isolation;
-use crate::plan::{self, PlanSettings, ReplicaId};
+use crate::plan::{self, PlanSettings};
 use crate::podsim::forward::PortForward;
 use crate::podsim::network::{DnsContext, DnsKey, PodAddress, PodNetwork};
 use crate::podsim::paths::PathMap;
 use crate::podsim::secrets;
 use crate::podsim::termination;
+use crate::replica::{self, ReplicaId};
 use crate::status::{self, Action};
 
 /// `kubetrain local` options.
@@ -313,8 +314,8 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
     let view = View::new(&job, !args.no_progress_bars && follow.is_none());
     view.line(format!(
         "kubetrain local: running {name} ({} ps, {} workers); logs in {}",
-        plan::replicas(&job, Role::Ps),
-        plan::replicas(&job, Role::Worker),
+        replica::replicas(&job, Role::Ps),
+        replica::replicas(&job, Role::Worker),
         run_dir.display()
     ));
 
@@ -385,11 +386,10 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
         }
 
         view.render(&job, &observed.lock().expect("observed lock"), &pods);
-        let finished = job.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.is_true() && (c.type_ == types::SUCCEEDED || c.type_ == types::FAILED))
-        });
+        let finished = job
+            .status
+            .as_ref()
+            .is_some_and(TrainingJobStatus::is_finished);
         let running = pods.values().any(|p| p.child.is_some());
         if finished && !running {
             break;
@@ -410,12 +410,7 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
     futures::future::join_all(pods.values_mut().map(stop)).await;
     view.finish();
 
-    let succeeded = !interrupted
-        && job.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.is_true() && c.type_ == types::SUCCEEDED)
-        });
+    let succeeded = !interrupted && job.status.as_ref().is_some_and(|s| s.is(types::SUCCEEDED));
     let report = report(
         &job,
         &observed.lock().expect("observed lock"),
@@ -439,7 +434,7 @@ fn parse_follow(job: &TrainingJob, text: &str) -> Result<ReplicaId, LocalError> 
         role: role.parse().map_err(|_| unknown())?,
         index: index.parse().map_err(|_| unknown())?,
     };
-    if plan::replica_ids(job).contains(&replica) {
+    if replica::replica_ids(job).contains(&replica) {
         Ok(replica)
     } else {
         Err(unknown())
@@ -944,7 +939,7 @@ impl View {
             ProgressStyle::with_template("{prefix:>10} {bar:30.cyan/blue} {pos:>6}/{len:6} {msg}")
                 .expect("valid template")
                 .progress_chars("=> ");
-        let bars = (0..plan::replicas(job, Role::Worker))
+        let bars = (0..replica::replicas(job, Role::Worker))
             .map(|i| {
                 let bar = multi.add(ProgressBar::new(1).with_style(style.clone()));
                 bar.set_prefix(format!("worker-{i}"));
@@ -972,14 +967,12 @@ impl View {
     fn render(&self, job: &TrainingJob, observed: &Observed, pods: &BTreeMap<ReplicaId, LocalPod>) {
         let status = job.status.clone().unwrap_or_default();
         let state = status
-            .conditions
-            .iter()
-            .find(|c| c.is_true())
+            .lifecycle()
             .map_or("Pending".to_string(), |c| c.type_.clone());
         let progress = status.progress.unwrap_or_default();
         let roles = Role::ALL
             .into_iter()
-            .filter(|role| plan::replicas(job, *role) > 0)
+            .filter(|role| replica::replicas(job, *role) > 0)
             .map(|role| {
                 let running = pods
                     .iter()
@@ -988,7 +981,7 @@ impl View {
                 let restarts = status.replica_statuses.role(role).map_or(0, |r| r.restarts);
                 format!(
                     "{role} {running}/{} running, {restarts} restarts",
-                    plan::replicas(job, role)
+                    replica::replicas(job, role)
                 )
             })
             .collect::<Vec<_>>()
@@ -1043,7 +1036,9 @@ impl View {
 fn restarts_by_role(job: &TrainingJob, status: &kubetrain_api::TrainingJobStatus) -> String {
     Role::ALL
         .into_iter()
-        .filter(|role| *role == Role::Ps || *role == Role::Worker || plan::replicas(job, *role) > 0)
+        .filter(|role| {
+            *role == Role::Ps || *role == Role::Worker || replica::replicas(job, *role) > 0
+        })
         .map(|role| {
             let restarts = status.replica_statuses.role(role).map_or(0, |r| r.restarts);
             let name = if role == Role::Worker {
@@ -1092,9 +1087,7 @@ fn picture_rows(job: &TrainingJob, run_dir: &Path) -> Vec<(&'static str, String)
 fn report(job: &TrainingJob, observed: &Observed, wall: Duration, run_dir: &Path) -> String {
     let status = job.status.clone().unwrap_or_default();
     let state = status
-        .conditions
-        .iter()
-        .find(|c| c.is_true())
+        .lifecycle()
         .map(|c| format!("{} ({}): {}", c.type_, c.reason, c.message))
         .unwrap_or_else(|| "unknown".into());
     let final_line = observed.final_line.clone().unwrap_or_default();

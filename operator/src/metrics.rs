@@ -233,9 +233,7 @@ impl Metrics {
         let name = job.name_any();
         let key = format!("{namespace}/{name}");
         let state = status
-            .conditions
-            .iter()
-            .find(|c| c.is_true() && types::LIFECYCLE.contains(&c.type_.as_str()))
+            .lifecycle()
             .map_or("Pending".to_string(), |c| c.type_.clone());
 
         let mut states = self.state_by_job.lock().expect("metrics lock");
@@ -368,7 +366,9 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends. Port 0
+/// takes any free port; the log line "serving metrics and probes" names the one bound, so
+/// that tests need not pick a port and release it before the operator binds it (a race).
 pub async fn serve(
     addr: std::net::SocketAddr,
     metrics: std::sync::Arc<Metrics>,
@@ -406,6 +406,7 @@ pub async fn serve(
             }),
         );
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving metrics and probes");
     axum::serve(listener, app).await
 }
 

@@ -13,10 +13,11 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use kubetrain_api::contract::{self, ClusterSpec, Role};
-use kubetrain_api::{ReplicaSpec, RestartPolicy, TrainingJob};
+use kubetrain_api::contract::{self, ClusterSpec};
+use kubetrain_api::{RestartPolicy, TrainingJob};
 
 use crate::gang::{self, GangScheduler};
+use crate::replica::{ReplicaId, job_labels, replica_ids, replica_spec, replicas};
 
 /// What the plan needs besides the job itself: operator settings.
 #[derive(Clone, Debug)]
@@ -58,70 +59,6 @@ impl Default for PlanSettings {
 
 /// The trainer image used when neither `--trainer-image` nor its env var is set.
 pub const DEFAULT_TRAINER_IMAGE: &str = "ghcr.io/kubetrain/kubetrain-trainer:0.1.0";
-
-/// One replica of the job: its role and index.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ReplicaId {
-    /// The role.
-    pub role: Role,
-    /// The index within the role.
-    pub index: usize,
-}
-
-impl ReplicaId {
-    /// The pod name of this replica in `job`.
-    pub fn pod_name(&self, job: &str) -> String {
-        contract::pod_name(job, self.role, self.index)
-    }
-
-    /// Reads the replica from a pod's kubetrain labels.
-    pub fn from_pod(pod: &Pod) -> Option<Self> {
-        let labels = pod.metadata.labels.as_ref()?;
-        let role = labels.get(contract::LABEL_ROLE)?.parse().ok()?;
-        let index = labels.get(contract::LABEL_INDEX)?.parse().ok()?;
-        Some(Self { role, index })
-    }
-}
-
-/// The replica spec of a role, if the job has that role.
-pub fn replica_spec(job: &TrainingJob, role: Role) -> Option<&ReplicaSpec> {
-    job.spec.replica_specs.get(role)
-}
-
-/// The number of replicas of a role (0 when the role is absent).
-pub fn replicas(job: &TrainingJob, role: Role) -> usize {
-    job.spec.replica_specs.replicas(role)
-}
-
-/// Every replica the job should have, in role order (chief, ps, worker, evaluator), then
-/// index order.
-pub fn replica_ids(job: &TrainingJob) -> Vec<ReplicaId> {
-    Role::ALL
-        .into_iter()
-        .flat_map(|role| (0..replicas(job, role)).map(move |index| ReplicaId { role, index }))
-        .collect()
-}
-
-/// The labels every child of the job carries; the watches select on them.
-pub fn job_labels(job: &TrainingJob) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (contract::LABEL_JOB_NAME.to_string(), job.name_any()),
-        (
-            "app.kubernetes.io/name".to_string(),
-            "kubetrain".to_string(),
-        ),
-        ("app.kubernetes.io/instance".to_string(), job.name_any()),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            "kubetrain-operator".to_string(),
-        ),
-    ])
-}
-
-/// The label selector of all of a job's children.
-pub fn job_selector(job_name: &str) -> String {
-    format!("{}={job_name}", contract::LABEL_JOB_NAME)
-}
 
 pub(crate) fn child_meta(
     job: &TrainingJob,
@@ -437,6 +374,7 @@ pub fn pods(job: &TrainingJob, settings: &PlanSettings) -> Vec<Pod> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kubetrain_api::contract::Role;
 
     fn job(yaml: &str) -> TrainingJob {
         let mut job: TrainingJob = serde_yaml::from_str(yaml).unwrap();

@@ -10,7 +10,7 @@ use kubetrain_api::condition::types;
 use kubetrain_api::contract::{FinalProgress, Role};
 use kubetrain_api::{TrainingJob, TrainingJobStatus, TrainingProgress};
 
-use crate::plan::ReplicaId;
+use crate::replica::ReplicaId;
 use crate::status::phase;
 
 /// At most one progress write per this interval per job.
@@ -47,10 +47,7 @@ pub fn chief_to_ask(
     now: Timestamp,
 ) -> Option<String> {
     job.spec.training.as_ref()?;
-    let active = status.conditions.iter().any(|c| {
-        c.is_true()
-            && [types::CREATED, types::RUNNING, types::RESTARTING].contains(&c.type_.as_str())
-    });
+    let active = is_training(status);
     if !active {
         return None;
     }
@@ -68,15 +65,19 @@ pub fn chief_to_ask(
     Some(format!("http://{ip}:{port}"))
 }
 
+/// Whether the job is in a lifecycle state in which its chief may be training.
+fn is_training(status: &TrainingJobStatus) -> bool {
+    status.lifecycle().is_some_and(|c| {
+        [types::CREATED, types::RUNNING, types::RESTARTING].contains(&c.type_.as_str())
+    })
+}
+
 /// How long until progress is due again: while the job runs the built-in trainer and its
 /// chief is Running. A chief that is not running yet needs no timer: its pod's next status
 /// change wakes the job anyway, and a thousand pending jobs must not poll.
 pub fn next_ask(job: &TrainingJob, status: &TrainingJobStatus, pods: &[Pod]) -> Option<Duration> {
     job.spec.training.as_ref()?;
-    let active = status.conditions.iter().any(|c| {
-        c.is_true()
-            && [types::CREATED, types::RUNNING, types::RESTARTING].contains(&c.type_.as_str())
-    });
+    let active = is_training(status);
     let chief_running = chief(pods).is_some_and(|p| phase(p) == "Running");
     (active && chief_running).then_some(MIN_WRITE_INTERVAL)
 }

@@ -20,7 +20,8 @@ use kubetrain_api::{
 };
 
 use crate::gang::{self, GangObservation};
-use crate::plan::{self, ReplicaId};
+use crate::plan;
+use crate::replica::{self, ReplicaId};
 
 /// Something the job needs done to the world.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,7 +133,7 @@ pub fn decide_with_gang(
     d.status.observed_generation = job.metadata.generation;
     let by_replica = index_pods(pods);
     d.run(pods, &by_replica);
-    let has = |role| plan::replica_spec(job, role).is_some();
+    let has = |role| replica::replica_spec(job, role).is_some();
     let counts = |role| replica_status(job, role, pods, &d.status);
     d.status.replica_statuses = kubetrain_api::ReplicaStatuses {
         chief: has(Role::Chief).then(|| counts(Role::Chief)),
@@ -144,7 +145,7 @@ pub fn decide_with_gang(
     d.status.workers_ready = Some(format!(
         "{}/{}",
         d.status.replica_statuses.worker.ready,
-        plan::replicas(job, Role::Worker)
+        replica::replicas(job, Role::Worker)
     ));
     d.status.replicas_ready = Some(replicas_ready(job, &d.status.replica_statuses));
     sort_conditions(&mut d.status.conditions);
@@ -223,22 +224,16 @@ impl Decider<'_> {
     }
 
     fn finished_condition(&self) -> Option<&JobCondition> {
-        self.status
-            .conditions
-            .iter()
-            .find(|c| (c.type_ == types::SUCCEEDED || c.type_ == types::FAILED) && c.is_true())
+        self.status.finished()
     }
 
     fn lifecycle_is(&self, type_: &str) -> bool {
-        self.status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == type_ && c.is_true())
+        self.status.is(type_)
     }
 
     fn reconcile_replicas(&mut self, pods: &[Pod], by_replica: &BTreeMap<ReplicaId, &Pod>) {
         let job = self.job;
-        let wanted = plan::replica_ids(job);
+        let wanted = replica::replica_ids(job);
 
         // Pods beyond the wanted replicas (the job was scaled down) go away.
         for pod in pods {
@@ -266,7 +261,7 @@ impl Decider<'_> {
                 restarting.push(format!("{name} is terminating"));
                 continue;
             }
-            let policy = plan::replica_spec(job, replica.role)
+            let policy = replica::replica_spec(job, replica.role)
                 .map(|s| s.restart_policy)
                 .unwrap_or_default();
             match phase(pod) {
@@ -466,7 +461,7 @@ impl Decider<'_> {
                 false
             }
             GangObservation::Group(group) => {
-                let wanted = plan::replica_ids(self.job);
+                let wanted = replica::replica_ids(self.job);
                 let pending = wanted
                     .iter()
                     .filter(|r| !by_replica.get(r).is_some_and(|p| gang::is_scheduled(p)))
@@ -544,7 +539,7 @@ impl Decider<'_> {
     }
 
     fn success(&self, by_replica: &BTreeMap<ReplicaId, &Pod>) -> Option<String> {
-        let workers = plan::replicas(self.job, Role::Worker);
+        let workers = replica::replicas(self.job, Role::Worker);
         let role_succeeded = |role, index| {
             by_replica
                 .get(&ReplicaId { role, index })
@@ -552,7 +547,7 @@ impl Decider<'_> {
         };
         let succeeded = |index| role_succeeded(Role::Worker, index);
         // As in Kubeflow's TFJob: a chief, when there is one, alone decides success.
-        if plan::replicas(self.job, Role::Chief) > 0 {
+        if replica::replicas(self.job, Role::Chief) > 0 {
             return role_succeeded(Role::Chief, 0)
                 .then(|| "the chief completed successfully".to_string());
         }
@@ -894,10 +889,10 @@ fn replica_status(
 fn replicas_ready(job: &TrainingJob, statuses: &kubetrain_api::ReplicaStatuses) -> String {
     Role::ALL
         .into_iter()
-        .filter(|role| plan::replicas(job, *role) > 0)
+        .filter(|role| replica::replicas(job, *role) > 0)
         .map(|role| {
             let ready = statuses.role(role).map_or(0, |s| s.ready);
-            format!("{role} {ready}/{}", plan::replicas(job, role))
+            format!("{role} {ready}/{}", replica::replicas(job, role))
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -905,20 +900,17 @@ fn replicas_ready(job: &TrainingJob, statuses: &kubetrain_api::ReplicaStatuses) 
 
 /// Whether the job has reached Succeeded or Failed.
 pub fn is_finished(job: &TrainingJob) -> bool {
-    job.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| (c.type_ == types::SUCCEEDED || c.type_ == types::FAILED) && c.is_true())
-    })
+    job.status
+        .as_ref()
+        .is_some_and(TrainingJobStatus::is_finished)
 }
 
 /// Whether the job has failed with InvalidSpec.
 pub fn failed_for_invalid_spec(job: &TrainingJob) -> bool {
-    job.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == types::FAILED && c.is_true() && c.reason == reasons::INVALID_SPEC)
-    })
+    job.status
+        .as_ref()
+        .and_then(TrainingJobStatus::finished)
+        .is_some_and(|c| c.type_ == types::FAILED && c.reason == reasons::INVALID_SPEC)
 }
 
 /// The pod's phase, or "" before the kubelet reported one.

@@ -7,7 +7,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::*;
-use crate::plan::{PlanSettings, ReplicaId};
+use crate::plan::{self, PlanSettings};
+use crate::replica::ReplicaId;
 
 fn t(secs: i64) -> Timestamp {
     Timestamp::from_second(1_800_000_000 + secs).unwrap()

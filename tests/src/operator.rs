@@ -27,11 +27,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
-use kubetrain_api::condition::types;
 use kubetrain_api::{JobCondition, TrainingJob};
 use kubetrain_operator::controller::{self, Context};
 use kubetrain_operator::metrics::Metrics;
 use kubetrain_operator::plan::{self, PlanSettings};
+use kubetrain_operator::replica;
 use serde::de::DeserializeOwned;
 
 use crate::envtest::TestNamespace;
@@ -79,16 +79,12 @@ impl Drop for OperatorTask {
 
 /// The one True lifecycle condition of a job (Created, Running, ...), if any.
 pub fn lifecycle(job: &TrainingJob) -> Option<&JobCondition> {
-    job.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.status == "True" && types::LIFECYCLE.contains(&c.type_.as_str()))
+    job.status.as_ref()?.lifecycle()
 }
 
 /// Whether the job's condition `type_` is True.
 pub fn condition_true(job: &TrainingJob, type_: &str) -> bool {
-    condition(job, type_).is_some_and(|c| c.status == "True")
+    job.status.as_ref().is_some_and(|s| s.is(type_))
 }
 
 /// The job's condition of type `type_`.
@@ -235,7 +231,7 @@ impl JobWatch {
         };
         let pods = self
             .pods
-            .list(&ListParams::default().labels(&plan::job_selector(&self.name)))
+            .list(&ListParams::default().labels(&replica::job_selector(&self.name)))
             .await
             .map(|l| pod_summary(&l.items))
             .unwrap_or_else(|e| format!("could not list pods: {e}"));
@@ -299,7 +295,7 @@ pub async fn wait_for_pods(
     what: &str,
     done: impl Fn(&[Pod]) -> bool,
 ) -> Vec<Pod> {
-    let params = ListParams::default().labels(&plan::job_selector(job));
+    let params = ListParams::default().labels(&replica::job_selector(job));
     wait_until(&format!("pods of {job}: {what}"), || {
         let params = params.clone();
         let done = &done;

@@ -109,10 +109,11 @@ fn phase(pod: &Pod) -> &str {
 }
 
 fn true_lifecycle_count(job: &TrainingJob) -> usize {
+    // Counted, not `lifecycle()`, which takes the first: exactly one must be True.
     job.status.as_ref().map_or(0, |s| {
         s.conditions
             .iter()
-            .filter(|c| c.status == "True" && types::LIFECYCLE.contains(&c.type_.as_str()))
+            .filter(|c| c.is_true() && types::LIFECYCLE.contains(&c.type_.as_str()))
             .count()
     })
 }

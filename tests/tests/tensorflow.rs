@@ -24,6 +24,7 @@ use kubetrain_e2e::kubelet::{Kubelet, KubeletConfig};
 use kubetrain_e2e::operator::{JobWatch, OperatorTask, lifecycle, wait_until};
 use kubetrain_e2e::tensorflow;
 use kubetrain_operator::plan::{self, PlanSettings};
+use kubetrain_operator::replica;
 use tokio::io::AsyncWriteExt;
 
 /// A TensorFlow job here takes tens of seconds (imports alone take several on 2 cores).
@@ -116,7 +117,7 @@ async fn tensorflow_reads_the_tf_config_the_operator_writes() {
     });
     assert_eq!(answers.len(), 5);
     for (pod, answer) in pods.iter().zip(&answers) {
-        let replica = plan::ReplicaId::from_pod(pod).unwrap();
+        let replica = replica::ReplicaId::from_pod(pod).unwrap();
         let expected_cluster = if replica.role == Role::Evaluator {
             serde_json::json!({"evaluator": [address(Role::Evaluator, 0)]})
         } else {
@@ -280,7 +281,7 @@ async fn kubectl(ns: &TestNamespace, args: &[&str]) {
 async fn pods_left(ns: &TestNamespace, job: &str) -> Vec<String> {
     let pods: kube::Api<Pod> = ns.api();
     let list = pods
-        .list(&ListParams::default().labels(&plan::job_selector(job)))
+        .list(&ListParams::default().labels(&replica::job_selector(job)))
         .await
         .unwrap();
     let mut names: Vec<String> = list.items.iter().map(|p| p.name_any()).collect();
