@@ -38,11 +38,13 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use kubetrain_api::TrainingJob;
+use kubetrain_api::condition::types;
 use kubetrain_e2e::envtest::{self, ApiServer, TestNamespace};
 use kubetrain_e2e::http;
 use kubetrain_e2e::metrics_text::{self, Breakdown};
 use kubetrain_e2e::operator::set_pod_terminated;
 use kubetrain_operator::plan::{self, PlanSettings};
+use kubetrain_operator::replica;
 
 /// The controller's reconcile concurrency, also used by the baseline.
 const CONCURRENCY: usize = 32;
@@ -73,21 +75,19 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(binary: &Path, server: &ApiServer, ns: &TestNamespace) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+    /// Starts the operator and returns once it names the port it bound (`--metrics-port
+    /// 0`: no port picked free and released for it, which would race).
+    async fn start(binary: &Path, server: &ApiServer, ns: &TestNamespace, log: &Path) -> Self {
         let child = tokio::process::Command::new(binary)
-            .args(["operator", "--namespace", &ns.name, "--metrics-port"])
-            .arg(port.to_string())
+            .args(["operator", "--namespace", &ns.name, "--metrics-port", "0"])
             .env("KUBECONFIG", server.kubeconfig_path())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,kubetrain_operator::metrics=info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("the operator's log file"))
             .kill_on_drop(true)
             .spawn()
             .expect("kubetrain operator starts");
+        let port = kubetrain_e2e::operator_log::wait_for_metrics_port(log).await;
         Self {
             child,
             metrics_port: port,
@@ -316,13 +316,7 @@ async fn finish_all(ns: &TestNamespace, count: usize) {
         let done = list
             .items
             .iter()
-            .filter(|j| {
-                j.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Succeeded" && c.is_true())
-                })
-            })
+            .filter(|j| j.status.as_ref().is_some_and(|s| s.is(types::SUCCEEDED)))
             .count();
         if done >= count {
             return;
@@ -376,7 +370,7 @@ async fn with_finished_jobs(operator: &Operator, ns: &TestNamespace) -> (f64, Ve
     let before = operator.metrics().await;
     for i in 0..5 {
         let name = format!("new-{i}");
-        let selector = ListParams::default().labels(&plan::job_selector(&name));
+        let selector = ListParams::default().labels(&replica::job_selector(&name));
         let started = Instant::now();
         jobs.create(&PostParams::default(), &job(&name, 4))
             .await
@@ -427,15 +421,16 @@ fn main() {
         let server = server().await;
         server.install_crd().await.unwrap_or_else(|e| panic!("{e}"));
 
+        let logs = tempfile::tempdir().expect("a directory for the operators' logs");
         let small_baseline = baseline(server, "scale-raw-100", 100, 5).await;
         let ns = server.namespace("scale-100").await.expect("namespace");
-        let operator = Operator::start(&binary, server, &ns);
+        let operator = Operator::start(&binary, server, &ns, &logs.path().join("100.log")).await;
         let small = burst(&operator, &ns, 100, 5).await;
         drop(operator);
 
         let big_baseline = baseline(server, "scale-raw-1000", 1000, 4).await;
         let ns = server.namespace("scale-1000").await.expect("namespace");
-        let operator = Operator::start(&binary, server, &ns);
+        let operator = Operator::start(&binary, server, &ns, &logs.path().join("1000.log")).await;
         operator.until_watching().await;
         let (idle, _) = operator.memory();
         let big = burst(&operator, &ns, 1000, 4).await;

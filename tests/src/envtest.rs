@@ -17,7 +17,7 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -67,8 +67,6 @@ pub enum EnvtestError {
     NoCacheDir,
     #[error("creating the scratch directory: {0}")]
     ScratchDir(#[source] io::Error),
-    #[error("finding a free loopback port: {0}")]
-    FreePort(#[source] io::Error),
     #[error("generating certificates: {0}")]
     Certificates(#[from] rcgen::Error),
     #[error("writing {}: {source}", path.display())]
@@ -252,18 +250,19 @@ impl TestNamespace {
 }
 
 impl ApiServer {
-    /// Starts etcd and kube-apiserver on free loopback ports and waits until
-    /// `/readyz` says `ok`.
+    /// Starts etcd and kube-apiserver on a loopback address of their own, on their
+    /// well-known ports, and waits until `/readyz` says `ok`. No port is picked free and
+    /// released before they bind it: between the two, the kernel could give it to any
+    /// outgoing connection on the machine.
     pub async fn start() -> Result<Self, EnvtestError> {
         let bins = Binaries::locate()?;
         let dir = scratch_dir()?;
         let root = dir.path().to_path_buf();
 
-        let etcd_client = free_port()?;
-        let etcd_peer = free_port()?;
-        let secure_port = free_port()?;
+        let ip = kubetrain_trainer::loopback::next_ip();
+        let (etcd_client, etcd_peer, secure_port) = (2379, 2380, 6443);
 
-        let pki = Pki::generate()?;
+        let pki = Pki::generate(ip)?;
         let write = |name: &str, contents: &str| -> Result<PathBuf, EnvtestError> {
             let path = root.join(name);
             fs::write(&path, contents).map_err(|source| EnvtestError::WriteFile {
@@ -284,8 +283,8 @@ impl ApiServer {
         )?;
 
         let etcd_log = root.join("etcd.log");
-        let etcd_url = format!("http://127.0.0.1:{etcd_client}");
-        let peer_url = format!("http://127.0.0.1:{etcd_peer}");
+        let etcd_url = format!("http://{ip}:{etcd_client}");
+        let peer_url = format!("http://{ip}:{etcd_peer}");
         let mut etcd_cmd = Command::new(&bins.etcd);
         etcd_cmd
             .arg("--name=envtest")
@@ -306,7 +305,7 @@ impl ApiServer {
         wait_for_tcp(
             "etcd",
             procs.etcd.as_mut().expect("just set"),
-            etcd_client,
+            SocketAddr::from((ip, etcd_client)),
             &etcd_log,
             READY_TIMEOUT,
         )
@@ -316,8 +315,8 @@ impl ApiServer {
         let mut api_cmd = Command::new(&bins.kube_apiserver);
         api_cmd
             .arg(format!("--etcd-servers={etcd_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--bind-address={ip}"))
+            .arg(format!("--advertise-address={ip}"))
             .arg(format!("--secure-port={secure_port}"))
             // 1.20 still opens an unauthenticated port 8080 by default; parallel
             // servers would clash on it.
@@ -351,7 +350,7 @@ impl ApiServer {
         let watchdog = Watchdog::spawn(&targets, Some(&root)).map_err(EnvtestError::Watchdog)?;
 
         let kubeconfig = root.join("kubeconfig");
-        let url = format!("https://127.0.0.1:{secure_port}");
+        let url = format!("https://{ip}:{secure_port}");
         fs::write(&kubeconfig, kubeconfig_yaml(&url, &ca_crt, &token)).map_err(|source| {
             EnvtestError::WriteFile {
                 path: kubeconfig.clone(),
@@ -415,7 +414,7 @@ impl ApiServer {
         &self.kubeconfig
     }
 
-    /// `https://127.0.0.1:<port>`.
+    /// `https://127.A.B.C:6443`, on the server's own loopback address.
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -658,12 +657,11 @@ fn spawn_logged(mut cmd: Command, name: &'static str, log: &Path) -> Result<Chil
 async fn wait_for_tcp(
     name: &'static str,
     child: &mut Child,
-    port: u16,
+    addr: SocketAddr,
     log: &Path,
     timeout: Duration,
 ) -> Result<(), EnvtestError> {
     let deadline = Instant::now() + timeout;
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(EnvtestError::ExitedDuringStartup {
@@ -699,16 +697,6 @@ fn scratch_dir() -> Result<TempDir, EnvtestError> {
         return Ok(dir);
     }
     builder.tempdir().map_err(EnvtestError::ScratchDir)
-}
-
-/// A port that was free a moment ago. The tiny race with other processes is
-/// accepted: a clash shows up as a startup failure with the log tail.
-fn free_port() -> Result<u16, EnvtestError> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(EnvtestError::FreePort)?;
-    Ok(listener
-        .local_addr()
-        .map_err(EnvtestError::FreePort)?
-        .port())
 }
 
 fn unique_token() -> String {
@@ -784,7 +772,8 @@ struct Pki {
 }
 
 impl Pki {
-    fn generate() -> Result<Self, rcgen::Error> {
+    /// `ip`: the address the API server serves on, named in its certificate.
+    fn generate(ip: Ipv4Addr) -> Result<Self, rcgen::Error> {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params
@@ -797,6 +786,7 @@ impl Pki {
 
         let serving_key = KeyPair::generate()?;
         let mut serving = CertificateParams::new(vec![
+            ip.to_string(),
             "127.0.0.1".to_string(),
             "localhost".to_string(),
             "kubernetes.default.svc".to_string(),

@@ -23,6 +23,7 @@ pub mod http;
 pub mod kubelet;
 pub mod metrics_text;
 pub mod operator;
+pub mod operator_log;
 pub mod pod_secrets;
 pub mod process;
 pub mod prometheus;

@@ -124,7 +124,7 @@ impl Prometheus {
                 path: log.clone(),
                 source,
             })?;
-        let addr = free_loopback_addr().map_err(PrometheusError::Spawn)?;
+        let addr = own_loopback_addr();
         let child = Command::new(&binary)
             .arg(format!("--config.file={}", config_path.display()))
             .arg(format!(
@@ -290,8 +290,10 @@ fn write(path: &Path, text: &str) -> Result<(), PrometheusError> {
     })
 }
 
-fn free_loopback_addr() -> std::io::Result<SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+/// Prometheus's own loopback address, on its well-known port: nothing picked free and
+/// released before it binds (`kubetrain_trainer::loopback`).
+fn own_loopback_addr() -> SocketAddr {
+    SocketAddr::from((kubetrain_trainer::loopback::next_ip(), 9090))
 }
 
 // --- pod discovery --------------------------------------------------------------------------

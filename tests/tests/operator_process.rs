@@ -21,17 +21,11 @@ use kubetrain_e2e::envtest::{self, TestNamespace, namespace_with_crd, server};
 use kubetrain_e2e::http;
 use kubetrain_e2e::metrics_text::value;
 use kubetrain_e2e::operator::{JobWatch, lifecycle, set_pod_running, wait_for_pods, wait_until};
+use kubetrain_e2e::operator_log;
 use kubetrain_operator::leader::Timing;
 use tokio::process::{Child, Command};
 
 const LEASE: &str = "kubetrain-test-leader";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// One `kubetrain operator` process; killed (SIGKILL) when dropped.
 struct Replica {
@@ -42,8 +36,10 @@ struct Replica {
 }
 
 impl Replica {
-    fn start(binary: &Path, ns: &TestNamespace, identity: &str, logs: &Path) -> Self {
-        let metrics_port = free_port();
+    /// Starts a replica and returns once it serves its probes. It binds port 0 and names
+    /// the port it got in its log: a port picked here and released for it could be taken
+    /// by anything in between.
+    async fn start(binary: &Path, ns: &TestNamespace, identity: &str, logs: &Path) -> Self {
         let log = logs.join(format!("{identity}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(binary)
@@ -61,7 +57,7 @@ impl Replica {
                 "--instance",
                 identity,
                 "--metrics-port",
-                &metrics_port.to_string(),
+                "0",
             ])
             .env("KUBECONFIG", server_kubeconfig())
             .env("RUST_LOG", "info,kubetrain_operator=debug")
@@ -70,6 +66,7 @@ impl Replica {
             .kill_on_drop(true)
             .spawn()
             .expect("kubetrain operator starts");
+        let metrics_port = operator_log::wait_for_metrics_port(&log).await;
         Self {
             identity: identity.to_string(),
             metrics_port,
@@ -161,7 +158,7 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over_without_double
     let jobs: Api<TrainingJob> = ns.api();
     let timing = Timing::default();
 
-    let a = Replica::start(&binary, &ns, "replica-a", logs.path());
+    let a = Replica::start(&binary, &ns, "replica-a", logs.path()).await;
     let first = wait_until("replica-a holds the lease", || async {
         match holder(&leases).await {
             Some(h) => Ok(h),
@@ -170,7 +167,7 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over_without_double
     })
     .await;
     assert_eq!(first, "replica-a");
-    let mut b = Replica::start(&binary, &ns, "replica-b", logs.path());
+    let mut b = Replica::start(&binary, &ns, "replica-b", logs.path()).await;
     // Both are healthy and ready: a standby serves probes while it waits.
     wait_until("replica-b serving /readyz", || async {
         match tokio::net::TcpStream::connect(("127.0.0.1", b.metrics_port)).await {

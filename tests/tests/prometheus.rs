@@ -21,6 +21,7 @@ use kubetrain_e2e::deploy_tools::render;
 use kubetrain_e2e::envtest::{self, namespace_with_crd};
 use kubetrain_e2e::kubelet::{Kubelet, KubeletConfig};
 use kubetrain_e2e::operator::JobWatch;
+use kubetrain_e2e::operator_log;
 use kubetrain_e2e::prometheus::{self, PodTargets, Prometheus};
 use tokio::process::Command;
 
@@ -41,13 +42,6 @@ fn now_s() -> f64 {
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_secs_f64()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// The chart's PodMonitor and ServiceMonitor, rendered by the real helm.
@@ -144,11 +138,9 @@ async fn a_real_prometheus_answers_every_dashboard_query_during_a_job() {
         KubeletConfig::new(&ns.name, logs.path()).trainer(&trainer),
     );
 
-    let metrics_port = free_port();
     let operator_log = logs.path().join("operator.log");
     let _operator = Command::new(&operator)
-        .args(["operator", "--namespace", &ns.name, "--metrics-port"])
-        .arg(metrics_port.to_string())
+        .args(["operator", "--namespace", &ns.name, "--metrics-port", "0"])
         .env("KUBECONFIG", server.kubeconfig_path())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&operator_log).unwrap())
@@ -156,6 +148,7 @@ async fn a_real_prometheus_answers_every_dashboard_query_during_a_job() {
         .spawn()
         .expect("kubetrain operator starts");
 
+    let metrics_port = operator_log::wait_for_metrics_port(&operator_log).await;
     let operator_addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
     let pods: Api<Pod> = match prometheus::pod_monitor_namespaces(&pod_monitor) {
         None => Api::all(ns.client.clone()),

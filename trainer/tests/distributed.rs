@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
@@ -11,19 +10,6 @@ use kubetrain_trainer::proto::progress_client::ProgressClient;
 use serde_json::json;
 
 const RUN: Duration = Duration::from_secs(90);
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    // Connection: close, so the end of the answer is the end of the stream.
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut body = String::new();
-    let _ = stream.read_to_string(&mut body);
-    body
-}
 
 #[test]
 fn sync_two_workers_converge_on_digits_and_report_progress() {
@@ -36,19 +22,22 @@ fn sync_two_workers_converge_on_digits_and_report_progress() {
         json!({"kind": "Sync"}),
         30,
     );
-    let (chief_metrics, ps_metrics) = (free_port(), free_port());
+    let (chief_metrics, ps_metrics) = (
+        cluster.metrics_addr("worker", 0),
+        cluster.metrics_addr("ps", 0),
+    );
     let mut ps = cluster.spawn(
         "ps",
         0,
         &training,
-        &["--metrics-port", &ps_metrics.to_string()],
+        &["--metrics-port", &METRICS_PORT.to_string()],
     );
     let mut w1 = cluster.spawn("worker", 1, &training, &[]);
     let mut chief = cluster.spawn(
         "worker",
         0,
         &training,
-        &["--metrics-port", &chief_metrics.to_string()],
+        &["--metrics-port", &METRICS_PORT.to_string()],
     );
 
     // The operator's view: GetProgress on the chief while it trains.
@@ -88,7 +77,7 @@ fn sync_two_workers_converge_on_digits_and_report_progress() {
         (report.step - 1) / steps_per_epoch + 1,
         "{report:?}"
     );
-    let metrics = http_get(chief_metrics, "/metrics");
+    let metrics = http_get(&chief_metrics, "/metrics");
     for name in [
         "kubetrain_trainer_step",
         "kubetrain_trainer_loss",
@@ -97,7 +86,7 @@ fn sync_two_workers_converge_on_digits_and_report_progress() {
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
-    let metrics = http_get(ps_metrics, "/metrics");
+    let metrics = http_get(&ps_metrics, "/metrics");
     for name in [
         "kubetrain_trainer_ps_push_bytes_total",
         "kubetrain_trainer_ps_pull_bytes_total",
@@ -214,17 +203,17 @@ fn async_staleness_is_on_the_parameter_servers_metrics() {
         json!({"kind": "Async"}),
         30,
     );
-    let ps_metrics = free_port();
+    let ps_metrics = cluster.metrics_addr("ps", 0);
     let _ps = cluster.spawn(
         "ps",
         0,
         &training,
-        &["--metrics-port", &ps_metrics.to_string()],
+        &["--metrics-port", &METRICS_PORT.to_string()],
     );
     let _w1 = cluster.spawn("worker", 1, &training, &[]);
     let mut chief = cluster.spawn("worker", 0, &training, &[]);
     chief.wait_for_output(RUN, |out| out.contains("epoch 1 done"));
-    let metrics = http_get(ps_metrics, "/metrics");
+    let metrics = http_get(&ps_metrics, "/metrics");
     let value = |name: &str| -> f64 {
         metrics
             .lines()
@@ -261,8 +250,8 @@ fn a_taken_metrics_port_costs_only_the_metrics_and_the_chief_leaves_its_final_pr
     let cluster = Cluster::new("last-words", 1, 1);
     let training = digits_training(json!({"kind": "softmax"}), json!({"kind": "Async"}), 2);
     // Someone else (a node exporter, another pod on the host network) holds the port.
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = taken.local_addr().unwrap().port().to_string();
+    let _taken = std::net::TcpListener::bind(cluster.metrics_addr("worker", 0)).unwrap();
+    let port = METRICS_PORT.to_string();
     let last_words = cluster.dir.join("termination-log");
     let mut ps = cluster.spawn("ps", 0, &training, &[]);
     let mut chief = cluster.spawn(

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -141,22 +140,6 @@ fn pipelined_training_tracks_full_batch_training_over_many_steps() {
     }
 }
 
-fn http_get(port: u16, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    // Connection: close, so the end of the answer is the end of the stream.
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    let _ = stream.read_to_string(&mut body);
-    body
-}
-
 fn progress(address: &str) -> Option<ProgressReport> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -211,8 +194,7 @@ fn pipeline_converges_like_one_data_parallel_worker_and_reports_progress() {
 
     let cluster = Cluster::new("pipe-conv", 0, 3);
     let training = pipeline_training(&hidden, "1F1B", 4, sgd, epochs);
-    let metrics_port = free_port();
-    let port = metrics_port.to_string();
+    let port = METRICS_PORT.to_string();
     let (mut chief, mut others) =
         spawn_stages(&cluster, &training, &[], &["--metrics-port", &port]);
 
@@ -224,7 +206,7 @@ fn pipeline_converges_like_one_data_parallel_worker_and_reports_progress() {
         "{}",
         chief.stdout()
     );
-    let metrics = http_get(metrics_port, "/metrics");
+    let metrics = http_get(&cluster.metrics_addr("worker", 0), "/metrics");
     for name in [
         "kubetrain_trainer_step",
         "kubetrain_trainer_loss",

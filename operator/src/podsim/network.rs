@@ -35,11 +35,10 @@ pub struct PodNetwork {
     by_name: HashMap<DnsKey, PodAddress>,
 }
 
-/// Process-wide counters, so that several networks in one process (tests run many) never
-/// hand out the same address or port.
-static NEXT_IP: AtomicU32 = AtomicU32::new(0);
+/// Process-wide, so that several networks in one process (tests run many) never hand out
+/// the same port; addresses come from `kubetrain_trainer::loopback`, process-wide too.
 static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
-/// Second octet and port offset from the PID: separates processes running side by side.
+/// Port offset from the PID: separates processes running side by side.
 static PROCESS_SLOT: LazyLock<u32> = LazyLock::new(|| std::process::id() % 254);
 
 /// Host ports are taken from `[PORT_FLOOR, ephemeral start)`.
@@ -66,7 +65,7 @@ impl PodNetwork {
             .by_name
             .entry(key.clone())
             .or_insert_with(|| PodAddress {
-                ip: allocate_ip(),
+                ip: kubetrain_trainer::loopback::next_ip(),
                 port: allocate_port(),
             })
     }
@@ -77,15 +76,6 @@ impl PodNetwork {
         let contract_port = self.contract_port;
         rewrite_dns_names(value, ctx, contract_port, &mut |key| self.address(key))
     }
-}
-
-fn allocate_ip() -> Ipv4Addr {
-    let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
-    // Last octet 2..=251 keeps clear of .0/.1/.255; 250 × 256 addresses per process.
-    let third = u8::try_from((n / 250) % 256).unwrap_or(0);
-    let fourth = u8::try_from(n % 250 + 2).unwrap_or(2);
-    let second = u8::try_from(1 + *PROCESS_SLOT).unwrap_or(1);
-    Ipv4Addr::new(127, second, third, fourth)
 }
 
 /// The first port at or after this process's next candidate that nothing listens on.

@@ -14,7 +14,6 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -81,11 +80,10 @@ fn list(s: &str) -> Vec<String> {
         .collect()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| fail(&format!("no free port: {e}")))
+/// A loopback address of its own for one stage, on a fixed port: nothing is picked free
+/// and released before the child binds it (`kubetrain_trainer::loopback`).
+fn own_addr() -> String {
+    format!("{}:2222", kubetrain_trainer::loopback::next_ip())
 }
 
 fn fail(message: &str) -> ! {
@@ -138,9 +136,7 @@ fn run(
     micro: usize,
     schedule: &str,
 ) -> Row {
-    let workers: Vec<String> = (0..stages)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
+    let workers: Vec<String> = (0..stages).map(|_| own_addr()).collect();
     let cluster = serde_json::json!({"ps": [], "worker": workers}).to_string();
     let training = serde_json::json!({
         "model": {"kind": "mlp", "hidden": vec![args.width; stages * args.layers_per_stage.max(1) - 1]},
@@ -163,7 +159,7 @@ fn run(
                 .env("KUBETRAIN_JOB", "bench/pipeline")
                 .env("KUBETRAIN_MODE", "ModelParallel")
                 .env("KUBETRAIN_TRAINING", &training)
-                .env("POD_IP", "127.0.0.1")
+                .env("POD_IP", workers[i].rsplit_once(':').unwrap().0)
                 .env("RUST_LOG", "warn")
                 .args(["--max-steps", &args.steps.to_string()])
                 .stdin(Stdio::null())

@@ -3,7 +3,6 @@
 //! hanging it.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -16,12 +15,35 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Every process listens on a loopback address of its own (`kubetrain_trainer::loopback`),
+/// on these fixed ports: no port is picked free and released before a child binds it.
+pub const GRPC_PORT: u16 = 2222;
+pub const METRICS_PORT: u16 = 9090;
+
+/// A fresh loopback address with the gRPC port: `127.A.B.C:2222`.
+pub fn own_addr() -> String {
+    format!("{}:{GRPC_PORT}", kubetrain_trainer::loopback::next_ip())
+}
+
+/// `GET path` from `host:port`, read to the end (`Connection: close`).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body
+}
+
+/// The value of a Prometheus sample named exactly `name` (no labels) in `text`.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|value| value.trim().parse().ok())
 }
 
 pub fn temp_dir(name: &str) -> PathBuf {
@@ -43,13 +65,28 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(name: &str, ps: usize, workers: usize) -> Self {
-        let addr = |_| format!("127.0.0.1:{}", free_port());
+        let addr = |_| own_addr();
         Self {
             ps: (0..ps).map(addr).collect(),
             worker: (0..workers).map(addr).collect(),
             dir: temp_dir(name),
             token: None,
         }
+    }
+
+    /// The address `role`/`index` listens on.
+    pub fn addr(&self, role: &str, index: usize) -> &str {
+        match role {
+            "ps" => &self.ps[index],
+            _ => &self.worker[index],
+        }
+    }
+
+    /// Where `role`/`index` serves `/metrics` when started with `--metrics-port
+    /// METRICS_PORT`.
+    pub fn metrics_addr(&self, role: &str, index: usize) -> String {
+        let ip = self.addr(role, index).rsplit_once(':').unwrap().0;
+        format!("{ip}:{METRICS_PORT}")
     }
 
     pub fn json(&self) -> String {
@@ -83,7 +120,7 @@ impl Cluster {
             .env("KUBETRAIN_INDEX", index.to_string())
             .env("KUBETRAIN_JOB", "test/job")
             .env("KUBETRAIN_TRAINING", training.to_string())
-            .env("POD_IP", "127.0.0.1")
+            .env("POD_IP", self.addr(role, index).rsplit_once(':').unwrap().0)
             .env("RUST_LOG", "info")
             .args(extra)
             .stdin(Stdio::null())

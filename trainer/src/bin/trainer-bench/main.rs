@@ -31,11 +31,9 @@ use kubetrain_api::{
 use kubetrain_trainer::credential::JobToken;
 use kubetrain_trainer::local;
 use kubetrain_trainer::model::{Optimizer, OptimizerState};
-use kubetrain_trainer::net;
 use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
 use kubetrain_trainer::proto::*;
 use kubetrain_trainer::ps::checkpoint::{self, ShardCheckpoint};
-use kubetrain_trainer::tensor_wire;
 use tonic::codegen::Service;
 use tonic::server::NamedService;
 
@@ -109,18 +107,16 @@ struct Args {
     /// sgemm GFLOP/s.
     #[arg(long, hide = true)]
     compute_child: bool,
-    /// Internal: serve the discarding PS on this port (the transport's ceiling) and
+    /// Internal: serve the discarding PS at this address (the transport's ceiling) and
     /// nothing else.
     #[arg(long, hide = true)]
-    discarding_ps_port: Option<u16>,
+    discarding_ps_addr: Option<std::net::SocketAddr>,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback address of its own for one process, on a fixed port: nothing is picked free
+/// and released before the child binds it (`kubetrain_trainer::loopback`).
+fn own_addr() -> std::net::SocketAddr {
+    (kubetrain_trainer::loopback::next_ip(), 2222).into()
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
@@ -205,8 +201,8 @@ fn load_average() -> String {
 
 fn main() {
     let args = Args::parse();
-    if let Some(port) = args.discarding_ps_port {
-        serve_discarding_ps(port);
+    if let Some(addr) = args.discarding_ps_addr {
+        serve_discarding_ps(addr);
         return;
     }
     if args.compute_child {

@@ -39,23 +39,25 @@ pub(super) fn distributed(
     dir: &Path,
 ) -> RunResult {
     let cluster = ClusterSpec {
-        ps: (0..servers)
-            .map(|_| format!("127.0.0.1:{}", free_port()))
-            .collect(),
-        worker: (0..workers)
-            .map(|_| format!("127.0.0.1:{}", free_port()))
-            .collect(),
+        ps: (0..servers).map(|_| own_addr().to_string()).collect(),
+        worker: (0..workers).map(|_| own_addr().to_string()).collect(),
         ..ClusterSpec::default()
     };
     std::fs::create_dir_all(dir).unwrap();
     let spawn = |role: &str, index: usize| {
         let name = format!("{role}-{index}");
+        let own = if role == "ps" {
+            &cluster.ps
+        } else {
+            &cluster.worker
+        };
+        let ip = own[index].rsplit_once(':').unwrap().0.to_string();
         Command::new(bin)
             .env("KUBETRAIN_CLUSTER", cluster.to_env())
             .env("KUBETRAIN_ROLE", role)
             .env("KUBETRAIN_INDEX", index.to_string())
             .env("KUBETRAIN_TRAINING", serde_json::to_string(spec).unwrap())
-            .env("POD_IP", "127.0.0.1")
+            .env("POD_IP", ip)
             .env("RUST_LOG", "warn")
             .stdout(std::fs::File::create(dir.join(format!("{name}.out"))).unwrap())
             .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
