@@ -39,7 +39,7 @@ fn final_job(output: &Output) -> TrainingJob {
 fn true_condition(job: &TrainingJob) -> String {
     job.status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.is_true()))
+        .and_then(|s| s.lifecycle())
         .map(|c| c.type_.clone())
         .unwrap_or_default()
 }
@@ -398,7 +398,12 @@ fn killing_a_worker_triggers_its_restart_policy() {
             env.contains("KUBETRAIN_ROLE=worker") && env.contains("KUBETRAIN_INDEX=1")
         })
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Killed once it trains (registered with the PS), not while it is still starting.
+    let log = dir.path().join("long-worker-1.log");
+    wait_for("worker 1 to register", Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("registered").then_some(())
+    });
     kill(Pid::from_raw(worker1 as i32), Signal::SIGKILL).unwrap();
 
     let output = runner.wait_with_output().unwrap();

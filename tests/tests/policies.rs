@@ -269,8 +269,16 @@ async fn ttl_deletes_the_finished_job_on_time_without_polling() {
         .and_then(|s| s.completion_time.clone())
         .expect("completionTime")
         .0;
-    // Let the clean-up reconciles settle, then count what the wait costs.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Count what the wait costs from when the clean-up is done and counted in the status
+    // (cleanPodPolicy Running: only the chief's finished pod stays).
+    wait_for_exactly(&pods, "ttl", &[contract::pod_name("ttl", Role::Worker, 0)]).await;
+    watch
+        .until("replica counts after clean-up", |j| {
+            j.status.as_ref().is_some_and(|s| {
+                s.replica_statuses.ps.active == 0 && s.replica_statuses.worker.active == 0
+            })
+        })
+        .await;
     let before = reconciles(&operator);
 
     let gone = wait_until("the job deleted after its TTL", || async {
@@ -360,7 +368,9 @@ async fn suspend_deletes_the_pods_and_resume_recreates_them_with_a_new_start_tim
     assert_eq!(printed(&ns, "pause", "STATE").await, "Suspended");
 
     // Start times have whole seconds: resume in a later second to see the reset.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    while Timestamp::now().as_second() <= first_start.as_second() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     jobs.patch(
         "pause",
         &PatchParams::default(),

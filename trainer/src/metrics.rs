@@ -51,6 +51,9 @@ impl ChiefMetrics {
 #[derive(Clone)]
 pub struct PsMetrics {
     pub push_bytes: Counter,
+    /// Counted per chunk as it arrives, pushes that are later refused included, while
+    /// `push_bytes` counts applied pushes: the gap is what is still on its way in.
+    pub push_received_bytes: Counter,
     pub pull_bytes: Counter,
     pub request_duration: Histogram,
     pub version: Gauge<i64>,
@@ -62,6 +65,7 @@ impl Default for PsMetrics {
     fn default() -> Self {
         Self {
             push_bytes: Counter::default(),
+            push_received_bytes: Counter::default(),
             pull_bytes: Counter::default(),
             request_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             version: Gauge::default(),
@@ -79,6 +83,11 @@ impl PsMetrics {
             "push_bytes",
             "Gradient bytes received",
             self.push_bytes.clone(),
+        );
+        r.register(
+            "push_received_bytes",
+            "Gradient bytes received so far, counted per chunk, refused pushes included",
+            self.push_received_bytes.clone(),
         );
         r.register(
             "pull_bytes",

@@ -297,8 +297,12 @@ fn restarted_parameter_server_resumes_from_its_checkpoint() {
     let every = 20u64;
     let (cluster, training, [mut ps, mut w1, mut chief]) = checkpointed_sync("ps-restart", every);
     let at_kill = wait_for_step(&mut chief, &cluster.worker[0], 150);
+    let noticed = chief.stderr().matches("registering again").count();
     ps.kill();
-    std::thread::sleep(Duration::from_millis(500));
+    // The PS comes back only once the chief has found it gone, as after a real crash.
+    chief.wait_for_log(RUN, |log| {
+        log.matches("registering again").count() > noticed
+    });
     let mut ps = cluster.spawn("ps", 0, &training, &[]);
     assert!(chief.wait(RUN).success(), "{}", chief.logs());
     assert!(w1.wait(RUN).success(), "{}", w1.logs());
