@@ -1,5 +1,5 @@
-//! The hand-written gRPC framing decoder (`tensor_wire::Splitter`) and the chunk checks
-//! behind it (`net::ChunkOrder`), fed what a peer could send: raw bytes, or well-framed
+//! The hand-written gRPC framing decoder (`framing::Splitter`) and the chunk checks
+//! behind it (`chunks::ChunkOrder`), fed what a peer could send: raw bytes, or well-framed
 //! messages with bytes flipped and the stream cut short, in HTTP/2 frames cut anywhere.
 //!
 //! Checked, beyond "no panic": every message comes out as Start, Data adding up to its
@@ -11,12 +11,13 @@
 
 use arbitrary::Arbitrary;
 use bytes::Bytes;
-use kubetrain_trainer::net::{self, ChunkOrder};
-use kubetrain_trainer::proto::{PullRequest, PushChunk, PushResponse, TensorChunk};
-use kubetrain_trainer::tensor_wire::{
+use kubetrain_trainer::model::ValueRuns;
+use kubetrain_trainer::parameter_transfer::chunks::{self, ChunkOrder};
+use kubetrain_trainer::parameter_transfer::framing::{
     FrameError, Piece, Splitter, TensorMessage, decode_single, encode_message, encode_tensor,
 };
-use kubetrain_trainer::wire_tensor::WireTensor;
+use kubetrain_trainer::parameter_transfer::received::ReceivedTensor;
+use kubetrain_trainer::proto::{PullRequest, PushChunk, PushResponse, TensorChunk};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
@@ -239,7 +240,7 @@ fn receive_push(stream: &[u8], cuts: &[u16], limit: usize) {
     let mut splitter = Splitter::<PushChunk>::new(LIMIT);
     let mut order = ChunkOrder::new();
     let mut copied = vec![0.0f32; limit];
-    let mut kept = WireTensor::default();
+    let mut kept = ReceivedTensor::default();
     let (mut start, mut len, mut filled) = (0, 0, 0);
     let mut key = None;
     let mut at = 0;
@@ -263,11 +264,11 @@ fn receive_push(stream: &[u8], cuts: &[u16], limit: usize) {
                     assert!(start + len <= limit, "a chunk past the shard passed");
                 }
                 Piece::Data(data) => {
-                    net::write_le_bytes(&mut copied[start..start + len], filled, data);
+                    chunks::write_le_bytes(&mut copied[start..start + len], filled, data);
                     filled += data.len();
                     kept.push(frame.slice_ref(data));
                 }
-                Piece::End => net::from_le_in_place(&mut copied[start..start + len]),
+                Piece::End => chunks::from_le_in_place(&mut copied[start..start + len]),
             }
             Ok(())
         });

@@ -17,8 +17,8 @@ use arbitrary::Arbitrary;
 use bytes::Bytes;
 use kubetrain_api::{OptimizerKind, OptimizerSpec};
 use kubetrain_trainer::model::Optimizer;
+use kubetrain_trainer::parameter_transfer::received::ReceivedTensor;
 use kubetrain_trainer::ps::{Consistency, PullDecision, PushOutcome, Shard, ShardError};
-use kubetrain_trainer::wire_tensor::WireTensor;
 use libfuzzer_sys::fuzz_target;
 
 #[path = "push_model.rs"]
@@ -158,7 +158,7 @@ enum Op {
 }
 
 /// The wire form of `values`, cut into pieces at `cuts`, with `ragged` stray bytes.
-fn wire(values: &[f32], cuts: &[u8], ragged: u8) -> WireTensor {
+fn wire(values: &[f32], cuts: &[u8], ragged: u8) -> ReceivedTensor {
     let mut bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     bytes.extend(std::iter::repeat_n(0x7f, usize::from(ragged % 4)));
     let mut cuts: Vec<usize> = cuts
@@ -167,7 +167,7 @@ fn wire(values: &[f32], cuts: &[u8], ragged: u8) -> WireTensor {
         .collect();
     cuts.extend([0, bytes.len()]);
     cuts.sort_unstable();
-    let mut wire = WireTensor::default();
+    let mut wire = ReceivedTensor::default();
     for piece in cuts.windows(2) {
         wire.push(Bytes::copy_from_slice(&bytes[piece[0]..piece[1]]));
     }
@@ -264,7 +264,14 @@ impl Run {
         self.check_push(got, expected, &before);
     }
 
-    fn push_wire(&mut self, worker: u32, base: u64, step: u64, grad: &Grad, op: (&[u8], u8, u8)) {
+    fn push_received(
+        &mut self,
+        worker: u32,
+        base: u64,
+        step: u64,
+        grad: &Grad,
+        op: (&[u8], u8, u8),
+    ) {
         let (cuts, ragged, threads) = op;
         let values = grad.get(self.shard.params().len());
         let tensor = wire(&values, cuts, ragged);
@@ -273,7 +280,7 @@ impl Run {
         let now = self.now;
         let got = self
             .shard
-            .push_wire(worker, base, step, &tensor, threads, now);
+            .push_received(worker, base, step, &tensor, threads, now);
         if ragged % 4 != 0 {
             // Not a whole number of values: refused as it stands, whatever else it says.
             assert!(got.is_err(), "a ragged wire tensor was taken: {got:?}");
@@ -419,7 +426,7 @@ impl Run {
                 threads,
             } => {
                 let op = (cuts.as_slice(), *ragged, *threads);
-                self.push_wire(who(*worker), base.get(version), step.get(), grad, op);
+                self.push_received(who(*worker), base.get(version), step.get(), grad, op);
             }
             Op::Pull {
                 worker,

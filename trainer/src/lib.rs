@@ -11,16 +11,16 @@ pub mod credential;
 pub mod data;
 mod error;
 pub mod local;
+pub mod loopback;
 pub mod metrics;
 pub mod model;
-pub mod net;
+pub mod parameter_transfer;
 pub mod pipeline;
 pub mod progress;
 pub mod ps;
-pub mod tensor_wire;
 pub mod tensorboard;
 pub mod termination;
-pub mod wire_tensor;
+pub mod transport;
 pub mod worker;
 
 /// Generated gRPC code for `proto/kubetrain/v1/*.proto`, clients included, so the operator

@@ -1,6 +1,6 @@
 //! A parameter server answers malformed requests with an error status and keeps serving.
 //! The tensor calls go through tonic's own generated `ParameterTransferClient` here, while
-//! the PS frames them by hand (`tensor_wire`): that they understand each other is part of
+//! the PS frames them by hand (`parameter_transfer`): that they understand each other is part of
 //! what this test checks.
 
 mod common;
@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use common::*;
 use kubetrain_trainer::credential::JobToken;
+use kubetrain_trainer::parameter_transfer::client;
 use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
 use kubetrain_trainer::proto::parameter_transfer_client::ParameterTransferClient;
 use kubetrain_trainer::proto::*;
-use kubetrain_trainer::tensor_wire;
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -216,10 +216,10 @@ fn parameter_server_rejects_bad_input_without_crashing() {
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             );
         }
-        let wire = kubetrain_trainer::net::channel(&cluster.ps[0]).unwrap();
+        let wire = kubetrain_trainer::transport::channel(&cluster.ps[0]).unwrap();
         let token = JobToken::none();
         let pull_framed = |len| {
-            tensor_wire::pull_tensor(
+            client::pull_tensor(
                 (&wire, &token),
                 &request,
                 Duration::from_secs(5),

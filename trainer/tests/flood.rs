@@ -15,9 +15,9 @@ use bytes::Bytes;
 use common::*;
 use http_body::Frame;
 use kubetrain_trainer::credential::JobToken;
+use kubetrain_trainer::parameter_transfer::{self, client, framing};
 use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
 use kubetrain_trainer::proto::{PushChunk, RegisterRequest};
-use kubetrain_trainer::tensor_wire;
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
@@ -55,14 +55,14 @@ fn stalled_push(token: &JobToken) -> http::Request<tonic::body::Body> {
         total_len: PARAMS as u64,
         ..PushChunk::default()
     };
-    let [prefix, _data] = tensor_wire::encode_tensor(&head, Bytes::from(vec![0u8; 256 << 10]));
+    let [prefix, _data] = framing::encode_tensor(&head, Bytes::from(vec![0u8; 256 << 10]));
     let frames = tokio_stream::once(Ok::<_, std::convert::Infallible>(Frame::data(prefix)))
         .chain(tokio_stream::pending());
     let mut request = http::Request::new(tonic::body::Body::new(http_body_util::StreamBody::new(
         frames,
     )));
     *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = http::Uri::from_static(tensor_wire::PUSH_PATH);
+    *request.uri_mut() = http::Uri::from_static(parameter_transfer::PUSH_PATH);
     *request.version_mut() = http::Version::HTTP_2;
     let headers = request.headers_mut();
     headers.insert(
@@ -195,7 +195,7 @@ async fn register_worker_0(addr: &str, own: &JobToken) -> Channel {
 
 /// A real push of worker 0's whole gradient; the shard's version after it.
 async fn real_push(channel: &Channel, own: &JobToken) -> Result<u64, tonic::Status> {
-    tensor_wire::push_tensor(
+    client::push_tensor(
         (channel, own),
         PushChunk {
             worker_id: 0,

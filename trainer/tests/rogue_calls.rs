@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use kubetrain_trainer::credential::JobToken;
+use kubetrain_trainer::parameter_transfer::client;
 use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
 use kubetrain_trainer::proto::*;
-use kubetrain_trainer::tensor_wire;
 use serde_json::json;
 use tonic::Code;
 
@@ -131,7 +131,7 @@ async fn every_rogue_call_is_refused(addr: &str) {
         };
         refused(
             "Push of a NaN gradient as worker 1",
-            tensor_wire::push_tensor(
+            client::push_tensor(
                 (&channel, &token),
                 head,
                 std::sync::Arc::new(poison),
@@ -148,7 +148,7 @@ async fn every_rogue_call_is_refused(addr: &str) {
         };
         refused(
             "Pull as worker 1",
-            tensor_wire::pull_tensor(
+            client::pull_tensor(
                 (&channel, &token),
                 &pull,
                 Duration::from_secs(5),

@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use common::*;
 use kubetrain_trainer::credential::JobToken;
-use kubetrain_trainer::net;
+use kubetrain_trainer::parameter_transfer::chunks;
+use kubetrain_trainer::parameter_transfer::client;
 use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
 use kubetrain_trainer::proto::parameter_transfer_client::ParameterTransferClient;
 use kubetrain_trainer::proto::*;
-use kubetrain_trainer::tensor_wire;
+use kubetrain_trainer::transport;
 use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -50,7 +51,7 @@ async fn pull(channel: &Channel, worker_id: u32, min_version: u64) -> (u64, Vec<
         min_version,
         step: 0,
     };
-    tensor_wire::pull_tensor(
+    client::pull_tensor(
         (channel, &JobToken::none()),
         &request,
         DEADLINE,
@@ -63,7 +64,7 @@ async fn pull(channel: &Channel, worker_id: u32, min_version: u64) -> (u64, Vec<
 
 /// One worker's whole push, framed as the worker frames it; the shard's version after it.
 async fn push(channel: &Channel, worker_id: u32, base_version: u64, grad: &Arc<Vec<f32>>) -> u64 {
-    tensor_wire::push_tensor(
+    client::push_tensor(
         (channel, &JobToken::none()),
         head(worker_id, base_version),
         grad.clone(),
@@ -72,6 +73,16 @@ async fn push(channel: &Channel, worker_id: u32, base_version: u64, grad: &Arc<V
     )
     .await
     .unwrap()
+}
+
+/// Gradient bytes the PS has received so far, from its `/metrics`.
+async fn received_bytes(metrics: &str) -> f64 {
+    let metrics = metrics.to_string();
+    let text = tokio::task::spawn_blocking(move || http_get(&metrics, "/metrics"))
+        .await
+        .unwrap();
+    sample(&text, "kubetrain_trainer_ps_push_received_bytes_total")
+        .unwrap_or_else(|| panic!("no push_received_bytes in\n{text}"))
 }
 
 fn head(worker_id: u32, base_version: u64) -> PushChunk {
@@ -84,7 +95,7 @@ fn head(worker_id: u32, base_version: u64) -> PushChunk {
 
 /// The worker's chunks of `grad`, as a stock client sends them.
 fn chunks(worker_id: u32, base_version: u64, grad: &Arc<Vec<f32>>) -> Vec<PushChunk> {
-    net::encode_chunks(grad.clone(), 0..PARAMS)
+    chunks::encode_chunks(grad.clone(), 0..PARAMS)
         .map(|(offset, data)| PushChunk {
             offset,
             total_len: PARAMS as u64,
@@ -106,14 +117,17 @@ fn large_pushes_apply_exactly_and_atomically() {
         1,
     );
     // The test's client sends no heartbeats.
-    let mut ps = cluster.spawn("ps", 0, &training, &["--heartbeat-timeout-ms", "600000"]);
+    let port = METRICS_PORT.to_string();
+    let flags = ["--heartbeat-timeout-ms", "600000", "--metrics-port", &port];
+    let mut ps = cluster.spawn("ps", 0, &training, &flags);
+    let metrics = cluster.metrics_addr("ps", 0);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let channel = net::channel(&cluster.ps[0]).unwrap();
+        let channel = transport::channel(&cluster.ps[0]).unwrap();
         let mut control = ParameterServerClient::new(channel.clone());
         let mut registered = false;
         for _ in 0..100 {
@@ -171,12 +185,23 @@ fn large_pushes_apply_exactly_and_atomically() {
         });
         let slow_chunks = chunks(0, 1, &g2);
         let half = slow_chunks.len() / 2;
+        let half_bytes: usize = slow_chunks[..half].iter().map(|c| c.data.len()).sum();
+        let before = received_bytes(&metrics).await;
         let mut slow_chunks = slow_chunks.into_iter();
         for chunk in slow_chunks.by_ref().take(half) {
             send.send(chunk).await.unwrap();
         }
-        // Let the PS receive what it got before the other push lands.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The other push must land while the PS holds this half, or the case is not tested.
+        let holds_half = before + half_bytes as f64;
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while received_bytes(&metrics).await < holds_half {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the PS never received the first half of the slow push: {}",
+                ps.logs()
+            );
+            tokio::task::yield_now().await;
+        }
         let g3 = gradient(3);
         let version = push(&channel, 1, 1, &g3).await;
         assert_eq!(version, 2);
@@ -196,12 +221,12 @@ fn large_pushes_apply_exactly_and_atomically() {
         let g4 = gradient(4);
         let one_chunk = PushChunk {
             total_len: PARAMS as u64,
-            data: net::to_bytes(&g4),
+            data: chunks::to_bytes(&g4),
             ..head(0, 3)
         };
         let fields = prost::Message::encoded_len(&one_chunk) - PARAMS * 4;
         assert_ne!((5 + fields) % 4, 0, "the frame boundary must cut a value");
-        assert!(PARAMS * 4 > net::MAX_FRAME as usize);
+        assert!(PARAMS * 4 > transport::MAX_FRAME as usize);
         let version = stock
             .push(tokio_stream::iter([one_chunk]))
             .await
@@ -216,7 +241,7 @@ fn large_pushes_apply_exactly_and_atomically() {
         // parameters and momentum are as they were (the next good push lands as computed).
         let mut poisoned = gradient(5).as_ref().clone();
         poisoned[PARAMS - 7] = f32::NAN;
-        let err = tensor_wire::push_tensor(
+        let err = client::push_tensor(
             (&channel, &JobToken::none()),
             head(1, 4),
             Arc::new(poisoned),

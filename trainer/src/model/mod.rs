@@ -2,19 +2,21 @@
 //!
 //! Nothing here knows about the network or the runtime, so the same code runs on a worker,
 //! on a parameter server (optimizers, which also take a gradient as the bytes it arrived
-//! in, [`crate::wire_tensor`]) and in the single-process reference trainer.
+//! in, through [`ValueRuns`]) and in the single-process reference trainer.
 
 pub mod divergence;
 mod network;
 mod optimizer;
 mod stage;
 mod stale_step;
+mod value_runs;
 
 pub use divergence::Diverged;
 pub use network::{Evaluation, Network, as_matrix};
 pub use optimizer::{Optimizer, OptimizerState};
 pub use stage::{StageModel, Stash};
 pub use stale_step::{StaleSteps, StepAdjust};
+pub use value_runs::ValueRuns;
 
 /// A model call was given inputs of the wrong shape.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -6,40 +6,37 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
+use crate::model::ValueRuns;
+
 /// The received bytes of one tensor, in order.
 #[derive(Debug, Default, Clone)]
-pub struct WireTensor {
+pub struct ReceivedTensor {
     pieces: Vec<Bytes>,
     bytes: usize,
 }
 
-impl WireTensor {
+impl ReceivedTensor {
     /// Appends the next piece of the tensor's bytes.
     pub fn push(&mut self, piece: Bytes) {
         self.bytes += piece.len();
         self.pieces.push(piece);
     }
+}
 
-    /// Whole values received so far.
-    pub fn len(&self) -> usize {
+impl ValueRuns for ReceivedTensor {
+    fn len(&self) -> usize {
         self.bytes / 4
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.bytes == 0
-    }
-
-    /// Whether the bytes are a whole number of values.
-    pub fn is_whole(&self) -> bool {
+    fn is_whole(&self) -> bool {
         self.bytes.is_multiple_of(4)
     }
 
-    /// Calls `emit(index, run)` for the values `range` (indices of values), in order, in runs
-    /// that borrow the pieces; only a value cut between two pieces is put together, on the
-    /// way. Indices past [`WireTensor::len`] are not emitted.
-    pub fn runs(&self, range: Range<usize>, mut emit: impl FnMut(usize, &[[u8; 4]])) {
+    /// In runs that borrow the pieces; only a value cut between two pieces is put
+    /// together, on the way.
+    fn runs(&self, range: Range<usize>, emit: &mut dyn FnMut(usize, &[[u8; 4]])) {
         let (lo, hi) = (range.start * 4, range.end.min(self.len()) * 4);
-        let mut whole = WholeValues::default();
+        let mut whole = ValueCarry::default();
         let mut at = 0;
         for piece in &self.pieces {
             let (start, end) = (at, at + piece.len());
@@ -54,42 +51,19 @@ impl WireTensor {
             whole.feed(part, |index, run| emit(range.start + index, run));
         }
     }
-
-    /// The index of the first NaN or infinite value, if any: a push is checked whole before
-    /// any of it is applied.
-    pub fn first_non_finite(&self) -> Option<usize> {
-        let mut found = None;
-        self.runs(0..self.len(), |index, run| {
-            if found.is_none() {
-                found = run
-                    .iter()
-                    .position(|b| !f32::from_le_bytes(*b).is_finite())
-                    .map(|i| index + i);
-            }
-        });
-        found
-    }
-
-    /// The values as native `f32`s, appended to `out`.
-    pub fn extend_into(&self, out: &mut Vec<f32>) {
-        out.reserve(self.len());
-        self.runs(0..self.len(), |_, run| {
-            out.extend(run.iter().map(|b| f32::from_le_bytes(*b)));
-        });
-    }
 }
 
 /// Cuts bytes that arrive in pieces cut anywhere into runs of whole values; only a value
 /// split between two pieces is put together, in a 4-byte carry.
 #[derive(Debug, Default)]
-struct WholeValues {
+struct ValueCarry {
     carry: [u8; 4],
     carried: usize,
     /// Values emitted so far.
     values: usize,
 }
 
-impl WholeValues {
+impl ValueCarry {
     /// Feeds the next piece; `emit(index, run)` gets each run of whole values, `index`
     /// counting values from the first piece.
     fn feed(&mut self, mut piece: &[u8], mut emit: impl FnMut(usize, &[[u8; 4]])) {
@@ -125,14 +99,14 @@ pub(crate) mod tests {
     use super::*;
 
     /// `values` as wire bytes cut at random places.
-    pub(crate) fn cut_at_random(values: &[f32], rng: &mut StdRng) -> WireTensor {
+    pub(crate) fn cut_at_random(values: &[f32], rng: &mut StdRng) -> ReceivedTensor {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut cuts: Vec<usize> = (0..rng.random_range(0..12))
             .map(|_| rng.random_range(0..=bytes.len()))
             .collect();
         cuts.extend([0, bytes.len()]);
         cuts.sort_unstable();
-        let mut wire = WireTensor::default();
+        let mut wire = ReceivedTensor::default();
         for piece in cuts.windows(2) {
             wire.push(Bytes::copy_from_slice(&bytes[piece[0]..piece[1]]));
         }
@@ -149,7 +123,7 @@ pub(crate) mod tests {
             let start = rng.random_range(0..=values.len());
             let end = rng.random_range(start..=values.len());
             let mut got = Vec::new();
-            wire.runs(start..end, |index, run| {
+            wire.runs(start..end, &mut |index, run| {
                 assert_eq!(index, start + got.len(), "runs come in order, none skipped");
                 got.extend(run.iter().map(|b| f32::from_le_bytes(*b)));
             });
@@ -181,11 +155,45 @@ pub(crate) mod tests {
 
     #[test]
     fn a_value_cut_off_at_the_end_is_not_a_value() {
-        let mut wire = WireTensor::default();
+        let mut wire = ReceivedTensor::default();
         wire.push(Bytes::from_static(&[0, 0, 128, 63, 0, 0]));
         assert_eq!((wire.len(), wire.is_whole()), (1, false));
         let mut got = Vec::new();
-        wire.runs(0..5, |_, run| got.extend_from_slice(run));
+        wire.runs(0..5, &mut |_, run| got.extend_from_slice(run));
         assert_eq!(got, [1.0f32.to_le_bytes()]);
+    }
+
+    /// The optimizer's pass over values cut inside frames, which only this tensor does.
+    #[test]
+    fn updates_from_pieces_cut_anywhere_equal_applied_ones() {
+        use crate::model::{Optimizer, StepAdjust};
+        use kubetrain_api::{OptimizerKind, OptimizerSpec};
+        let mut rng = StdRng::seed_from_u64(3);
+        for kind in [OptimizerKind::Sgd, OptimizerKind::Adam] {
+            let spec = OptimizerSpec {
+                kind,
+                learning_rate: 0.1,
+                momentum: (kind == OptimizerKind::Sgd).then_some(0.9),
+                beta1: None,
+                beta2: None,
+                epsilon: None,
+            };
+            for threads in [1, 2, 3, 50] {
+                let mut applied = Optimizer::new(&spec, 37);
+                let mut from_pieces = applied.clone();
+                let mut p: Vec<f32> = (0..37).map(|i| i as f32 * 0.25 - 1.0).collect();
+                let mut q = p.clone();
+                for step in 0..4 {
+                    let g: Vec<f32> = (0..37).map(|i| (i as f32 - step as f32) * 0.3).collect();
+                    applied.apply(&mut p, &g).unwrap();
+                    let wire = cut_at_random(&g, &mut rng);
+                    from_pieces
+                        .apply_runs(&mut q, &wire, threads, StepAdjust::NONE)
+                        .unwrap();
+                }
+                assert_eq!(p, q, "{kind:?}, {threads} threads");
+                assert_eq!(applied, from_pieces, "{kind:?}, {threads} threads");
+            }
+        }
     }
 }

@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::data::{self, Batcher, Partition, Schedule};
 use crate::error::TrainerError;
 use crate::model::{Network, Optimizer, StageModel, as_matrix, divergence};
-use crate::net;
+use crate::parameter_transfer::chunks;
 use crate::progress::{ProgressService, ProgressState};
 use crate::proto::pipeline_stage_server::PipelineStageServer;
 use crate::proto::progress_server::ProgressServer;
@@ -35,6 +35,7 @@ use crate::proto::{StagePartition, StartRequest};
 use crate::ps::checkpoint::{self, ShardCheckpoint};
 use crate::tensorboard::EventLog;
 use crate::termination::Termination;
+use crate::transport;
 use crate::worker::{WorkerOutcome, evaluate_examples};
 use peers::{Outbound, Peer};
 use schedule::{Action, Stash};
@@ -612,7 +613,7 @@ async fn train(
         let full = unless_aborted(&mut abort, gather(peers, &plan, &params, steps)).await?;
         let eval = evaluate(&plan.net, full.clone(), test).await?;
         if let Some(path) = &config.dump_params {
-            std::fs::write(path, net::to_bytes(&full)).map_err(|source| {
+            std::fs::write(path, chunks::to_bytes(&full)).map_err(|source| {
                 TrainerError::DumpParams {
                     path: path.clone(),
                     source,
@@ -925,8 +926,8 @@ async fn serve(
         })?;
     let stage = InterceptedService::new(
         PipelineStageServer::new(StageService(shared))
-            .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(net::MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(transport::MAX_MESSAGE_BYTES),
         config.token.require(),
     );
     if !config.token.is_set() {
@@ -938,7 +939,7 @@ async fn serve(
     reporter
         .set_serving::<PipelineStageServer<StageService>>()
         .await;
-    let mut router = net::server().add_service(health).add_service(stage);
+    let mut router = transport::server().add_service(health).add_service(stage);
     if let Some(progress) = progress {
         reporter
             .set_serving::<ProgressServer<ProgressService>>()
@@ -947,7 +948,10 @@ async fn serve(
     }
     info!(addr = %config.bind, stage = config.index, "pipeline stage listening");
     Ok(tokio::spawn(async move {
-        if let Err(e) = router.serve_with_incoming(net::incoming(listener)).await {
+        if let Err(e) = router
+            .serve_with_incoming(transport::incoming(listener))
+            .await
+        {
             warn!("stage gRPC server stopped: {e}");
         }
     }))

@@ -14,9 +14,10 @@ use tracing::warn;
 use super::service::{Direction, Shared};
 use crate::credential::{Attach, JobToken};
 use crate::error::TrainerError;
-use crate::net;
+use crate::parameter_transfer::chunks;
 use crate::proto::pipeline_stage_client::PipelineStageClient;
 use crate::proto::*;
+use crate::transport;
 
 /// Forward and Backward only queue the tensor on the receiver; 10 s is far beyond any
 /// healthy transfer and still ends a stuck call long before a person would notice.
@@ -36,7 +37,7 @@ pub struct Peer {
 
 impl Peer {
     pub fn new(stage: usize, addr: &str, token: &JobToken) -> Result<Self, TrainerError> {
-        let channel = net::channel(addr).map_err(|e| TrainerError::Connect {
+        let channel = transport::channel(addr).map_err(|e| TrainerError::Connect {
             role: "worker",
             index: stage,
             addr: addr.to_string(),
@@ -46,8 +47,8 @@ impl Peer {
             stage,
             addr: addr.to_string(),
             client: PipelineStageClient::with_interceptor(channel, token.attach())
-                .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(net::MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(transport::MAX_MESSAGE_BYTES),
         })
     }
 
@@ -104,7 +105,7 @@ impl Peer {
             .await
             .map_err(|s| fail(s.to_string()))?
             .into_inner();
-        let mut asm = net::Assembler::new();
+        let mut asm = chunks::Assembler::new();
         while let Some(chunk) = stream.message().await.map_err(|s| fail(s.to_string()))? {
             asm.add(chunk.offset, chunk.total_len, &chunk.data, limit)
                 .map_err(|e| fail(e.to_string()))?;
@@ -180,7 +181,7 @@ pub fn sender(
             };
             let len = out.data.len();
             let mut first = Some(header.clone());
-            let chunks: Vec<StageTensor> = net::encode_chunks(Arc::new(out.data), 0..len)
+            let chunks: Vec<StageTensor> = chunks::encode_chunks(Arc::new(out.data), 0..len)
                 .map(|(offset, data)| StageTensor {
                     offset,
                     total_len: len as u64,

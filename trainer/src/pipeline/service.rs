@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::schedule::partition;
 use crate::error::TrainerError;
 use crate::model::Network;
-use crate::net::{self, Assembler};
+use crate::parameter_transfer::chunks::{self, Assembler};
 use crate::proto::pipeline_stage_server::PipelineStage;
 use crate::proto::*;
 
@@ -310,7 +310,7 @@ impl PipelineStage for StageService {
         let total = params.len() as u64;
         let stage = self.0.stage as u32;
         let len = params.len();
-        let chunks = net::encode_chunks(params, 0..len).map(move |(offset, data)| {
+        let chunks = chunks::encode_chunks(params, 0..len).map(move |(offset, data)| {
             Ok(StageTensor {
                 from_stage: stage,
                 step,

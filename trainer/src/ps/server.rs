@@ -18,15 +18,15 @@ use crate::data;
 use crate::error::TrainerError;
 use crate::metrics::PsMetrics;
 use crate::model::{Network, Optimizer};
-use crate::net;
 use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServer};
 use crate::proto::*;
 use crate::tensorboard::EventLog;
 use crate::termination::Termination;
+use crate::transport;
 use kubetrain_api::validation::effective_hidden;
 
+mod parameter_transfer;
 mod push_slots;
-mod transfer;
 
 /// How long a pull waits server-side before telling the worker to ask again. Bounded so a
 /// blocked call never outlives its deadline; the worker simply re-issues it.
@@ -489,11 +489,13 @@ pub async fn run_ps(
     reporter
         .set_serving::<ParameterServerServer<PsService>>()
         .await;
-    reporter.set_serving::<transfer::TransferService>().await;
+    reporter
+        .set_serving::<parameter_transfer::TransferService>()
+        .await;
     let service = InterceptedService::new(
         ParameterServerServer::new(PsService(inner.clone()))
-            .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(net::MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(transport::MAX_MESSAGE_BYTES),
         config.token.require(),
     );
     if !config.token.is_set() {
@@ -510,7 +512,7 @@ pub async fn run_ps(
         })?;
     info!(ps = config.index, addr = %config.bind, consistency = ?config.consistency, "parameter server listening");
     let mut signal = finished.clone();
-    let server = net::server()
+    let server = transport::server()
         // Per connection: a worker has a push, a pull, a heartbeat and a control call
         // open at most; far more is a flood, and each open stream costs memory.
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
@@ -519,8 +521,8 @@ pub async fn run_ps(
         .timeout(REQUEST_TIMEOUT)
         .add_service(health)
         .add_service(service)
-        .add_service(transfer::TransferService(inner.clone()))
-        .serve_with_incoming_shutdown(net::incoming(listener), async move {
+        .add_service(parameter_transfer::TransferService(inner.clone()))
+        .serve_with_incoming_shutdown(transport::incoming(listener), async move {
             signal.wait_for(Option::is_some).await.map(|_| ()).ok();
         });
     tokio::pin!(server);

@@ -4,8 +4,7 @@ use std::time::{Duration, Instant};
 
 use kubetrain_api::StaleGradients;
 
-use crate::model::{ModelError, Optimizer, StaleSteps};
-use crate::wire_tensor::WireTensor;
+use crate::model::{ModelError, Optimizer, StaleSteps, ValueRuns};
 
 /// How updates from different workers are combined (from `training.consistency`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,16 +311,17 @@ impl Shard {
         self.consistency != Consistency::Sync
     }
 
-    /// A worker's whole gradient as it was received ([`WireTensor`]), applied in place on
+    /// A worker's whole gradient as it was received (runs of little-endian values where
+    /// they lie, [`ValueRuns`]), applied in place on
     /// `threads` threads without being copied into a vector first. Only a complete push
     /// gets here, so one that breaks off changes nothing. Sync, which sums the gradients
     /// before applying them, copies it and goes on as [`Shard::push`].
-    pub fn push_wire(
+    pub fn push_received(
         &mut self,
         worker: u32,
         base: u64,
         step: u64,
-        gradient: &WireTensor,
+        gradient: &impl ValueRuns,
         threads: usize,
         now: Instant,
     ) -> Result<PushOutcome, ShardError> {
@@ -353,7 +353,7 @@ impl Shard {
         self.admit(worker, base, step, now)?;
         *self.staleness.entry(self.version - base).or_default() += 1;
         let adjust = self.stale_steps.adjust(self.version - base);
-        self.optimizer.apply_wire(
+        self.optimizer.apply_runs(
             params_mut(&mut self.params, &mut self.retired),
             gradient,
             threads,
@@ -529,6 +529,8 @@ fn take_unshared(retired: &mut Vec<Arc<Vec<f32>>>) -> Vec<f32> {
 mod tests {
     use kubetrain_api::{OptimizerKind, OptimizerSpec};
 
+    use crate::parameter_transfer::received::ReceivedTensor;
+
     use super::*;
 
     fn shard(consistency: Consistency, workers: usize) -> (Shard, Instant) {
@@ -628,9 +630,9 @@ mod tests {
     }
 
     /// `values` as received in two pieces, the cut inside a value.
-    fn wire(values: &[f32]) -> WireTensor {
+    fn wire(values: &[f32]) -> ReceivedTensor {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let mut wire = WireTensor::default();
+        let mut wire = ReceivedTensor::default();
         wire.push(bytes::Bytes::copy_from_slice(&bytes[..5]));
         wire.push(bytes::Bytes::copy_from_slice(&bytes[5..]));
         wire
@@ -642,11 +644,11 @@ mod tests {
         let (g1, g2) = (vec![1.0, -1.0, 0.5], vec![0.25, 2.0, -3.0]);
         let mut s = momentum_shard(2);
         assert_eq!(
-            s.push_wire(1, 0, 0, &wire(&g2), 2, now),
+            s.push_received(1, 0, 0, &wire(&g2), 2, now),
             Ok(PushOutcome::Applied { version: 1 })
         );
         assert_eq!(
-            s.push_wire(0, 0, 0, &wire(&g1), 1, now),
+            s.push_received(0, 0, 0, &wire(&g1), 1, now),
             Ok(PushOutcome::Applied { version: 2 })
         );
         let mut plain = momentum_shard(2);
@@ -658,7 +660,7 @@ mod tests {
         // Sync sums it with the others' first, as a plain push.
         let (mut sync, _) = shard(Consistency::Sync, 1);
         assert_eq!(
-            sync.push_wire(0, 0, 0, &wire(&[1.0, 2.0]), 2, now),
+            sync.push_received(0, 0, 0, &wire(&[1.0, 2.0]), 2, now),
             Ok(PushOutcome::Applied { version: 1 })
         );
         assert_eq!(sync.params(), &[-1.0, -2.0]);
@@ -670,15 +672,15 @@ mod tests {
         let mut s = momentum_shard(1);
         let before = (s.params().to_vec(), s.optimizer().clone());
         assert!(matches!(
-            s.push_wire(0, 0, 0, &wire(&[1.0, 1.0]), 1, now),
+            s.push_received(0, 0, 0, &wire(&[1.0, 1.0]), 1, now),
             Err(ShardError::WrongLength { .. })
         ));
         assert!(matches!(
-            s.push_wire(0, 4, 0, &wire(&[1.0; 3]), 1, now),
+            s.push_received(0, 4, 0, &wire(&[1.0; 3]), 1, now),
             Err(ShardError::Stale { .. })
         ));
         assert!(matches!(
-            s.push_wire(3, 0, 0, &wire(&[1.0; 3]), 1, now),
+            s.push_received(3, 0, 0, &wire(&[1.0; 3]), 1, now),
             Err(ShardError::UnknownWorker { .. })
         ));
         assert_eq!((s.params().to_vec(), s.optimizer().clone()), before);
@@ -693,7 +695,7 @@ mod tests {
         let mut cut = wire(&[1.0, 2.0]);
         cut.push(bytes::Bytes::from_static(&[0x3f]));
         assert_eq!(
-            s.push_wire(0, 0, 0, &cut, 1, now),
+            s.push_received(0, 0, 0, &cut, 1, now),
             Err(ShardError::WrongLength {
                 expected: 2,
                 got: 2
@@ -702,7 +704,7 @@ mod tests {
         assert_eq!((s.version(), s.params()), (0, &[0.0, 0.0][..]));
         // Nothing of it is pending: the next whole push completes the step on its own.
         assert_eq!(
-            s.push_wire(0, 0, 0, &wire(&[1.0, 2.0]), 1, now),
+            s.push_received(0, 0, 0, &wire(&[1.0, 2.0]), 1, now),
             Ok(PushOutcome::Applied { version: 1 })
         );
         assert_eq!(s.params(), &[-1.0, -2.0]);
@@ -730,7 +732,7 @@ mod tests {
                     Err(refused.clone())
                 );
                 assert_eq!(
-                    s.push_wire(1, 0, 0, &wire(&[1.0, 0.5, bad]), 1, now),
+                    s.push_received(1, 0, 0, &wire(&[1.0, 0.5, bad]), 1, now),
                     Err(refused.clone())
                 );
                 assert!(refused.to_string().starts_with("worker 1 pushed"));
@@ -750,7 +752,7 @@ mod tests {
         let now = Instant::now();
         let mut s = momentum_shard(1);
         let sent = s.snapshot();
-        s.push_wire(0, 0, 0, &wire(&[1.0; 3]), 1, now).unwrap();
+        s.push_received(0, 0, 0, &wire(&[1.0; 3]), 1, now).unwrap();
         // The pull still sends version 0, unchanged; the shard moved on in a copy.
         assert_eq!(*sent, vec![1.0, 2.0, 3.0]);
         assert_eq!(s.params(), &[0.5, 1.5, 2.5]);

@@ -16,10 +16,10 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::credential::{Attach, JobToken};
 use crate::error::TrainerError;
-use crate::net;
+use crate::parameter_transfer::client;
 use crate::proto::parameter_server_client::ParameterServerClient;
 use crate::proto::*;
-use crate::tensor_wire;
+use crate::transport;
 
 const UNARY_DEADLINE: Duration = Duration::from_secs(5);
 /// A pull may wait up to the PS's own 5 s bound; this covers that plus the transfer.
@@ -90,7 +90,7 @@ impl Links {
             .zip(ranges)
             .enumerate()
             .map(|(index, (addr, range))| {
-                let channel = net::channel(addr).map_err(|e| TrainerError::Connect {
+                let channel = transport::channel(addr).map_err(|e| TrainerError::Connect {
                     role: "ps",
                     index,
                     addr: addr.clone(),
@@ -103,8 +103,8 @@ impl Links {
                         channel.clone(),
                         config.token.attach(),
                     )
-                    .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(net::MAX_MESSAGE_BYTES),
+                    .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(transport::MAX_MESSAGE_BYTES),
                     channel,
                     range,
                     need: 0,
@@ -313,14 +313,9 @@ impl Links {
             let buffer = std::mem::take(&mut self.spare[i]);
             let token = self.token.clone();
             tasks.spawn(async move {
-                let result = tensor_wire::pull_tensor(
-                    (&channel, &token),
-                    &request,
-                    PULL_DEADLINE,
-                    buffer,
-                    len,
-                )
-                .await;
+                let result =
+                    client::pull_tensor((&channel, &token), &request, PULL_DEADLINE, buffer, len)
+                        .await;
                 (i, result)
             });
         }
@@ -389,8 +384,7 @@ impl Links {
                 // On a timeout, whether the push landed is unknown: it comes back as
                 // Unavailable, so the worker registers again and redoes the step.
                 let result =
-                    tensor_wire::push_tensor((&channel, &token), head, grad, range, PUSH_DEADLINE)
-                        .await;
+                    client::push_tensor((&channel, &token), head, grad, range, PUSH_DEADLINE).await;
                 (i, base, result)
             });
         }

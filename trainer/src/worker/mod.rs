@@ -16,11 +16,12 @@ use crate::config::Config;
 use crate::data::{self, Batcher, Examples, Partition, Schedule};
 use crate::error::TrainerError;
 use crate::model::{Evaluation, ModelError, Network, as_matrix, divergence};
-use crate::net;
+use crate::parameter_transfer::chunks;
 use crate::progress::{ProgressService, ProgressState};
 use crate::proto::progress_server::ProgressServer;
 use crate::ps::{Consistency, shard_ranges};
 use crate::termination::Termination;
+use crate::transport;
 use links::{Links, StepError};
 
 /// What a worker reports when it finishes.
@@ -357,7 +358,7 @@ async fn evaluate(
 }
 
 fn dump(path: &Path, params: &[f32]) -> Result<(), TrainerError> {
-    std::fs::write(path, net::to_bytes(params)).map_err(|source| TrainerError::DumpParams {
+    std::fs::write(path, chunks::to_bytes(params)).map_err(|source| TrainerError::DumpParams {
         path: path.to_path_buf(),
         source,
     })
@@ -375,7 +376,7 @@ async fn serve(
             addr: config.bind,
             source,
         })?;
-    let mut router = net::server().add_service(health);
+    let mut router = transport::server().add_service(health);
     if let Some(progress) = progress {
         reporter
             .set_serving::<ProgressServer<ProgressService>>()
@@ -384,7 +385,10 @@ async fn serve(
     }
     info!(addr = %config.bind, chief = config.is_chief(), "worker listening");
     Ok(tokio::spawn(async move {
-        if let Err(e) = router.serve_with_incoming(net::incoming(listener)).await {
+        if let Err(e) = router
+            .serve_with_incoming(transport::incoming(listener))
+            .await
+        {
             warn!("worker gRPC server stopped: {e}");
         }
     }))

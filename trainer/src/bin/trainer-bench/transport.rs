@@ -2,6 +2,8 @@
 //! discarding PS that is the transport's ceiling.
 
 use super::*;
+use kubetrain_trainer::parameter_transfer::{self, body, chunks, client};
+use kubetrain_trainer::transport;
 
 /// Raw TCP: send `bytes`, read as many back, `rounds` times; median seconds per round.
 /// Without `update` the server echoes what it read. With it, the server is the least a
@@ -90,9 +92,9 @@ fn transport_params() -> usize {
 /// gRPC: push a 16 MiB gradient to a PS in its own process (the real `kubetrain-trainer`
 /// binary) and pull the parameters back, as a worker does.
 fn grpc_round_trip(bin: &Path, rounds: usize, dir: &Path) -> GrpcTimes {
-    let port = free_port();
+    let addr = own_addr();
     let cluster = ClusterSpec {
-        ps: vec![format!("127.0.0.1:{port}")],
+        ps: vec![addr.to_string()],
         worker: vec!["127.0.0.1:1".into()],
         ..ClusterSpec::default()
     };
@@ -102,7 +104,7 @@ fn grpc_round_trip(bin: &Path, rounds: usize, dir: &Path) -> GrpcTimes {
         .env("KUBETRAIN_ROLE", "ps")
         .env("KUBETRAIN_INDEX", "0")
         .env("KUBETRAIN_TRAINING", serde_json::to_string(&spec).unwrap())
-        .env("POD_IP", "127.0.0.1")
+        .env("POD_IP", addr.ip().to_string())
         .env("RUST_LOG", "warn")
         // This client sends no heartbeats; Async does not need them.
         .args(["--heartbeat-timeout-ms", "600000"])
@@ -111,7 +113,7 @@ fn grpc_round_trip(bin: &Path, rounds: usize, dir: &Path) -> GrpcTimes {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let times = push_pull_rounds(port, rounds, Server::TrainerPs, dir);
+    let times = push_pull_rounds(addr, rounds, Server::TrainerPs, dir);
     let status = ps.wait().unwrap();
     assert!(status.success(), "the PS failed; logs in {}", dir.display());
     times
@@ -122,15 +124,15 @@ fn grpc_round_trip(bin: &Path, rounds: usize, dir: &Path) -> GrpcTimes {
 /// held to its end and dropped, and every pull answers one fixed vector. This is what the
 /// transport alone costs: the ceiling for any PS that also applies the push.
 fn discarding_round_trip(rounds: usize, dir: &Path) -> GrpcTimes {
-    let port = free_port();
+    let addr = own_addr();
     let mut server = Command::new(std::env::current_exe().unwrap())
-        .args(["--discarding-ps-port", &port.to_string()])
+        .args(["--discarding-ps-addr", &addr.to_string()])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("discarding-ps.err")).unwrap())
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let times = push_pull_rounds(port, rounds, Server::Discarding, dir);
+    let times = push_pull_rounds(addr, rounds, Server::Discarding, dir);
     let _ = server.kill();
     let _ = server.wait();
     times
@@ -145,9 +147,14 @@ enum Server {
     Discarding,
 }
 
-/// One worker's push+pull rounds over the worker's own calls (`tensor_wire`), on a runtime
+/// One worker's push+pull rounds over the worker's own calls (`parameter_transfer::client`), on a runtime
 /// shaped like a data-parallel worker's: one async thread besides this one.
-fn push_pull_rounds(port: u16, rounds: usize, server: Server, dir: &Path) -> GrpcTimes {
+fn push_pull_rounds(
+    addr: std::net::SocketAddr,
+    rounds: usize,
+    server: Server,
+    dir: &Path,
+) -> GrpcTimes {
     let params = transport_params();
     let client_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -160,7 +167,7 @@ fn push_pull_rounds(port: u16, rounds: usize, server: Server, dir: &Path) -> Grp
     // when it is copied.
     let rounds_task = async move {
         let started = Instant::now();
-        let channel = net::channel(&format!("127.0.0.1:{port}")).unwrap();
+        let channel = transport::channel(&addr.to_string()).unwrap();
         let deadline = Duration::from_secs(30);
         let token = JobToken::none();
         let grad = std::sync::Arc::new(vec![0.001f32; params]);
@@ -171,13 +178,13 @@ fn push_pull_rounds(port: u16, rounds: usize, server: Server, dir: &Path) -> Grp
                 step,
                 ..Default::default()
             };
-            tensor_wire::push_tensor((&channel, &token), head, grad.clone(), 0..params, deadline)
+            client::push_tensor((&channel, &token), head, grad.clone(), 0..params, deadline)
         };
         // Until the server is up: the PS's registration, or (discarding) a first push.
         let mut client = loop {
             let c = ParameterServerClient::new(channel.clone())
-                .max_decoding_message_size(net::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(net::MAX_MESSAGE_BYTES);
+                .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(transport::MAX_MESSAGE_BYTES);
             let up = match server {
                 Server::TrainerPs => {
                     let req = RegisterRequest {
@@ -212,7 +219,7 @@ fn push_pull_rounds(port: u16, rounds: usize, server: Server, dir: &Path) -> Grp
                 step: round as u64 + 1,
             };
             // Reuses the receive buffer as the worker does.
-            let (pulled, values) = tensor_wire::pull_tensor(
+            let (pulled, values) = client::pull_tensor(
                 (&channel, &token),
                 &request,
                 deadline,
@@ -270,42 +277,40 @@ impl Service<http::Request<tonic::body::Body>> for DiscardingPs {
         Box::pin(async move {
             let (head, body) = request.into_parts();
             let answer = match head.uri.path() {
-                tensor_wire::PUSH_PATH => {
+                parameter_transfer::PUSH_PATH => {
                     // Held to the end of the push, as the PS holds them to apply it, so
                     // that receiving allocates as the PS's receiving does.
                     let mut frames = Vec::new();
-                    tensor_wire::read_request(body, |frame| {
+                    body::read_request(body, |frame| {
                         frames.push(frame);
                         Ok(())
                     })
                     .await
-                    .map(|()| tensor_wire::push_answer(1))
+                    .map(|()| body::push_answer(1))
                 }
-                tensor_wire::PULL_PATH => tensor_wire::read_single::<PullRequest>(body)
+                parameter_transfer::PULL_PATH => body::read_single::<PullRequest>(body)
                     .await
-                    .map(|_| tensor_wire::parameters_answer(1, params)),
+                    .map(|_| body::parameters_answer(1, params)),
                 path => Err(tonic::Status::unimplemented(format!("no method {path}"))),
             };
             Ok(match answer {
-                Ok(pieces) => tensor_wire::ok_response(pieces),
-                Err(status) => tensor_wire::error_response(status),
+                Ok(pieces) => body::ok_response(pieces),
+                Err(status) => body::error_response(status),
             })
         })
     }
 }
 
-/// Serves [`DiscardingPs`] on `port` with the PS's transport settings and runtime, until
+/// Serves [`DiscardingPs`] at `addr` with the PS's transport settings and runtime, until
 /// killed.
-pub(super) fn serve_discarding_ps(port: u16) {
+pub(super) fn serve_discarding_ps(addr: std::net::SocketAddr) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let params = std::sync::Arc::new(vec![0.5f32; transport_params()]);
-        net::server()
+        transport::server()
             .add_service(DiscardingPs(params))
-            .serve_with_incoming(net::incoming(listener))
+            .serve_with_incoming(transport::incoming(listener))
             .await
             .unwrap();
     });
@@ -385,10 +390,10 @@ pub(super) fn transport(args: &Args, bin: &Path, dir: &Path) {
     for _ in 0..5 {
         let t = Instant::now();
         let encoded: Vec<(u64, bytes::Bytes)> =
-            net::encode_chunks(shared.clone(), 0..values.len()).collect();
+            chunks::encode_chunks(shared.clone(), 0..values.len()).collect();
         encode = encode.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        let mut asm = net::Assembler::with_buffer(std::mem::take(&mut recv));
+        let mut asm = chunks::Assembler::with_buffer(std::mem::take(&mut recv));
         for (offset, chunk) in &encoded {
             asm.add(*offset, values.len() as u64, chunk, values.len())
                 .unwrap();

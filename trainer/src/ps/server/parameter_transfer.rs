@@ -1,5 +1,5 @@
 //! The PS side of `ParameterTransfer`: gradients in, parameters out, framed by
-//! [`crate::tensor_wire`] so that a tensor is copied at most once in user space (an Async
+//! [`crate::parameter_transfer`] so that a tensor is copied at most once in user space (an Async
 //! or BoundedStaleness push not at all).
 
 use std::convert::Infallible;
@@ -17,11 +17,14 @@ use tonic::server::NamedService;
 use tonic::transport::server::TcpConnectInfo;
 
 use super::{Inner, PULL_WAIT, status_of};
-use crate::net::{self, ChunkOrder};
+use crate::parameter_transfer::body::{self, Pieces};
+use crate::parameter_transfer::chunks::{self, ChunkOrder};
+use crate::parameter_transfer::framing::{Piece, Splitter};
+use crate::parameter_transfer::received::ReceivedTensor;
+use crate::parameter_transfer::{PULL_PATH, PUSH_PATH};
 use crate::proto::{PullRequest, PushChunk};
 use crate::ps::shard::{PullDecision, PushOutcome};
-use crate::tensor_wire::{self, Piece, Pieces, Splitter};
-use crate::wire_tensor::WireTensor;
+use crate::transport;
 
 /// Serves `kubetrain.v1.ParameterTransfer` next to the generated `ParameterServer` service.
 #[derive(Clone)]
@@ -46,26 +49,26 @@ impl Service<http::Request<Body>> for TransferService {
             let (head, body) = request.into_parts();
             // Before a byte of the body is read: a stranger's push allocates nothing.
             if let Err(refused) = inner.config.token.check_headers(&head.headers) {
-                return Ok(tensor_wire::error_response(refused));
+                return Ok(body::error_response(refused));
             }
             let answer = match head.uri.path() {
-                tensor_wire::PUSH_PATH => {
+                PUSH_PATH => {
                     let connection = head
                         .extensions
                         .get::<TcpConnectInfo>()
                         .and_then(TcpConnectInfo::remote_addr);
                     match inner.push_slots.take(connection) {
                         // Held until the push is applied or refused.
-                        Ok(_slot) => push(&inner, body).await.map(tensor_wire::push_answer),
+                        Ok(_slot) => push(&inner, body).await.map(body::push_answer),
                         Err(refused) => Err(refused),
                     }
                 }
-                tensor_wire::PULL_PATH => pull(&inner, body).await,
+                PULL_PATH => pull(&inner, body).await,
                 path => Err(Status::unimplemented(format!("no method {path}"))),
             };
             Ok(match answer {
-                Ok(pieces) => tensor_wire::ok_response(pieces),
-                Err(status) => tensor_wire::error_response(status),
+                Ok(pieces) => body::ok_response(pieces),
+                Err(status) => body::error_response(status),
             })
         })
     }
@@ -86,7 +89,7 @@ enum Gradient {
     /// Async and BoundedStaleness: the HTTP/2 frames' bytes, kept where they lie (no copy)
     /// and applied from there once the whole push is in. A push that breaks off is never
     /// applied, so it changes nothing.
-    Kept(WireTensor),
+    Kept(ReceivedTensor),
 }
 
 impl Gradient {
@@ -112,7 +115,7 @@ impl Gradient {
                 if values.len() < end {
                     values.resize(end, 0.0);
                 }
-                net::write_le_bytes(&mut values[*start..end], *filled, &data);
+                chunks::write_le_bytes(&mut values[*start..end], *filled, &data);
                 *filled += data.len();
             }
             Gradient::Kept(wire) => wire.push(data),
@@ -124,7 +127,7 @@ impl Gradient {
             values, start, len, ..
         } = self
         {
-            net::from_le_in_place(&mut values[*start..*start + *len]);
+            chunks::from_le_in_place(&mut values[*start..*start + *len]);
         }
     }
 }
@@ -188,7 +191,7 @@ impl IncomingPush {
                 let mut state = self.inner.lock();
                 let shard = state.shard.as_mut().ok_or_else(not_registered)?;
                 self.gradient = Some(if shard.applies_on_arrival() {
-                    Gradient::Kept(WireTensor::default())
+                    Gradient::Kept(ReceivedTensor::default())
                 } else {
                     let mut values = shard.take_spare();
                     // A recycled buffer already has this length: no zero-fill, no page
@@ -226,6 +229,10 @@ impl IncomingPush {
             g.begin_chunk(chunk.offset as usize, len);
         }
         self.bytes += data_len as u64;
+        self.inner
+            .metrics
+            .push_received_bytes
+            .inc_by(data_len as u64);
         Ok(())
     }
 }
@@ -246,8 +253,8 @@ async fn push(inner: &Arc<Inner>, body: Body) -> Result<u64, Status> {
         gradient: None,
         bytes: 0,
     };
-    let mut splitter = Splitter::<PushChunk>::new(net::MAX_MESSAGE_BYTES);
-    tensor_wire::read_request(body, |frame: Bytes| {
+    let mut splitter = Splitter::<PushChunk>::new(transport::MAX_MESSAGE_BYTES);
+    body::read_request(body, |frame: Bytes| {
         splitter.feed(&frame, &mut |piece| incoming.take(&frame, piece))
     })
     .await?;
@@ -306,7 +313,7 @@ fn apply(
     let now = Instant::now();
     let outcome = match gradient {
         Gradient::Copied { values, .. } => shard.push(worker, base, step, values, now),
-        Gradient::Kept(wire) => shard.push_wire(worker, base, step, &wire, threads, now),
+        Gradient::Kept(wire) => shard.push_received(worker, base, step, &wire, threads, now),
     }
     .map_err(status_of)?;
     let version = shard.version();
@@ -328,7 +335,7 @@ fn apply(
 /// in chunks that borrow the shard's current parameter vector.
 async fn pull(inner: &Arc<Inner>, body: Body) -> Result<Pieces, Status> {
     let started = Instant::now();
-    let req: PullRequest = tensor_wire::read_single(body).await?;
+    let req: PullRequest = body::read_single(body).await?;
     inner.check_worker(req.worker_id)?;
     let mut changes = inner.changed.subscribe();
     let deadline = tokio::time::Instant::now() + PULL_WAIT;
@@ -373,5 +380,5 @@ async fn pull(inner: &Arc<Inner>, body: Body) -> Result<Pieces, Status> {
         .metrics
         .request_duration
         .observe(started.elapsed().as_secs_f64());
-    Ok(tensor_wire::parameters_answer(version, payload))
+    Ok(body::parameters_answer(version, payload))
 }
