@@ -399,9 +399,12 @@ fn killing_a_worker_triggers_its_restart_policy() {
         })
     });
     // Killed once it trains (registered with the PS), not while it is still starting.
-    let log = dir.path().join("long-worker-1.log");
+    // Its log is in the run's own folder, `<run dir>/long-<time>/`.
     wait_for("worker 1 to register", Duration::from_secs(60), || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let log = walk(dir.path())
+            .into_iter()
+            .find(|p| p.file_name().is_some_and(|n| n == "long-worker-1.log"))?;
+        let text = std::fs::read_to_string(log).unwrap_or_default();
         text.contains("registered").then_some(())
     });
     kill(Pid::from_raw(worker1 as i32), Signal::SIGKILL).unwrap();
