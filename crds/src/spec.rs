@@ -6,10 +6,10 @@
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use kube::CustomResource;
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
-use crate::schema::{preserve_unknown_object, single_replica_spec, worker_replica_spec};
+use crate::schema::preserve_unknown_object;
 use crate::status::TrainingJobStatus;
 
 /// One distributed training run: parameter-server and worker replicas, what to train, and
@@ -642,4 +642,39 @@ pub struct SchedulingPolicy {
     /// PriorityClass for the PodGroup and its pods. Cluster default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class: Option<String>,
+}
+
+/// Workers share `ReplicaSpec` with the parameter servers but need at least one replica.
+fn worker_replica_spec(generator: &mut SchemaGenerator) -> Schema {
+    let mut schema = ReplicaSpec::json_schema(generator);
+    if let Some(replicas) = schema
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("replicas"))
+        .and_then(|r| r.as_object_mut())
+    {
+        replicas.insert("minimum".into(), 1.into());
+        replicas.insert(
+            "description".into(),
+            "Number of worker pods. Default 1, at least 1.".into(),
+        );
+    }
+    schema
+}
+
+/// The chief and the evaluator are single replicas, as in Kubeflow's TFJob: TensorFlow
+/// knows one coordinator and one side evaluator per cluster.
+fn single_replica_spec(generator: &mut SchemaGenerator) -> Schema {
+    let mut schema = ReplicaSpec::json_schema(generator);
+    if let Some(replicas) = schema
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("replicas"))
+        .and_then(|r| r.as_object_mut())
+    {
+        replicas.insert("maximum".into(), 1.into());
+        replicas.insert(
+            "description".into(),
+            "Number of pods of this role: 0 or 1. Default 1.".into(),
+        );
+    }
+    schema
 }

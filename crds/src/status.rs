@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
-use crate::schema::{conditions_list_map, without_default};
+use crate::schema::without_default;
 
 /// What the operator observed about the job.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -205,6 +205,15 @@ pub struct TrainingProgress {
     /// When the operator last read these values from the chief.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Time>,
+}
+
+/// Conditions are a list-map keyed by `type`, so server-side apply merges them per type
+/// instead of replacing the whole list.
+fn conditions_list_map(generator: &mut SchemaGenerator) -> Schema {
+    let mut schema = <Vec<JobCondition>>::json_schema(generator);
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert("x-kubernetes-list-map-keys".into(), vec!["type"].into());
+    schema
 }
 
 #[cfg(test)]

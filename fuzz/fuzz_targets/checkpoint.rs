@@ -8,8 +8,8 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
+use kubetrain_trainer::checkpoint::ShardCheckpoint;
 use kubetrain_trainer::model::OptimizerState;
-use kubetrain_trainer::ps::checkpoint::ShardCheckpoint;
 use kubetrain_trainer::ps::fuzzing::{decode_checkpoint, encode_checkpoint};
 use libfuzzer_sys::fuzz_target;
 

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use bytes::Bytes;
 use kubetrain_api::{OptimizerKind, OptimizerSpec};
+use kubetrain_trainer::consistency::Consistency;
 use kubetrain_trainer::model::Optimizer;
 use kubetrain_trainer::parameter_transfer::received::ReceivedTensor;
-use kubetrain_trainer::ps::{Consistency, PullDecision, PushOutcome, Shard, ShardError};
+use kubetrain_trainer::ps::{PullDecision, PushOutcome, Shard, ShardError};
 use libfuzzer_sys::fuzz_target;
 
 #[path = "push_model.rs"]

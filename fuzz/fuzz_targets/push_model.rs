@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use kubetrain_trainer::ps::{Consistency, PullDecision, ShardError};
+use kubetrain_trainer::consistency::Consistency;
+use kubetrain_trainer::ps::{PullDecision, ShardError};
 
 #[derive(Debug, Clone, Default)]
 struct Worker {

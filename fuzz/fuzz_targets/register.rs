@@ -12,10 +12,11 @@ use std::time::Instant;
 
 use arbitrary::Arbitrary;
 use kubetrain_api::{OptimizerKind, OptimizerSpec};
+use kubetrain_trainer::consistency::Consistency;
 use kubetrain_trainer::data::{DataShape, MAX_CLASSES};
 use kubetrain_trainer::model::{Network, Optimizer};
 use kubetrain_trainer::ps::fuzzing::{ExpectedModel, MAX_PARAMS, RefusedModel, check};
-use kubetrain_trainer::ps::{Consistency, PushOutcome, Shard, shard_ranges};
+use kubetrain_trainer::ps::{PushOutcome, Shard, shard_ranges};
 use libfuzzer_sys::fuzz_target;
 
 /// Accepted models up to this many parameters are built for real; larger ones (up to the

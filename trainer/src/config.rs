@@ -12,9 +12,9 @@ use kubetrain_api::contract::{
 };
 use kubetrain_api::{ConsistencyKind, Mode, TrainingSpec};
 
+use crate::consistency::Consistency;
 use crate::credential::JobToken;
 use crate::error::TrainerError;
-use crate::ps::Consistency;
 
 /// Command line; every contract value can also come from its env variable.
 #[derive(Debug, Clone, Parser)]

@@ -1,9 +1,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use crate::checkpoint::CheckpointError;
 use crate::data::DataError;
 use crate::model::{Diverged, ModelError};
-use crate::ps::checkpoint::CheckpointError;
 
 /// Why a trainer process stopped with a failure. Each variant names what it was doing.
 #[derive(Debug, thiserror::Error)]

@@ -5,8 +5,10 @@
 //! the equivalent flags; see [`config`]. [`run`] is what the binary calls.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod compute_threads;
 pub mod config;
+pub mod consistency;
 pub mod credential;
 pub mod data;
 mod error;

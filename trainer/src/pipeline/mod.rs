@@ -23,6 +23,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 
+use crate::checkpoint::{self, ShardCheckpoint};
 use crate::config::Config;
 use crate::data::{self, Batcher, Partition, Schedule};
 use crate::error::TrainerError;
@@ -32,7 +33,6 @@ use crate::progress::{ProgressService, ProgressState};
 use crate::proto::pipeline_stage_server::PipelineStageServer;
 use crate::proto::progress_server::ProgressServer;
 use crate::proto::{StagePartition, StartRequest};
-use crate::ps::checkpoint::{self, ShardCheckpoint};
 use crate::tensorboard::EventLog;
 use crate::termination::Termination;
 use crate::transport;

@@ -2,7 +2,6 @@
 //! decide when a gradient is applied and when a worker may pull, checkpoints, and the gRPC
 //! service around them.
 
-pub mod checkpoint;
 mod registration;
 mod server;
 mod shard;
@@ -13,7 +12,7 @@ pub mod staleness;
 use std::ops::Range;
 
 pub use server::run_ps;
-pub use shard::{Consistency, PullDecision, PushOutcome, Shard, ShardError};
+pub use shard::{PullDecision, PushOutcome, Shard, ShardError};
 
 /// The PS's pure parts that the fuzz targets in `fuzz/` drive and that stay private to
 /// the crate otherwise. Not an API: nothing outside `fuzz/` may depend on it.
@@ -21,16 +20,16 @@ pub use shard::{Consistency, PullDecision, PushOutcome, Shard, ShardError};
 pub mod fuzzing {
     pub use super::registration::{ExpectedModel, MAX_PARAMS, RefusedModel, check};
 
-    use super::checkpoint::ShardCheckpoint;
+    use crate::checkpoint::ShardCheckpoint;
 
-    /// [`super::checkpoint::read`] without the file: the bytes of a checkpoint parsed.
+    /// [`crate::checkpoint::read`] without the file: the bytes of a checkpoint parsed.
     pub fn decode_checkpoint(bytes: &[u8]) -> Result<ShardCheckpoint, String> {
-        super::checkpoint::decode(bytes)
+        crate::checkpoint::decode(bytes)
     }
 
-    /// The bytes [`super::checkpoint::write`] puts in the file.
+    /// The bytes [`crate::checkpoint::write`] puts in the file.
     pub fn encode_checkpoint(ckpt: &ShardCheckpoint) -> Vec<u8> {
-        super::checkpoint::encode(ckpt)
+        crate::checkpoint::encode(ckpt)
     }
 }
 

@@ -8,11 +8,11 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
-use super::checkpoint::{self, ShardCheckpoint};
 use super::registration::{self, ExpectedModel, RefusedModel};
 use super::shard::{Shard, ShardError};
 use super::shard_ranges;
 use super::staleness;
+use crate::checkpoint::{self, ShardCheckpoint};
 use crate::config::Config;
 use crate::data;
 use crate::error::TrainerError;

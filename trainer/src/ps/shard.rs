@@ -4,20 +4,8 @@ use std::time::{Duration, Instant};
 
 use kubetrain_api::StaleGradients;
 
+use crate::consistency::Consistency;
 use crate::model::{ModelError, Optimizer, StaleSteps, ValueRuns};
-
-/// How updates from different workers are combined (from `training.consistency`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Consistency {
-    /// Wait for every worker's gradient for the current version, sum them in rank order,
-    /// apply the mean once.
-    Sync,
-    /// Apply each gradient when it arrives.
-    Async,
-    /// Apply on arrival, but hold back a worker's pull while it is more than `s` steps
-    /// ahead of the slowest live worker.
-    BoundedStaleness(u64),
-}
 
 /// A request the shard refuses. Each maps to a gRPC status; none panics.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -7,7 +7,8 @@ use std::time::Instant;
 use kubetrain_api::{OptimizerKind, OptimizerSpec};
 use proptest::prelude::*;
 
-use super::shard::{Consistency, PullDecision, PushOutcome, Shard, ShardError};
+use super::shard::{PullDecision, PushOutcome, Shard, ShardError};
+use crate::consistency::Consistency;
 use crate::model::Optimizer;
 
 const LEN: usize = 3;

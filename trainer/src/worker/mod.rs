@@ -13,13 +13,14 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::consistency::Consistency;
 use crate::data::{self, Batcher, Examples, Partition, Schedule};
 use crate::error::TrainerError;
 use crate::model::{Evaluation, ModelError, Network, as_matrix, divergence};
 use crate::parameter_transfer::chunks;
 use crate::progress::{ProgressService, ProgressState};
 use crate::proto::progress_server::ProgressServer;
-use crate::ps::{Consistency, shard_ranges};
+use crate::ps::shard_ranges;
 use crate::termination::Termination;
 use crate::transport;
 use links::{Links, StepError};

@@ -28,12 +28,12 @@ use kubetrain_api::{
     BuiltinDataset, ConsistencySpec, DatasetSpec, ModelKind, ModelSpec, OptimizerKind,
     OptimizerSpec, TrainingSpec,
 };
+use kubetrain_trainer::checkpoint::{self, ShardCheckpoint};
 use kubetrain_trainer::credential::JobToken;
 use kubetrain_trainer::local;
 use kubetrain_trainer::model::{Optimizer, OptimizerState};
 use kubetrain_trainer::proto::parameter_server_client::ParameterServerClient;
 use kubetrain_trainer::proto::*;
-use kubetrain_trainer::ps::checkpoint::{self, ShardCheckpoint};
 use tonic::codegen::Service;
 use tonic::server::NamedService;
 

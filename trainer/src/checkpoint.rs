@@ -1,4 +1,5 @@
-//! Shard checkpoints: parameters, optimizer state and version in one file per PS, written
+//! Checkpoints of a PS shard or a pipeline stage: parameters, optimizer state and version
+//! in one file per shard or stage, written
 //! atomically (temp file, fsync, rename, fsync of the directory) so a crash mid-write
 //! leaves the previous checkpoint intact. The one before is kept as `.ckpt.prev`: a
 //! checkpoint damaged after it was written (a truncated copy, a bad disk) costs one
