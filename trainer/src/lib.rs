@@ -20,6 +20,8 @@ pub mod parameter_transfer;
 pub mod pipeline;
 pub mod progress;
 pub mod ps;
+pub mod run_log;
+pub mod run_setup;
 pub mod tensorboard;
 pub mod termination;
 pub mod transport;

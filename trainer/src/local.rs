@@ -7,11 +7,11 @@
 use std::time::Instant;
 
 use kubetrain_api::TrainingSpec;
-use kubetrain_api::validation::effective_hidden;
 
-use crate::data::{self, Batcher, Partition, Schedule};
+use crate::data::{self, Batcher, Partition};
 use crate::error::TrainerError;
-use crate::model::{Evaluation, Network, Optimizer, as_matrix};
+use crate::model::{Evaluation, Optimizer, as_matrix};
+use crate::run_setup;
 
 /// What a local run produced.
 #[derive(Debug, Clone)]
@@ -42,16 +42,7 @@ pub fn train(
         })
         .collect::<Result<_, _>>()?;
     let first = &parts[0];
-    let hidden: Vec<usize> = effective_hidden(&training.model)
-        .iter()
-        .map(|&h| h as usize)
-        .collect();
-    let net = Network::new(first.inputs, &hidden, first.classes);
-    let schedule = Schedule::new(first.train_total, workers, training.batch_size as usize)?;
-    let mut total = training.epochs as u64 * schedule.steps_per_epoch as u64;
-    if let Some(max) = max_steps {
-        total = total.min(max);
-    }
+    let (net, schedule, total) = run_setup::training_shape(training, first, workers, max_steps)?;
     let mut params = net.init(training.seed);
     let mut optimizer = Optimizer::new(&training.optimizer, params.len());
     let mut batchers: Vec<Batcher> = parts

@@ -20,6 +20,7 @@ use crate::metrics::PsMetrics;
 use crate::model::{Network, Optimizer};
 use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServer};
 use crate::proto::*;
+use crate::run_log;
 use crate::tensorboard::EventLog;
 use crate::termination::Termination;
 use crate::transport;
@@ -415,17 +416,11 @@ impl ParameterServer for PsService {
                     ps = inner.index,
                     "staleness histogram (versions behind: updates): {histogram:?}"
                 );
-                println!(
-                    "kubetrain-trainer: ps {} staleness {:?}",
-                    inner.index, histogram
-                );
+                run_log::ps_staleness(inner.index, &histogram);
             }
         }
         drop(state);
-        println!(
-            "kubetrain-trainer: ps {} shutting down at version {version}: {reason}",
-            inner.index
-        );
+        run_log::ps_shutdown(inner.index, version, &reason);
         inner.finish.send_replace(Some(Ok(())));
         Ok(Response::new(ShutdownResponse { version }))
     }

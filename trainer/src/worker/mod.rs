@@ -8,19 +8,20 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kubetrain_api::validation::effective_hidden;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::consistency::Consistency;
-use crate::data::{self, Batcher, Examples, Partition, Schedule};
+use crate::data::{self, Batcher, Examples, Partition};
 use crate::error::TrainerError;
 use crate::model::{Evaluation, ModelError, Network, as_matrix, divergence};
 use crate::parameter_transfer::chunks;
 use crate::progress::{ProgressService, ProgressState};
 use crate::proto::progress_server::ProgressServer;
 use crate::ps::shard_ranges;
+use crate::run_log;
+use crate::run_setup;
 use crate::termination::Termination;
 use crate::transport;
 use links::{Links, StepError};
@@ -73,16 +74,9 @@ pub async fn run_worker(
         .await
         .ok_or(TrainerError::Terminated { step: 0 })?
         .map_err(|e| TrainerError::Compute(e.to_string()))??;
-    let hidden: Vec<usize> = effective_hidden(&training.model)
-        .iter()
-        .map(|&h| h as usize)
-        .collect();
-    let net = Arc::new(Network::new(data.inputs, &hidden, data.classes));
-    let schedule = Schedule::new(data.train_total, workers, training.batch_size as usize)?;
-    let mut total_steps = u64::from(training.epochs) * schedule.steps_per_epoch as u64;
-    if let Some(max) = config.max_steps {
-        total_steps = total_steps.min(max);
-    }
+    let (net, schedule, total_steps) =
+        run_setup::training_shape(&training, &data, workers, config.max_steps)?;
+    let net = Arc::new(net);
     info!(
         worker = index,
         examples = data.train.len(),
@@ -166,10 +160,7 @@ pub async fn run_worker(
             {
                 let eval = evaluate(net.clone(), params.clone(), test.clone()).await?;
                 progress.evaluated(step, eval.accuracy, eval.loss);
-                println!(
-                    "kubetrain-trainer: epoch {} done step={step} test_accuracy={:.4} test_loss={:.4}",
-                    epoch, eval.accuracy, eval.loss
-                );
+                run_log::epoch_done(epoch, step, eval.accuracy, eval.loss);
             }
             let indices = batcher.indices(step).to_vec();
             let (net2, train2) = (net.clone(), train.clone());
@@ -241,10 +232,8 @@ pub async fn run_worker(
                 }
                 if last_line.elapsed() >= Duration::from_secs(2) {
                     last_line = Instant::now();
-                    println!(
-                        "kubetrain-trainer: worker {index} step={step}/{total_steps} epoch={epoch} loss={:.4} samples_per_second={rate:.1}",
-                        loss_avg.unwrap_or_default()
-                    );
+                    let loss = loss_avg.unwrap_or_default();
+                    run_log::training(index, step, total_steps, u64::from(epoch), loss, rate);
                 }
             }
             Err(StepError::Retry(why)) => {
@@ -300,15 +289,11 @@ pub async fn run_worker(
             r.accuracy = eval.accuracy;
             r.step = total_steps;
         });
-        println!(
-            "kubetrain-trainer: final test_accuracy={:.4} test_loss={:.4} loss={loss:.4} steps={total_steps} samples_per_second={rate:.1} {timing}",
-            eval.accuracy, eval.loss
-        );
+        let (accuracy, test_loss) = (eval.accuracy, eval.loss);
+        run_log::final_result(accuracy, test_loss, loss, total_steps, rate, Some(&timing));
         evaluation = Some(eval);
     } else {
-        println!(
-            "kubetrain-trainer: worker {index} finished steps={step} loss={loss:.4} samples_per_second={rate:.1} {timing}"
-        );
+        run_log::worker_finished(index, step, loss, rate, &timing);
     }
     heartbeat.abort();
     server.abort();
