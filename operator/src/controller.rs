@@ -1,5 +1,5 @@
 //! The kube-runtime shell around `plan` and `status`: watches, server-side apply, events
-//! and requeues. Every decision is made by `status::decide`; this module only reads the
+//! and requeues. Every decision is made by `decide::decide`; this module only reads the
 //! world, asks, and carries the answer out.
 
 use std::collections::HashMap;
@@ -24,14 +24,14 @@ use serde_json::json;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::cached_pod::CachedPod;
+use crate::decide::{self, Action, JobEvent};
 use crate::gang::{self, GangObservation, PodGroupState};
 use crate::isolation;
 use crate::metrics::Metrics;
 use crate::plan::{self, PlanSettings};
 use crate::pod_cache::PodCache;
-use crate::progress::{self, ChiefReport};
+use crate::progress;
 use crate::replica::ReplicaId;
-use crate::status::{self, Action, JobEvent};
 
 /// Everything a reconcile needs, shared by all reconciles.
 pub struct Context {
@@ -388,151 +388,183 @@ pub fn error_policy(
 }
 
 async fn reconcile_job(job: &TrainingJob, ctx: &Context) -> Result<Requeue, Error> {
-    let namespace = job.namespace().unwrap_or_default();
-    let name = job.name_any();
-    let key = format!("{namespace}/{name}");
-    let pod_api: Api<CachedPod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let service_api: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
-    let job_api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &namespace);
-
     if job.metadata.deletion_timestamp.is_some() {
         // Owner references hand the children to the garbage collector.
         return Ok(Requeue::await_change());
     }
+    let pods = cached_pods(job, ctx).await?;
+    let gang = observe_gang(job, ctx).await?;
+    let now = Timestamp::now();
+    let mut decision = decide::decide_with_gang(job, &pods, &gang, now);
+    progress::ask::observe(
+        job,
+        &mut decision,
+        &pods,
+        ctx.settings.port,
+        progress::MIN_WRITE_INTERVAL,
+        now,
+    )
+    .await;
+    ctx.metrics.observe_job(job, &decision.status);
+    write_status(job, ctx, &decision.status).await?;
+    carry_out(job, ctx, &decision.actions).await?;
+    for event in &decision.events {
+        publish(ctx, &job.object_ref(&()), event).await;
+    }
+    Ok(decision
+        .requeue_after
+        .map_or_else(Requeue::await_change, Requeue::requeue))
+}
 
-    // Until the pod watch has listed once, an empty cache is not a job without pods.
+/// The job's pods from the cache, once the pod and Service watches have listed: until
+/// then an empty cache is not a job without pods.
+async fn cached_pods(
+    job: &TrainingJob,
+    ctx: &Context,
+) -> Result<Vec<k8s_openapi::api::core::v1::Pod>, Error> {
+    let namespace = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let key = || format!("{namespace}/{name}");
     if !ctx.pods.wait_until_ready().await {
-        return Err(Error::ReadCache { job: key });
+        return Err(Error::ReadCache { job: key() });
     }
     let pods = ctx.pods.of_job(&namespace, &name);
     if ctx.services.wait_until_ready().await.is_err() {
-        return Err(Error::ReadCache { job: key.clone() });
+        return Err(Error::ReadCache { job: key() });
     }
-    let service_ref = ObjectRef::new(&name).within(&namespace);
+    Ok(pods)
+}
 
-    let gang = observe_gang(job, ctx).await?;
-    let now = Timestamp::now();
-    let mut decision = status::decide_with_gang(job, &pods, &gang, now);
-    if let Some(endpoint) =
-        progress::chief_to_ask(job, &decision.status, &pods, ctx.settings.port, now)
-    {
-        // A chief that does not answer yet (starting, or between restarts) is not an error:
-        // the next ask comes with the next requeue.
-        match ask_chief(&endpoint).await {
-            Ok(report) => decision.status.progress = Some(progress::to_status(&report, now)),
-            Err(error) => debug!(%endpoint, %error, "chief progress not available"),
-        }
+/// Writes the decided status, only when it differs from the one the job has.
+async fn write_status(
+    job: &TrainingJob,
+    ctx: &Context,
+    status: &TrainingJobStatus,
+) -> Result<(), Error> {
+    if *status == job.status.clone().unwrap_or_default() {
+        return Ok(());
     }
-    if let Some(last) = progress::from_chief_exit(&pods) {
-        decision.status.progress = Some(last);
-    }
-    if let Some(next) = progress::next_ask(job, &decision.status, &pods) {
-        decision.requeue_after = Some(decision.requeue_after.map_or(next, |r| r.min(next)));
-    }
-    ctx.metrics.observe_job(job, &decision.status);
+    let namespace = job.namespace().unwrap_or_default();
+    let job_api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &namespace);
+    patch_status(&job_api, &job.name_any(), status)
+        .await
+        .map_err(|source| Error::PatchStatus {
+            job: format!("{namespace}/{}", job.name_any()),
+            source,
+        })
+}
 
-    let current = job.status.clone().unwrap_or_default();
-    if decision.status != current {
-        patch_status(&job_api, &name, &decision.status)
-            .await
-            .map_err(|source| Error::PatchStatus {
-                job: key.clone(),
-                source,
-            })?;
-    }
-
-    for action in &decision.actions {
+/// Carries out the decided actions in order; the pods to create go last, all at once
+/// (`create_pods`).
+async fn carry_out(job: &TrainingJob, ctx: &Context, actions: &[Action]) -> Result<(), Error> {
+    let namespace = job.namespace().unwrap_or_default();
+    let pod_api: Api<CachedPod> = Api::namespaced(ctx.client.clone(), &namespace);
+    for action in actions {
         match action {
-            // All at once, after the other actions: see `create_pods`.
             Action::CreatePod(_) => {}
-            Action::DeletePod {
-                name: pod_name,
-                uid,
-            } => {
-                info!(pod = %pod_name, "deleting pod");
-                let params = DeleteParams {
-                    preconditions: uid.clone().map(|uid| Preconditions {
-                        uid: Some(uid),
-                        resource_version: None,
-                    }),
-                    ..DeleteParams::default()
-                };
-                ignore_gone(pod_api.delete(pod_name, &params).await.map(|_| ())).map_err(
-                    |source| Error::DeletePod {
-                        name: pod_name.clone(),
-                        source,
-                    },
-                )?;
-                if let Some(uid) = uid {
-                    ctx.pods.deleted(uid);
-                }
-            }
-            Action::EnsureService => {
-                let desired = plan::service(job, &ctx.settings);
-                if !ctx
-                    .services
-                    .get(&service_ref)
-                    .is_some_and(|s| service_matches(&s, &desired))
-                {
-                    service_api
-                        .patch(&name, &apply_params(), &Patch::Apply(&desired))
-                        .await
-                        .map_err(|source| Error::ApplyService {
-                            name: name.clone(),
-                            source,
-                        })?;
-                }
-            }
-            Action::DeleteService => {
-                let existing = ctx.services.get(&service_ref);
-                if existing.is_some_and(|s| s.metadata.deletion_timestamp.is_none()) {
-                    ignore_gone(
-                        service_api
-                            .delete(&name, &DeleteParams::default())
-                            .await
-                            .map(|_| ()),
-                    )
-                    .map_err(|source| Error::DeleteService {
-                        name: name.clone(),
-                        source,
-                    })?;
-                    // The job's other pod-lifetime children go with the Service.
-                    remove_isolation(job, ctx).await?;
-                }
-            }
-            Action::DeleteJob => {
-                info!("deleting job: ttlSecondsAfterFinished has passed");
-                ignore_gone(
-                    job_api
-                        .delete(&name, &DeleteParams::background())
-                        .await
-                        .map(|_| ()),
-                )
-                .map_err(|source| Error::DeleteJob {
-                    job: key.clone(),
-                    source,
-                })?;
-            }
+            Action::DeletePod { name, uid } => delete_pod(ctx, &pod_api, name, uid).await?,
+            Action::EnsureService => ensure_service(job, ctx).await?,
+            Action::DeleteService => delete_service(job, ctx).await?,
+            Action::DeleteJob => delete_job(job, ctx).await?,
         }
     }
-
-    let creates: Vec<ReplicaId> = decision
-        .actions
+    let creates: Vec<ReplicaId> = actions
         .iter()
         .filter_map(|a| match a {
             Action::CreatePod(replica) => Some(*replica),
             _ => None,
         })
         .collect();
-    create_pods(job, &creates, ctx, &pod_api).await?;
+    create_pods(job, &creates, ctx, &pod_api).await
+}
 
-    for event in &decision.events {
-        publish(ctx, &job.object_ref(&()), event).await;
+/// Deletes one incarnation of a pod (the UID precondition spares a newer one).
+async fn delete_pod(
+    ctx: &Context,
+    pod_api: &Api<CachedPod>,
+    name: &str,
+    uid: &Option<String>,
+) -> Result<(), Error> {
+    info!(pod = %name, "deleting pod");
+    let params = DeleteParams {
+        preconditions: uid.clone().map(|uid| Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    ignore_gone(pod_api.delete(name, &params).await.map(|_| ())).map_err(|source| {
+        Error::DeletePod {
+            name: name.to_string(),
+            source,
+        }
+    })?;
+    if let Some(uid) = uid {
+        ctx.pods.deleted(uid);
     }
+    Ok(())
+}
 
-    Ok(decision
-        .requeue_after
-        .map_or_else(Requeue::await_change, Requeue::requeue))
+/// Applies the planned headless Service unless the cached one already matches it.
+async fn ensure_service(job: &TrainingJob, ctx: &Context) -> Result<(), Error> {
+    let (namespace, name) = (job.namespace().unwrap_or_default(), job.name_any());
+    let desired = plan::service(job, &ctx.settings);
+    let service_ref = ObjectRef::new(&name).within(&namespace);
+    if ctx
+        .services
+        .get(&service_ref)
+        .is_some_and(|s| service_matches(&s, &desired))
+    {
+        return Ok(());
+    }
+    let service_api: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    service_api
+        .patch(&name, &apply_params(), &Patch::Apply(&desired))
+        .await
+        .map_err(|source| Error::ApplyService {
+            name: name.clone(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Deletes the Service, and with it the job's other pod-lifetime children.
+async fn delete_service(job: &TrainingJob, ctx: &Context) -> Result<(), Error> {
+    let (namespace, name) = (job.namespace().unwrap_or_default(), job.name_any());
+    let service_ref = ObjectRef::new(&name).within(&namespace);
+    let existing = ctx.services.get(&service_ref);
+    if existing.is_none_or(|s| s.metadata.deletion_timestamp.is_some()) {
+        return Ok(());
+    }
+    let service_api: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    ignore_gone(
+        service_api
+            .delete(&name, &DeleteParams::default())
+            .await
+            .map(|_| ()),
+    )
+    .map_err(|source| Error::DeleteService {
+        name: name.clone(),
+        source,
+    })?;
+    remove_isolation(job, ctx).await
+}
+
+/// Deletes the job itself: its ttlSecondsAfterFinished has passed.
+async fn delete_job(job: &TrainingJob, ctx: &Context) -> Result<(), Error> {
+    info!("deleting job: ttlSecondsAfterFinished has passed");
+    let namespace = job.namespace().unwrap_or_default();
+    let job_api: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &namespace);
+    ignore_gone(
+        job_api
+            .delete(&job.name_any(), &DeleteParams::background())
+            .await
+            .map(|_| ()),
+    )
+    .map_err(|source| Error::DeleteJob {
+        job: format!("{namespace}/{}", job.name_any()),
+        source,
+    })
 }
 
 /// How many of one job's pods are applied at once.
@@ -639,8 +671,8 @@ async fn remove_isolation(job: &TrainingJob, ctx: &Context) -> Result<(), Error>
 async fn observe_gang(job: &TrainingJob, ctx: &Context) -> Result<GangObservation, Error> {
     // A finished job needs no gang, except one failed for InvalidSpec that has been fixed:
     // that one starts over.
-    let restarting = job.spec.validate().is_ok() && status::failed_for_invalid_spec(job);
-    if !gang::wanted(job) || (status::is_finished(job) && !restarting) {
+    let restarting = job.spec.validate().is_ok() && decide::failed_for_invalid_spec(job);
+    if !gang::wanted(job) || (decide::is_finished(job) && !restarting) {
         return Ok(GangObservation::Off);
     }
     let Some(scheduler) = ctx.settings.gang_scheduler else {
@@ -760,31 +792,6 @@ async fn report_undecodable(
     )
     .await;
     Ok(Requeue::await_change())
-}
-
-/// Asks the chief's Progress service once, within [`progress::ASK_TIMEOUT`].
-async fn ask_chief(
-    endpoint: &str,
-) -> Result<ChiefReport, Box<dyn std::error::Error + Send + Sync>> {
-    use kubetrain_trainer::proto::{GetProgressRequest, progress_client::ProgressClient};
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
-        .connect_timeout(progress::ASK_TIMEOUT)
-        .timeout(progress::ASK_TIMEOUT)
-        .connect()
-        .await?;
-    let report = ProgressClient::new(channel)
-        .get_progress(GetProgressRequest {})
-        .await?
-        .into_inner();
-    Ok(ChiefReport {
-        step: report.step,
-        epoch: report.epoch,
-        loss: report.loss,
-        accuracy: report.accuracy,
-        samples_per_second: report.samples_per_second,
-        finished: report.finished,
-        final_accuracy: report.final_accuracy,
-    })
 }
 
 fn apply_params() -> PatchParams {

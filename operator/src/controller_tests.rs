@@ -14,10 +14,10 @@ use kubetrain_api::TrainingJob;
 use serde_json::{Value, json};
 
 use super::{Context, reconcile};
+use crate::decide;
 use crate::metrics::Metrics;
 use crate::plan::{self, PlanSettings};
 use crate::replica::{self, ReplicaId};
-use crate::status;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -304,9 +304,9 @@ async fn a_reconcile_with_nothing_to_change_writes_nothing() {
     let mut job = job();
     let pods = running_pods(&job);
     // The job as the API server holds it after an earlier reconcile wrote its status.
-    let first = status::decide(&job, &[], k8s_openapi::jiff::Timestamp::now());
+    let first = decide::decide(&job, &[], k8s_openapi::jiff::Timestamp::now());
     job.status = Some(first.status);
-    let second = status::decide(&job, &pods, k8s_openapi::jiff::Timestamp::now());
+    let second = decide::decide(&job, &pods, k8s_openapi::jiff::Timestamp::now());
     job.status = Some(second.status);
 
     let (ctx, handle) = context();
@@ -323,7 +323,7 @@ async fn a_reconcile_with_nothing_to_change_writes_nothing() {
 async fn a_status_change_is_one_status_patch_and_nothing_else() {
     let mut job = job();
     let pods = running_pods(&job);
-    let first = status::decide(&job, &[], k8s_openapi::jiff::Timestamp::now());
+    let first = decide::decide(&job, &[], k8s_openapi::jiff::Timestamp::now());
     job.status = Some(first.status);
 
     let (ctx, mut handle) = context();
@@ -354,7 +354,7 @@ async fn a_status_change_is_one_status_patch_and_nothing_else() {
 async fn an_exit_code_137_deletes_the_pod_with_a_uid_precondition() {
     let mut job = job();
     let mut pods = running_pods(&job);
-    job.status = Some(status::decide(&job, &pods, k8s_openapi::jiff::Timestamp::now()).status);
+    job.status = Some(decide::decide(&job, &pods, k8s_openapi::jiff::Timestamp::now()).status);
     let worker1 = pods
         .iter_mut()
         .find(|p| {

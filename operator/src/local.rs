@@ -1,6 +1,6 @@
 //! `kubetrain local -f job.yaml`: the same TrainingJob, run as local processes.
 //!
-//! This is a thin shell, like the controller: `plan` makes the pods, `status::decide`
+//! This is a thin shell, like the controller: `plan` makes the pods, `decide::decide`
 //! decides everything, and this module plays the parts a cluster would (the kubelet that
 //! runs containers and restarts them in place, DNS that maps pod names to addresses).
 //! Addresses, names and mounts come from [`crate::podsim`], as in the test kubelet: each
@@ -17,15 +17,15 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, EnvVarSource,
-    Pod, PodCondition, PodStatus, Secret,
+    ContainerState, ContainerStateRunning, ContainerStatus, EnvVarSource, Pod, PodCondition,
+    PodStatus, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kubetrain_api::condition::types;
 use kubetrain_api::contract::{self, Role};
-use kubetrain_api::{TrainingJob, TrainingJobStatus, TrainingProgress};
+use kubetrain_api::{TrainingJob, TrainingJobStatus};
 use kubetrain_trainer::tensorboard;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -33,15 +33,17 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::curves;
+use crate::decide::{self, Action};
 use crate::isolation;
 use crate::plan::{self, PlanSettings};
+use crate::podsim::container::{self, Exit};
 use crate::podsim::forward::PortForward;
 use crate::podsim::network::{DnsContext, DnsKey, PodAddress, PodNetwork};
 use crate::podsim::paths::PathMap;
 use crate::podsim::secrets;
 use crate::podsim::termination;
+use crate::progress;
 use crate::replica::{self, ReplicaId};
-use crate::status::{self, Action};
 
 /// `kubetrain local` options.
 #[derive(clap::Args, Debug, Clone)]
@@ -243,10 +245,11 @@ struct LocalPod {
     /// `podIP:<contract port>` forwarded to the mapped port, as in the test kubelet.
     _forward: Option<PortForward>,
     child: Option<Child>,
+    /// When the running child started.
+    started_at: Timestamp,
     restarts: i32,
-    last_exit: Option<i32>,
-    /// What the last run left at its termination-message path.
-    last_message: Option<String>,
+    /// The last run's end, for `lastState` (or `state`, once the pod is done).
+    last: Option<Exit>,
     restart_at: Option<Instant>,
     log_path: PathBuf,
 }
@@ -259,16 +262,9 @@ impl LocalPod {
     }
 }
 
-/// What the runner learned from the processes' progress lines.
-#[derive(Default, Clone, Debug)]
-struct Observed {
-    /// Latest progress line of each worker, by index.
-    workers: BTreeMap<usize, BTreeMap<String, String>>,
-    /// The chief's final line, once it printed one.
-    final_line: Option<BTreeMap<String, String>>,
-}
-
-type SharedObserved = Arc<Mutex<Observed>>;
+/// How often the chief is asked for progress: no API write is at stake here, so more often
+/// than the operator's [`progress::MIN_WRITE_INTERVAL`], for a live view.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
 async fn run(args: LocalArgs) -> Result<bool, LocalError> {
     let mut job = load_job(&args.file)?;
@@ -310,7 +306,6 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
     for (host, container) in &args.volumes {
         world.mounts.mount(container.clone(), host.clone());
     }
-    let observed: SharedObserved = Arc::default();
     let view = View::new(&job, !args.no_progress_bars && follow.is_none());
     view.line(format!(
         "kubetrain local: running {name} ({} ps, {} workers); logs in {}",
@@ -327,18 +322,24 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
     loop {
         // The kubelet's part: notice exits, restart in place as the pod's policy says.
         for local in pods.values_mut() {
-            kubelet_step(local, &program, &observed, follow, &mut world).await?;
+            kubelet_step(local, &program, follow, &mut world).await?;
         }
 
         let observed_pods: Vec<Pod> = pods.values().map(|p| p.pod.clone()).collect();
-        let decision = status::decide(&job, &observed_pods, Timestamp::now());
-        let mut status = decision.status;
-        status.progress = progress_from(
-            &observed.lock().expect("observed lock"),
-            status.progress,
-            job.spec.training.as_ref().map(|t| t.epochs),
-        );
-        job.status = Some(status);
+        let now = Timestamp::now();
+        let mut decision = decide::decide(&job, &observed_pods, now);
+        // Progress as the operator reads it: the chief's Progress service at its pod IP,
+        // then its termination message; its stdout is for people only.
+        progress::ask::observe(
+            &job,
+            &mut decision,
+            &observed_pods,
+            settings.port,
+            PROGRESS_EVERY,
+            now,
+        )
+        .await;
+        job.status = Some(decision.status);
 
         for event in &decision.events {
             let kind = if event.warning { "Warning" } else { "Normal" };
@@ -361,9 +362,9 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
                         address,
                         _forward: forward,
                         child: None,
+                        started_at: Timestamp::now(),
                         restarts: 0,
-                        last_exit: None,
-                        last_message: None,
+                        last: None,
                         restart_at: Some(Instant::now()),
                         log_path,
                     };
@@ -385,7 +386,7 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
             }
         }
 
-        view.render(&job, &observed.lock().expect("observed lock"), &pods);
+        view.render(&job, &pods);
         let finished = job
             .status
             .as_ref()
@@ -411,12 +412,7 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
     view.finish();
 
     let succeeded = !interrupted && job.status.as_ref().is_some_and(|s| s.is(types::SUCCEEDED));
-    let report = report(
-        &job,
-        &observed.lock().expect("observed lock"),
-        started.elapsed(),
-        &run_dir,
-    );
+    let report = report(&job, started.elapsed(), &run_dir);
     eprintln!("{report}");
     if args.output == Some(OutputFormat::Yaml) {
         print!(
@@ -474,60 +470,51 @@ fn set_pending(pod: &mut Pod, ip: &str) {
     });
 }
 
-/// Brings one local pod forward: start it when due, notice its exit, and restart it in
-/// place as its pod restartPolicy says.
+/// The kubelet's part for one pod: notice an exit, restart in place as the pod's restart
+/// policy says (after the crash-loop backoff), and keep its container status current.
 async fn kubelet_step(
     local: &mut LocalPod,
     program: &TrainerProgram,
-    observed: &SharedObserved,
     follow: Option<ReplicaId>,
     world: &mut World,
 ) -> Result<(), LocalError> {
     if let Some(child) = local.child.as_mut()
-        && let Ok(Some(exit)) = child.try_wait()
+        && let Ok(Some(status)) = child.try_wait()
     {
         local.child = None;
-        let code = exit_code_of(exit);
-        local.last_exit = Some(code);
-        local.last_message = termination::read(&local.termination_log());
+        let message = termination::read(&local.termination_log());
+        // Whole seconds, as an API server keeps them.
+        let (started, now) = (
+            whole_seconds(local.started_at),
+            whole_seconds(Timestamp::now()),
+        );
+        let exit = Exit::of(Ok(status), message, started, now);
         let policy = local
             .pod
             .spec
             .as_ref()
-            .and_then(|s| s.restart_policy.clone())
-            .unwrap_or_else(|| "Always".into());
-        let restart = match policy.as_str() {
-            "Always" => true,
-            "OnFailure" => code != 0,
-            _ => false,
-        };
-        if restart {
+            .and_then(|s| s.restart_policy.clone());
+        if container::restarts(policy.as_deref(), exit.exit_code) {
             local.restarts += 1;
             // The kubelet's crash-loop backoff, shortened for a laptop: 1 s, 2 s, 4 s ... 10 s.
-            let delay = Duration::from_secs(1u64 << (local.restarts - 1).min(4))
-                .min(Duration::from_secs(10));
-            local.restart_at = Some(Instant::now() + delay);
-            set_container(
-                &mut local.pod,
-                "Running",
-                false,
-                local.restarts,
-                Some(code),
-                None,
-                local.last_message.as_deref(),
+            let delay = container::backoff(
+                u32::try_from(local.restarts).unwrap_or(u32::MAX),
+                Duration::from_secs(1),
+                Duration::from_secs(10),
             );
+            local.restart_at = Some(Instant::now() + delay);
+            local.last = Some(exit);
+            set_container(local, "Running", false, None);
             waiting_crash_loop(&mut local.pod);
         } else {
-            let phase = if code == 0 { "Succeeded" } else { "Failed" };
-            set_container(
-                &mut local.pod,
-                phase,
-                false,
-                local.restarts,
-                local.last_exit,
-                Some(code),
-                local.last_message.as_deref(),
-            );
+            let phase = if exit.exit_code == 0 {
+                "Succeeded"
+            } else {
+                "Failed"
+            };
+            let last = local.last.take();
+            set_container(local, phase, false, Some(&exit));
+            local.last = last;
         }
     }
 
@@ -537,44 +524,18 @@ async fn kubelet_step(
     {
         local.restart_at = None;
         let replica = ReplicaId::from_pod(&local.pod).expect("planned pods carry replica labels");
-        let child = spawn(local, program, observed, follow == Some(replica), world).await?;
+        let child = spawn(local, program, follow == Some(replica), world).await?;
         local.child = Some(child);
-        let last = if local.restarts > 0 {
-            local.last_exit
-        } else {
-            None
-        };
-        set_container(
-            &mut local.pod,
-            "Running",
-            true,
-            local.restarts,
-            last,
-            None,
-            local.last_message.as_deref(),
-        );
+        local.started_at = Timestamp::now();
+        set_container(local, "Running", true, None);
     }
     Ok(())
 }
 
-/// Exit code as a container runtime reports it: a signal N becomes 128 + N.
-fn exit_code_of(status: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(255)
-}
-
-fn set_container(
-    pod: &mut Pod,
-    phase: &str,
-    ready: bool,
-    restarts: i32,
-    last_exit: Option<i32>,
-    exit: Option<i32>,
-    message: Option<&str>,
-) {
+/// Writes the pod's phase, readiness and main container status: running, or terminated
+/// with `exit`; the previous run as `lastState` while it runs again.
+fn set_container(local: &mut LocalPod, phase: &str, ready: bool, exit: Option<&Exit>) {
+    let pod = &mut local.pod;
     let name = pod
         .spec
         .as_ref()
@@ -584,40 +545,34 @@ fn set_container(
                 .clone()
         })
         .unwrap_or_default();
-    let now = Some(Time(whole_seconds(Timestamp::now())));
+    let now = Time(whole_seconds(Timestamp::now()));
     let status = pod.status.get_or_insert_with(PodStatus::default);
     status.phase = Some(phase.into());
-    status
-        .start_time
-        .get_or_insert_with(|| now.clone().expect("set above"));
+    status.start_time.get_or_insert_with(|| now.clone());
     status.conditions = Some(vec![PodCondition {
         type_: "Ready".into(),
         status: if ready { "True" } else { "False" }.into(),
         ..PodCondition::default()
     }]);
-    let terminated = |code: i32| ContainerState {
-        terminated: Some(ContainerStateTerminated {
-            exit_code: code,
-            finished_at: now.clone(),
-            message: message.map(str::to_string),
-            ..ContainerStateTerminated::default()
-        }),
-        ..ContainerState::default()
+    let state = match exit {
+        Some(exit) => exit.terminated_state(),
+        None => ContainerState {
+            running: Some(ContainerStateRunning {
+                started_at: Some(Time(whole_seconds(local.started_at))),
+            }),
+            ..ContainerState::default()
+        },
     };
     status.container_statuses = Some(vec![ContainerStatus {
         name,
         ready,
-        restart_count: restarts,
-        state: Some(match exit {
-            Some(code) => terminated(code),
-            None => ContainerState {
-                running: Some(ContainerStateRunning {
-                    started_at: now.clone(),
-                }),
-                ..ContainerState::default()
-            },
-        }),
-        last_state: last_exit.filter(|_| exit.is_none()).map(terminated),
+        restart_count: local.restarts,
+        state: Some(state),
+        last_state: local
+            .last
+            .as_ref()
+            .filter(|_| exit.is_none())
+            .map(Exit::terminated_state),
         ..ContainerStatus::default()
     }]);
 }
@@ -643,7 +598,6 @@ fn waiting_crash_loop(pod: &mut Pod) {
 async fn spawn(
     local: &LocalPod,
     program: &TrainerProgram,
-    observed: &SharedObserved,
     follow: bool,
     world: &mut World,
 ) -> Result<Child, LocalError> {
@@ -737,19 +691,19 @@ async fn spawn(
     let log = Arc::new(tokio::sync::Mutex::new(log));
     let replica = ReplicaId::from_pod(&local.pod).expect("planned pods carry replica labels");
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(pump(out, log.clone(), observed.clone(), replica, follow));
+        tokio::spawn(pump(out, log.clone(), replica, follow));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(pump(err, log, observed.clone(), replica, follow));
+        tokio::spawn(pump(err, log, replica, follow));
     }
     Ok(child)
 }
 
-/// Copies one output stream of a process into its log file, watching for progress lines.
+/// Copies one output stream of a process into its log file (and to the terminal when
+/// followed). Nothing is read out of it: progress comes from the chief, as on a cluster.
 async fn pump<R: tokio::io::AsyncRead + Unpin>(
     stream: R,
     log: Arc<tokio::sync::Mutex<Option<tokio::fs::File>>>,
-    observed: SharedObserved,
     replica: ReplicaId,
     follow: bool,
 ) {
@@ -758,101 +712,10 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(
         if follow {
             eprintln!("[{}-{}] {line}", replica.role, replica.index);
         }
-        observe_line(&observed, replica, &line);
         if let Some(file) = log.lock().await.as_mut() {
             let _ = file.write_all(format!("{line}\n").as_bytes()).await;
         }
     }
-}
-
-/// Parses the trainer's progress lines: `kubetrain-trainer: <kind> ... key=value ...`.
-/// A worker's latest values are merged, so its step and its last test accuracy stand side
-/// by side; the chief's `final` line is kept apart for the report.
-fn observe_line(observed: &SharedObserved, replica: ReplicaId, line: &str) {
-    let Some((_, rest)) = line.split_once("kubetrain-trainer: ") else {
-        return;
-    };
-    let kind = rest.split_whitespace().next().unwrap_or_default();
-    let mut fields: BTreeMap<String, String> = BTreeMap::new();
-    for (key, value) in rest.split_whitespace().filter_map(|kv| kv.split_once('=')) {
-        // `step=12/500` carries the total too.
-        if let Some((done, total)) = value.split_once('/') {
-            fields.insert(key.to_string(), done.to_string());
-            fields.insert(format!("total_{key}s"), total.to_string());
-        } else {
-            fields.insert(key.to_string(), value.to_string());
-        }
-    }
-    // `epoch N done ...`: N epochs are complete.
-    let mut words = rest.split_whitespace();
-    if kind == "epoch"
-        && let Some(n) = words.nth(1).filter(|n| n.parse::<u64>().is_ok())
-    {
-        fields.insert("epoch".into(), n.to_string());
-    }
-    if fields.is_empty() || replica.role != Role::Worker {
-        return;
-    }
-    let mut observed = observed.lock().expect("observed lock");
-    if kind == "final" && replica.index == 0 {
-        observed.final_line = Some(fields);
-    } else {
-        observed
-            .workers
-            .entry(replica.index)
-            .or_default()
-            .extend(fields);
-    }
-}
-
-fn field<T: std::str::FromStr>(fields: &BTreeMap<String, String>, key: &str) -> Option<T> {
-    fields.get(key).and_then(|v| v.parse().ok())
-}
-
-fn progress_from(
-    observed: &Observed,
-    previous: Option<TrainingProgress>,
-    epochs: Option<u32>,
-) -> Option<TrainingProgress> {
-    let mut chief = observed.workers.get(&0).cloned().unwrap_or_default();
-    if let Some(last) = &observed.final_line {
-        chief.extend(last.clone());
-        if let Some(steps) = last.get("steps") {
-            chief.insert("step".into(), steps.clone());
-        }
-        if let Some(epochs) = epochs {
-            chief.insert("epoch".into(), epochs.to_string());
-        }
-    }
-    if chief.is_empty() {
-        return previous;
-    }
-    let chief = &chief;
-    let samples: f64 = observed
-        .workers
-        .values()
-        .filter_map(|f| field::<f64>(f, "samples_per_second"))
-        .sum();
-    let next = TrainingProgress {
-        step: field(chief, "step").unwrap_or_default(),
-        epoch: field(chief, "epoch").unwrap_or_default(),
-        loss: field(chief, "loss"),
-        accuracy: field(chief, "accuracy").or_else(|| field(chief, "test_accuracy")),
-        samples_per_second: field(chief, "samples_per_second")
-            .or((samples > 0.0).then_some(samples)),
-        updated_at: previous.as_ref().and_then(|p| p.updated_at.clone()),
-    };
-    let changed = previous
-        .as_ref()
-        .is_none_or(|p| p.step != next.step || p.loss != next.loss || p.accuracy != next.accuracy);
-    Some(TrainingProgress {
-        updated_at: if changed {
-            Some(Time(whole_seconds(Timestamp::now())))
-        } else {
-            next.updated_at.clone()
-        },
-        ..next
-    })
 }
 
 /// Stops a pod's process as a kubelet does: SIGTERM, then SIGKILL once the pod's
@@ -915,10 +778,11 @@ impl Signals {
     }
 }
 
-/// The live view: a bar per worker and a summary line, or plain periodic lines.
+/// The live view: the chief's epochs as a bar and a summary line, or plain periodic lines,
+/// all from `status.progress` as the operator would write it.
 struct View {
     multi: Option<MultiProgress>,
-    bars: BTreeMap<usize, ProgressBar>,
+    epochs: Option<ProgressBar>,
     summary: Option<ProgressBar>,
     last_line: Mutex<Instant>,
 }
@@ -929,7 +793,7 @@ impl View {
         if !(bars && std::io::stderr().is_terminal()) {
             return Self {
                 multi: None,
-                bars: BTreeMap::new(),
+                epochs: None,
                 summary: None,
                 last_line: Mutex::new(Instant::now()),
             };
@@ -939,17 +803,13 @@ impl View {
             ProgressStyle::with_template("{prefix:>10} {bar:30.cyan/blue} {pos:>6}/{len:6} {msg}")
                 .expect("valid template")
                 .progress_chars("=> ");
-        let bars = (0..replica::replicas(job, Role::Worker))
-            .map(|i| {
-                let bar = multi.add(ProgressBar::new(1).with_style(style.clone()));
-                bar.set_prefix(format!("worker-{i}"));
-                (i, bar)
-            })
-            .collect();
+        let total = job.spec.training.as_ref().map_or(0, |t| t.epochs);
+        let epochs = multi.add(ProgressBar::new(u64::from(total).max(1)).with_style(style));
+        epochs.set_prefix("epochs");
         let summary = multi.add(ProgressBar::new_spinner());
         Self {
             multi: Some(multi),
-            bars,
+            epochs: Some(epochs),
             summary: Some(summary),
             last_line: Mutex::new(Instant::now()),
         }
@@ -964,7 +824,7 @@ impl View {
         }
     }
 
-    fn render(&self, job: &TrainingJob, observed: &Observed, pods: &BTreeMap<ReplicaId, LocalPod>) {
+    fn render(&self, job: &TrainingJob, pods: &BTreeMap<ReplicaId, LocalPod>) {
         let status = job.status.clone().unwrap_or_default();
         let state = status
             .lifecycle()
@@ -995,18 +855,9 @@ impl View {
                 .map_or("-".into(), |s| format!("{s:.0}")),
         );
         if let Some(summary) = &self.summary {
-            for (index, bar) in &self.bars {
-                if let Some(fields) = observed.workers.get(index) {
-                    if let Some(total) = field::<u64>(fields, "total_steps") {
-                        bar.set_length(total.max(1));
-                    }
-                    bar.set_position(field(fields, "step").unwrap_or(0));
-                    let epochs = job.spec.training.as_ref().map_or(0, |t| t.epochs);
-                    bar.set_message(format!(
-                        "epoch {}/{epochs}",
-                        fields.get("epoch").map_or("-", String::as_str),
-                    ));
-                }
+            if let Some(bar) = &self.epochs {
+                bar.set_position(u64::try_from(progress.epoch).unwrap_or(0));
+                bar.set_message(format!("step {}", progress.step));
             }
             summary.set_message(format!("{state} | {metrics} | {roles}"));
             summary.tick();
@@ -1023,7 +874,7 @@ impl View {
     }
 
     fn finish(&self) {
-        for bar in self.bars.values() {
+        if let Some(bar) = &self.epochs {
             bar.abandon();
         }
         if let Some(summary) = &self.summary {
@@ -1084,17 +935,14 @@ fn picture_rows(job: &TrainingJob, run_dir: &Path) -> Vec<(&'static str, String)
     rows
 }
 
-fn report(job: &TrainingJob, observed: &Observed, wall: Duration, run_dir: &Path) -> String {
+fn report(job: &TrainingJob, wall: Duration, run_dir: &Path) -> String {
     let status = job.status.clone().unwrap_or_default();
     let state = status
         .lifecycle()
         .map(|c| format!("{} ({}): {}", c.type_, c.reason, c.message))
         .unwrap_or_else(|| "unknown".into());
-    let final_line = observed.final_line.clone().unwrap_or_default();
     let progress = status.progress.clone().unwrap_or_default();
-    let accuracy = field::<f64>(&final_line, "test_accuracy")
-        .or(field(&final_line, "accuracy"))
-        .or(progress.accuracy);
+    let accuracy = progress.accuracy;
     let checkpoints = job
         .spec
         .training

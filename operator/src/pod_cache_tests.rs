@@ -9,8 +9,9 @@ use serde_json::json;
 
 use super::{PENDING_FOR, Pending, PodCache};
 use crate::cached_pod::CachedPod;
+use crate::decide;
 use crate::plan::{self, PlanSettings};
-use crate::status;
+use crate::pod_state;
 
 fn job() -> TrainingJob {
     let mut job: TrainingJob =
@@ -108,8 +109,8 @@ fn a_cached_pod_decides_exactly_as_the_full_one() {
         std::mem::size_of::<Pod>()
     );
     assert_eq!(
-        status::decide(&job, &seen, now()),
-        status::decide(&job, &full, now())
+        decide::decide(&job, &seen, now()),
+        decide::decide(&job, &full, now())
     );
 }
 
@@ -270,8 +271,8 @@ fn a_pod_with_a_sidecar_keeps_its_container_names_so_the_main_one_is_still_found
         .map(|c| c.name.as_str())
         .collect();
     assert_eq!(names, vec!["a-sidecar", "trainer"]);
-    assert_eq!(status::exit_code(&seen), Some(137));
-    assert_eq!(status::exit_code(&pod), Some(137));
+    assert_eq!(pod_state::exit_code(&seen), Some(137));
+    assert_eq!(pod_state::exit_code(&pod), Some(137));
 
     let mut single = full_pods(&job).remove(0);
     single.status = Some(
@@ -282,5 +283,5 @@ fn a_pod_with_a_sidecar_keeps_its_container_names_so_the_main_one_is_still_found
     );
     let seen = as_watched(&single).to_pod();
     assert_eq!(seen.spec.as_ref().unwrap().containers.len(), 1);
-    assert_eq!(status::exit_code(&seen), Some(3));
+    assert_eq!(pod_state::exit_code(&seen), Some(3));
 }

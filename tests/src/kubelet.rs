@@ -53,8 +53,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
-    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
-    ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus, Secret,
+    Container, ContainerState, ContainerStateRunning, ContainerStateWaiting, ContainerStatus,
+    HostIP, Pod, PodCondition, PodIP, PodStatus, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -64,6 +64,7 @@ use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, ResourceExt};
 use kubetrain_api::contract;
 use kubetrain_operator::podsim;
+use kubetrain_operator::podsim::container::{self, Exit};
 use kubetrain_operator::podsim::forward::PortForward;
 use kubetrain_operator::podsim::network::{DnsContext, DnsKey, PodAddress, PodNetwork};
 use kubetrain_operator::podsim::paths::PathMap;
@@ -454,11 +455,7 @@ async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot
     let name = pod.name_any();
     let ns = pod.namespace().unwrap_or_default();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let restart_policy = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.restart_policy.clone())
-        .unwrap_or_else(|| "Always".to_string());
+    let restart_policy = pod.spec.as_ref().and_then(|s| s.restart_policy.clone());
     let config = &shared.config;
     let address = shared
         .network
@@ -506,7 +503,6 @@ async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot
     };
 
     let mut restarts: i32 = 0;
-    let mut backoff = config.restart_backoff;
     loop {
         let outcome = run_once(
             &shared,
@@ -535,12 +531,7 @@ async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot
                 return;
             }
         };
-        let restart = match restart_policy.as_str() {
-            "Never" => false,
-            "OnFailure" => exit.exit_code != 0,
-            _ => true,
-        };
-        if !restart {
+        if !container::restarts(restart_policy.as_deref(), exit.exit_code) {
             if let Err(err) = reporter.finished(&exit, restarts).await {
                 tracing::debug!(%err, "test kubelet: final status not written");
             }
@@ -554,7 +545,11 @@ async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot
         // The backoff is the restart policy itself, not synchronisation; a stop
         // request cuts it short.
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(container::backoff(
+                u32::try_from(restarts).unwrap_or(u32::MAX),
+                config.restart_backoff,
+                config.max_restart_backoff,
+            )) => {}
             why = &mut stop => {
                 let why = why.unwrap_or(Stop::Deleted);
                 if why == Stop::Terminating
@@ -565,20 +560,7 @@ async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot
                 return;
             }
         }
-        backoff = (backoff * 2).min(config.max_restart_backoff);
     }
-}
-
-/// One finished run of the main container.
-#[derive(Debug, Clone)]
-struct Exit {
-    exit_code: i32,
-    signal: Option<i32>,
-    reason: &'static str,
-    message: Option<String>,
-    started_at: Timestamp,
-    finished_at: Timestamp,
-    container_id: String,
 }
 
 enum RunOutcome {
@@ -657,28 +639,11 @@ async fn run_once(
     // The main process is gone; anything it left in its group goes too, as
     // when a container's cgroup is torn down.
     drop(group);
-    let finished_at = Timestamp::now();
-    use std::os::unix::process::ExitStatusExt as _;
-    let (exit_code, signal) = match &status {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(code), _) => (code, None),
-            (None, Some(sig)) => (128 + sig, Some(sig)),
-            (None, None) => (128, None),
-        },
-        Err(_) => (128, None),
-    };
-    let message = match status {
-        Err(e) => Some(format!("waiting for process: {e}")),
-        Ok(_) => termination::read(&launch.termination_log),
-    };
+    let message = termination::read(&launch.termination_log);
+    let exit = Exit::of(status, message, started_at, Timestamp::now());
     RunOutcome::Exited(Exit {
-        exit_code,
-        signal,
-        reason: if exit_code == 0 { "Completed" } else { "Error" },
-        message,
-        started_at,
-        finished_at,
         container_id,
+        ..exit
     })
 }
 
@@ -970,7 +935,7 @@ impl StatusReporter {
     }
 
     async fn back_off(&mut self, exit: &Exit, restarts: i32) -> Result<(), KubeletError> {
-        let terminated = terminated_state(exit);
+        let terminated = exit.terminated_state();
         let waiting = ContainerState {
             waiting: Some(ContainerStateWaiting {
                 reason: Some("CrashLoopBackOff".to_string()),
@@ -1002,7 +967,7 @@ impl StatusReporter {
         let status = self.status(
             phase,
             false,
-            terminated_state(exit),
+            exit.terminated_state(),
             &exit.container_id,
             restarts,
             None,
@@ -1090,21 +1055,6 @@ impl StatusReporter {
                 pod: format!("{}/{}", self.namespace, self.name),
                 source,
             })
-    }
-}
-
-fn terminated_state(exit: &Exit) -> ContainerState {
-    ContainerState {
-        terminated: Some(ContainerStateTerminated {
-            exit_code: exit.exit_code,
-            signal: exit.signal,
-            reason: Some(exit.reason.to_string()),
-            message: exit.message.clone(),
-            started_at: Some(Time(exit.started_at)),
-            finished_at: Some(Time(exit.finished_at)),
-            container_id: (!exit.container_id.is_empty()).then(|| exit.container_id.clone()),
-        }),
-        ..ContainerState::default()
     }
 }
 

@@ -4,6 +4,8 @@
 //! volumes. This module gives both runners one answer to each of those, so that a program
 //! sees the same world under `kubetrain local` as under the end-to-end harness:
 //!
+//! - [`container`]: a process's exit as a container state, the restart policy, and the
+//!   crash-loop backoff.
 //! - [`network`]: every pod gets its own loopback address, and its contract port is mapped
 //!   to a host port of its own, so programs that bind `0.0.0.0:<port>` (TensorFlow's
 //!   servers do) never collide. Cluster DNS names in the pod's env become those addresses.
@@ -16,6 +18,7 @@
 //! - [`termination`]: what a process left at its termination-message path, for the
 //!   terminated container state.
 
+pub mod container;
 pub mod forward;
 pub mod network;
 pub mod paths;

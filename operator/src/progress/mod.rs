@@ -1,5 +1,8 @@
 //! Live training progress: when to ask the chief, and how its report becomes
-//! `status.progress`. The asking itself (gRPC) is the controller's; the rules are here.
+//! `status.progress`. The rules here are pure; [`ask`] is the one edge that asks the chief
+//! (gRPC), used alike by the controller and by `kubetrain local`.
+
+pub mod ask;
 
 use std::time::Duration;
 
@@ -10,8 +13,8 @@ use kubetrain_api::condition::types;
 use kubetrain_api::contract::{FinalProgress, Role};
 use kubetrain_api::{TrainingJob, TrainingJobStatus, TrainingProgress};
 
+use crate::pod_state::phase;
 use crate::replica::ReplicaId;
-use crate::status::phase;
 
 /// At most one progress write per this interval per job.
 pub const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(10);
@@ -38,12 +41,14 @@ pub struct ChiefReport {
 }
 
 /// Where to ask, if the job is running the built-in trainer and its chief is up, and it is
-/// time to ask again (the last write is at least [`MIN_WRITE_INTERVAL`] old).
+/// time to ask again (the last report is at least `every` old: [`MIN_WRITE_INTERVAL`] for
+/// the operator, whose every report is an API write).
 pub fn chief_to_ask(
     job: &TrainingJob,
     status: &TrainingJobStatus,
     pods: &[Pod],
     port: u16,
+    every: Duration,
     now: Timestamp,
 ) -> Option<String> {
     job.spec.training.as_ref()?;
@@ -53,7 +58,7 @@ pub fn chief_to_ask(
     }
     let last = status.progress.as_ref().and_then(|p| p.updated_at.as_ref());
     if let Some(last) = last
-        && now.duration_since(last.0).as_secs_f64() < MIN_WRITE_INTERVAL.as_secs_f64()
+        && now.duration_since(last.0).as_secs_f64() < every.as_secs_f64()
     {
         return None;
     }
@@ -72,14 +77,19 @@ fn is_training(status: &TrainingJobStatus) -> bool {
     })
 }
 
-/// How long until progress is due again: while the job runs the built-in trainer and its
-/// chief is Running. A chief that is not running yet needs no timer: its pod's next status
-/// change wakes the job anyway, and a thousand pending jobs must not poll.
-pub fn next_ask(job: &TrainingJob, status: &TrainingJobStatus, pods: &[Pod]) -> Option<Duration> {
+/// How long until progress is due again (`every`): while the job runs the built-in trainer
+/// and its chief is Running. A chief that is not running yet needs no timer: its pod's
+/// next status change wakes the job anyway, and a thousand pending jobs must not poll.
+pub fn next_ask(
+    job: &TrainingJob,
+    status: &TrainingJobStatus,
+    pods: &[Pod],
+    every: Duration,
+) -> Option<Duration> {
     job.spec.training.as_ref()?;
     let active = is_training(status);
     let chief_running = chief(pods).is_some_and(|p| phase(p) == "Running");
-    (active && chief_running).then_some(MIN_WRITE_INTERVAL)
+    (active && chief_running).then_some(every)
 }
 
 /// The chief's own final report, once it has exited successfully, from its termination
@@ -147,8 +157,8 @@ fn round(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::decide;
     use crate::plan::{self, PlanSettings};
-    use crate::status::decide;
 
     fn t(s: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + s).unwrap()
@@ -156,7 +166,7 @@ mod tests {
 
     fn job() -> TrainingJob {
         let mut job: TrainingJob =
-            serde_yaml::from_str(include_str!("../../examples/quickstart.yaml")).unwrap();
+            serde_yaml::from_str(include_str!("../../../examples/quickstart.yaml")).unwrap();
         job.metadata.namespace = Some("ns".into());
         job
     }
@@ -183,7 +193,7 @@ mod tests {
         let mut status = decide(&job, &[], t(0)).status;
         let pods = vec![running_chief(&job)];
         assert_eq!(
-            chief_to_ask(&job, &status, &pods, 2222, t(1)).as_deref(),
+            chief_to_ask(&job, &status, &pods, 2222, MIN_WRITE_INTERVAL, t(1)).as_deref(),
             Some("http://10.1.2.3:2222")
         );
         status.progress = Some(to_status(
@@ -193,8 +203,11 @@ mod tests {
             },
             t(1),
         ));
-        assert_eq!(chief_to_ask(&job, &status, &pods, 2222, t(10)), None);
-        assert!(chief_to_ask(&job, &status, &pods, 2222, t(11)).is_some());
+        assert_eq!(
+            chief_to_ask(&job, &status, &pods, 2222, MIN_WRITE_INTERVAL, t(10)),
+            None
+        );
+        assert!(chief_to_ask(&job, &status, &pods, 2222, MIN_WRITE_INTERVAL, t(11)).is_some());
     }
 
     #[test]
@@ -206,10 +219,16 @@ mod tests {
             .conditions
             .iter_mut()
             .for_each(|c| c.status = "False".into());
-        assert_eq!(chief_to_ask(&job, &status, &pods, 2222, t(1)), None);
+        assert_eq!(
+            chief_to_ask(&job, &status, &pods, 2222, MIN_WRITE_INTERVAL, t(1)),
+            None
+        );
         let status = decide(&job, &[], t(0)).status;
         job.spec.training = None;
-        assert_eq!(chief_to_ask(&job, &status, &pods, 2222, t(1)), None);
+        assert_eq!(
+            chief_to_ask(&job, &status, &pods, 2222, MIN_WRITE_INTERVAL, t(1)),
+            None
+        );
     }
 
     #[test]
@@ -300,13 +319,26 @@ mod tests {
             },
             &PlanSettings::default(),
         );
-        assert_eq!(next_ask(&job, &created, std::slice::from_ref(&chief)), None);
+        assert_eq!(
+            next_ask(
+                &job,
+                &created,
+                std::slice::from_ref(&chief),
+                MIN_WRITE_INTERVAL
+            ),
+            None
+        );
         chief.status = Some(k8s_openapi::api::core::v1::PodStatus {
             phase: Some("Running".into()),
             ..Default::default()
         });
         assert_eq!(
-            next_ask(&job, &created, std::slice::from_ref(&chief)),
+            next_ask(
+                &job,
+                &created,
+                std::slice::from_ref(&chief),
+                MIN_WRITE_INTERVAL
+            ),
             Some(MIN_WRITE_INTERVAL)
         );
     }
