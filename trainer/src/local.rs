@@ -75,7 +75,7 @@ pub fn train(
     }
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
     let evaluation = match &first.test {
-        Some(test) => crate::worker::evaluate_examples(&net, &params, test)?,
+        Some(test) => crate::model::evaluate_examples(&net, &params, test)?,
         None => {
             return Err(TrainerError::Compute(
                 "partition 0 has no test split".into(),

@@ -5,6 +5,7 @@
 //! in, through [`ValueRuns`]) and in the single-process reference trainer.
 
 pub mod divergence;
+mod evaluate;
 mod network;
 mod optimizer;
 mod stage;
@@ -12,6 +13,7 @@ mod stale_step;
 mod value_runs;
 
 pub use divergence::Diverged;
+pub use evaluate::evaluate_examples;
 pub use network::{Evaluation, Network, as_matrix};
 pub use optimizer::{Optimizer, OptimizerState};
 pub use stage::{StageModel, Stash};

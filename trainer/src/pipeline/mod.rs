@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::checkpoint::{self, ShardCheckpoint};
 use crate::config::Config;
 use crate::error::TrainerError;
+use crate::model::evaluate_examples;
 use crate::model::{Network, Optimizer, StageModel};
 use crate::progress::{ProgressService, ProgressState};
 use crate::proto::StartRequest;
@@ -33,7 +34,7 @@ use crate::proto::progress_server::ProgressServer;
 use crate::tensorboard::EventLog;
 use crate::termination::Termination;
 use crate::transport;
-use crate::worker::{WorkerOutcome, evaluate_examples};
+use crate::worker::WorkerOutcome;
 use peers::Peer;
 use service::{Inbound, Mailbox, Shared, StageService};
 
