@@ -8,7 +8,7 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 COPY . .
-# protoc comes from the protoc-bin-vendored crate (trainer/build.rs): nothing to apt-get.
+# protoc comes from the protoc-bin-vendored crate (proto/build.rs): nothing to apt-get.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p kubetrain-trainer --bin kubetrain-trainer \

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use clap::{Parser, Subcommand};
 
+#[cfg(feature = "local")]
 use crate::local::LocalArgs;
 use crate::plan::DEFAULT_TRAINER_IMAGE;
 use crate::telemetry::LogFormat;
@@ -28,6 +29,7 @@ pub enum Command {
     /// Run the controller against the cluster in KUBECONFIG or the in-cluster config.
     Operator(OperatorArgs),
     /// Run a TrainingJob on this machine as local processes, no cluster needed.
+    #[cfg(feature = "local")]
     Local(LocalArgs),
     /// Print the TrainingJob CustomResourceDefinition as YAML.
     Crd,

@@ -11,15 +11,17 @@ use kubetrain_operator::api_requests::ApiRequestsLayer;
 use kubetrain_operator::cli::{Cli, Command, OperatorArgs};
 use kubetrain_operator::controller::{self, Context};
 use kubetrain_operator::leader::{Elector, Timing};
+#[cfg(feature = "local")]
 use kubetrain_operator::local;
 use kubetrain_operator::metrics::{self, Metrics};
 use kubetrain_operator::plan::{OperatorPods, PlanSettings};
-use kubetrain_operator::telemetry::{self, LogFormat};
+use kubetrain_operator::telemetry;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     // `kubetrain trainer ...` is the built-in trainer, so `kubetrain local` works from the
     // one binary that `cargo run -p kubetrain-operator` builds. Its flags are the trainer's.
+    #[cfg(feature = "local")]
     if std::env::args().nth(1).as_deref() == Some("trainer") {
         return run_trainer().await;
     }
@@ -29,6 +31,7 @@ async fn main() -> ExitCode {
             print!("{}", kubetrain_api::crd_yaml());
             ExitCode::SUCCESS
         }
+        #[cfg(feature = "local")]
         Command::Local(args) => local::main(args).await,
         Command::Operator(args) => match run_operator(args).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -114,12 +117,13 @@ async fn shutdown_signal() {
     }
 }
 
+#[cfg(feature = "local")]
 async fn run_trainer() -> ExitCode {
     let args = std::env::args()
         .enumerate()
         .filter(|(i, _)| *i != 1)
         .map(|(_, a)| a);
     let cli = kubetrain_trainer::Cli::parse_from(args);
-    telemetry::init(LogFormat::Text);
+    telemetry::init(telemetry::LogFormat::Text);
     kubetrain_trainer::main_with(cli).await
 }

@@ -1,6 +1,9 @@
 //! `kubetrain local` end to end: real trainer processes on loopback, driven by the same
 //! plan and decide functions as the operator.
 
+// `kubetrain local` exists only with the `local` feature (on by default).
+#![cfg(feature = "local")]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -27,13 +27,9 @@ pub mod termination;
 pub mod transport;
 pub mod worker;
 
-/// Generated gRPC code for `proto/kubetrain/v1/*.proto`, clients included, so the operator
-/// can poll the chief's `Progress` service
-/// (`proto::progress_client::ProgressClient::get_progress`).
-pub mod proto {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("kubetrain.v1");
-}
+/// The generated gRPC code (crate `kubetrain-proto`), under the name the trainer's modules
+/// use for it.
+pub use kubetrain_proto as proto;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -44,7 +44,7 @@ pub async fn observe(
 pub async fn ask_chief(
     endpoint: &str,
 ) -> Result<ChiefReport, Box<dyn std::error::Error + Send + Sync>> {
-    use kubetrain_trainer::proto::{GetProgressRequest, progress_client::ProgressClient};
+    use kubetrain_proto::{GetProgressRequest, progress_client::ProgressClient};
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
         .connect_timeout(ASK_TIMEOUT)
         .timeout(ASK_TIMEOUT)
