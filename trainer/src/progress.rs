@@ -78,6 +78,28 @@ impl ProgressState {
             .scalars(step, &[("test/accuracy", accuracy), ("test/loss", loss)]);
     }
 
+    /// Records a training step: where the run is, its smoothed loss and its samples/s.
+    pub fn trained(&self, step: u64, total_steps: u64, epoch: u32, loss: f64, rate: f64) {
+        self.update(|r| {
+            r.step = step;
+            r.total_steps = total_steps;
+            r.epoch = epoch;
+            r.loss = loss;
+            r.samples_per_second = rate;
+        });
+    }
+
+    /// Records the final evaluation after `steps` steps; the run is finished.
+    pub fn finished(&self, steps: u64, accuracy: f64, loss: f64) {
+        self.evaluated(steps, accuracy, loss);
+        self.update(|r| {
+            r.finished = true;
+            r.final_accuracy = accuracy;
+            r.accuracy = accuracy;
+            r.step = steps;
+        });
+    }
+
     pub fn snapshot(&self) -> ProgressReport {
         self.report
             .lock()

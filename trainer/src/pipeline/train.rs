@@ -152,15 +152,10 @@ pub(super) async fn train(
             let rate = done as f64 * plan.batch as f64 / started.elapsed().as_secs_f64().max(1e-9);
             // Counting from 1, as status.progress.epoch does.
             let epoch = steps_per_epoch.map_or(0, |per| step / per + 1) as u32;
-            progress.update(|r| {
-                r.step = step + 1;
-                r.epoch = epoch;
-                r.loss = loss_avg.unwrap_or_default();
-                r.samples_per_second = rate;
-            });
+            let loss = loss_avg.unwrap_or_default();
+            progress.trained(step + 1, plan.total_steps, epoch, loss, rate);
             if last_line.elapsed() >= Duration::from_secs(2) {
                 last_line = Instant::now();
-                let loss = loss_avg.unwrap_or_default();
                 run_log::training(0, step + 1, plan.total_steps, u64::from(epoch), loss, rate);
             }
         }
@@ -606,13 +601,7 @@ async fn chief_finishes(
             }
         })?;
     }
-    progress.evaluated(steps, eval.accuracy, eval.loss);
-    progress.update(|r| {
-        r.finished = true;
-        r.final_accuracy = eval.accuracy;
-        r.accuracy = eval.accuracy;
-        r.step = steps;
-    });
+    progress.finished(steps, eval.accuracy, eval.loss);
     let mut calls = JoinSet::new();
     for p in peers {
         let p = p.clone();

@@ -221,18 +221,12 @@ pub async fn run_worker(
                     steps_done as f64 * global_batch / started.elapsed().as_secs_f64().max(1e-9);
                 // Counting from 1, as status.progress.epoch does, in the log line too.
                 let epoch = schedule.epoch_of(step.saturating_sub(1)) as u32 + 1;
+                let loss = loss_avg.unwrap_or_default();
                 if let Some(progress) = &progress {
-                    progress.update(|r| {
-                        r.step = step;
-                        r.total_steps = total_steps;
-                        r.epoch = epoch;
-                        r.loss = loss_avg.unwrap_or_default();
-                        r.samples_per_second = rate;
-                    });
+                    progress.trained(step, total_steps, epoch, loss, rate);
                 }
                 if last_line.elapsed() >= Duration::from_secs(2) {
                     last_line = Instant::now();
-                    let loss = loss_avg.unwrap_or_default();
                     run_log::training(index, step, total_steps, u64::from(epoch), loss, rate);
                 }
             }
@@ -282,13 +276,7 @@ pub async fn run_worker(
             dump(path, &params)?;
         }
         links.shutdown_all("training finished").await;
-        progress.evaluated(total_steps, eval.accuracy, eval.loss);
-        progress.update(|r| {
-            r.finished = true;
-            r.final_accuracy = eval.accuracy;
-            r.accuracy = eval.accuracy;
-            r.step = total_steps;
-        });
+        progress.finished(total_steps, eval.accuracy, eval.loss);
         let (accuracy, test_loss) = (eval.accuracy, eval.loss);
         run_log::final_result(accuracy, test_loss, loss, total_steps, rate, Some(&timing));
         evaluation = Some(eval);
