@@ -36,7 +36,7 @@ use rcgen::{
 use tempfile::TempDir;
 use tokio::sync::OnceCell;
 
-use crate::process::{Target, Watchdog};
+use kubetrain_operator::podsim::process_group::{Target, Watchdog};
 
 /// Where `install.sh` puts the binaries, unless `KUBETRAIN_CACHE` moves it.
 const DEFAULT_CACHE: &str = ".cache/kubetrain";

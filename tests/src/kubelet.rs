@@ -2,117 +2,60 @@
 //! reports their status through the pod `status` subresource, so the operator
 //! under test sees pods go Pending → Running → Succeeded/Failed as on a cluster.
 //!
-//! What it does, per pod carrying the `kubetrain.io/job-name` label (the
-//! selector is configurable):
+//! Everything a pod's process is and does comes from `kubetrain_operator::podsim`, which
+//! `kubetrain local` runs its pods through too: the program, argv and env a container
+//! starts as ([`launch`]), its own loopback address and contract port, the crash-loop
+//! restarts, SIGTERM and the grace period when a pod is deleted, the process groups, and
+//! the status written at each step (`podsim::run`). What is this module's own, per pod
+//! carrying the `kubetrain.io/job-name` label (the selector is configurable):
 //!
-//! * **Program.** The main container is the one named `trainer`, else the
-//!   first. Its `command` + `args` run as a local process; the image is ignored.
-//!   `argv[0]` is looked up in [`KubeletConfig::commands`] (full string, then
-//!   file name), so `kubetrain-trainer` becomes the workspace-built binary; a
-//!   container without `command` runs [`KubeletConfig::default_command`] (the
-//!   image's entrypoint, i.e. the trainer).
-//! * **Addresses and names** come from `kubetrain_operator::podsim`, which
-//!   `kubetrain local` uses too. Every pod gets its own loopback address,
-//!   reported as `status.podIP` and passed as `POD_IP`, and a host port of its
-//!   own for the contract port, so a program that binds `0.0.0.0:<port>` (as
-//!   TensorFlow's servers do) never collides with another pod. Pod DNS names in
-//!   env values become those addresses, `:2222` after a name the mapped port;
-//!   `podIP:2222` is forwarded to the mapped port for whoever dials it (the
-//!   operator's progress client). An address is fixed at first sight of its
-//!   name, so a pod may start before the peers it names exist.
-//! * **Volumes.** ConfigMap volumes are written from the API into the pod's
-//!   directory, emptyDirs are directories there, hostPaths are themselves; the
-//!   main container's mount paths in argv and env point at them.
-//! * **Restarts.** `restartPolicy` is followed like a kubelet: `Always`
-//!   restarts on any exit, `OnFailure` on a non-zero exit, `Never` never;
-//!   restarts happen in place after an exponential backoff, with
-//!   `restartCount` incremented and the previous run in `lastState`.
-//! * **Deletion.** A deleted pod's process group is killed. A pod that is only
-//!   *terminating* (`deletionTimestamp` set, which the API server does for pods
-//!   with a `nodeName`) gets SIGTERM, then SIGKILL after its
-//!   `terminationGracePeriodSeconds` (30 by default) as from a real kubelet, and is then
+//! * **The API.** Pods are watched; every status goes to the `status` subresource.
+//! * **Programs.** `argv[0]` is looked up in [`KubeletConfig::commands`], so
+//!   `kubetrain-trainer` becomes the workspace-built binary, and a container without
+//!   `command` runs the image's entrypoint, the trainer.
+//! * **Volumes and Secrets** are read from the API: ConfigMap volumes are written into the
+//!   pod's directory, emptyDirs are directories there, hostPaths are themselves.
+//! * **Deletion.** A pod that is only *terminating* (`deletionTimestamp` set, which the
+//!   API server does for pods with a `nodeName`) is stopped with its grace period and then
 //!   deleted with grace period 0, because no real kubelet exists to finish the deletion.
-//! * **Cleanup.** Each pod process runs in its own process group (so `sh -c`
-//!   grandchildren die with it) guarded by a [`Watchdog`]; dropping the
-//!   [`Kubelet`] kills every group. Output (stdout and stderr) goes to
+//!   Dropping the [`Kubelet`] kills every pod's process group. Output goes to
 //!   `<log_dir>/<namespace>/<pod>.log`, one section per attempt.
-//!
-//! Supported `valueFrom`: `fieldRef` for `metadata.name`, `metadata.namespace`,
-//! `metadata.uid`, `metadata.labels['k']`, `metadata.annotations['k']`,
-//! `spec.nodeName`, `spec.serviceAccountName`, `status.podIP`, `status.hostIP`.
-//! Anything else fails the pod with reason `CreateContainerConfigError`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write as _};
+use std::collections::HashMap;
+use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{
-    Container, ContainerState, ContainerStateRunning, ContainerStateWaiting, ContainerStatus,
-    HostIP, Pod, PodCondition, PodIP, PodStatus, Secret,
-};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, ResourceExt};
 use kubetrain_api::contract;
 use kubetrain_operator::podsim;
-use kubetrain_operator::podsim::container::{self, Exit};
 use kubetrain_operator::podsim::forward::PortForward;
-use kubetrain_operator::podsim::network::{DnsContext, DnsKey, PodAddress, PodNetwork};
-use kubetrain_operator::podsim::paths::PathMap;
-use kubetrain_operator::podsim::termination;
+use kubetrain_operator::podsim::launch::{self, Commands, LaunchContext, Program};
+use kubetrain_operator::podsim::network::{PodAddress, PodNetwork};
+use kubetrain_operator::podsim::pod_status::PodStatusWriter;
+use kubetrain_operator::podsim::process_group::LiveGroups;
+use kubetrain_operator::podsim::run::{Ended, PodRun, StatusSink, Stop};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::process::{Target, Watchdog};
 use crate::{pod_secrets, volumes};
 
 /// The label every pod of a TrainingJob carries (DESIGN.md §2).
 pub const JOB_NAME_LABEL: &str = "kubetrain.io/job-name";
 /// The trainer's command name, substituted by [`KubeletConfig::trainer`].
 pub const TRAINER_COMMAND: &str = "kubetrain-trainer";
-/// Environment passed through from the test process: enough to find programs
-/// and get useful diagnostics, nothing that would make pods depend on the host.
-const INHERITED_ENV: &[&str] = &[
-    "PATH",
-    "HOME",
-    "TMPDIR",
-    "LANG",
-    "RUST_BACKTRACE",
-    "RUST_LOG",
-    "LLVM_PROFILE_FILE",
-];
 
 /// What can go wrong running a pod. Failures are also reported in the pod's
 /// status; these values end up in the kubelet's tracing output.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeletError {
-    #[error("pod {pod} has no containers")]
-    NoContainer { pod: String },
-    #[error(
-        "container {container} of pod {pod} has no command and no default command is configured"
-    )]
-    NoCommand { pod: String, container: String },
-    #[error("env var {var} of pod {pod}: {what} is not supported by the test kubelet")]
-    UnsupportedEnvSource {
-        pod: String,
-        var: String,
-        what: String,
-    },
-    #[error("creating log file {}: {source}", path.display())]
-    LogFile {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
     #[error("reporting status of pod {pod}: {source}")]
     PatchStatus {
         pod: String,
@@ -146,10 +89,9 @@ pub struct KubeletConfig {
     pub namespace: Option<String>,
     /// Label selector for the pods to run.
     pub label_selector: String,
-    /// `argv[0]` substitutions: command name (or file name) → local program.
-    pub commands: HashMap<String, PathBuf>,
-    /// Program for containers without `command` (the image's entrypoint).
-    pub default_command: Option<PathBuf>,
+    /// `argv[0]` substitutions, and the program for containers without `command` (the
+    /// image's entrypoint).
+    pub commands: Commands,
     /// Where `<namespace>/<pod>.log` files go; also each pod's working
     /// directory lives under it (`<namespace>/<pod>.d`).
     pub log_dir: PathBuf,
@@ -171,8 +113,7 @@ impl KubeletConfig {
         Self {
             namespace: Some(namespace.into()),
             label_selector: JOB_NAME_LABEL.to_string(),
-            commands: HashMap::new(),
-            default_command: None,
+            commands: Commands::default(),
             log_dir: log_dir.into(),
             restart_backoff: Duration::from_millis(200),
             max_restart_backoff: Duration::from_secs(5),
@@ -184,16 +125,19 @@ impl KubeletConfig {
     /// Runs `kubetrain-trainer` (and containers without a command) as `path`,
     /// normally the workspace-built trainer binary.
     pub fn trainer(mut self, path: impl Into<PathBuf>) -> Self {
-        let path = path.into();
+        let trainer = Program::new(path);
         self.commands
-            .insert(TRAINER_COMMAND.to_string(), path.clone());
-        self.default_command = Some(path);
+            .by_name
+            .insert(TRAINER_COMMAND.to_string(), trainer.clone());
+        self.commands.default = Some(trainer);
         self
     }
 
     /// Runs command `name` as `path`.
     pub fn command(mut self, name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
-        self.commands.insert(name.into(), path.into());
+        self.commands
+            .by_name
+            .insert(name.into(), Program::new(path));
         self
     }
 
@@ -202,15 +146,6 @@ impl KubeletConfig {
         self.label_selector = selector.into();
         self
     }
-}
-
-/// Why a pod's process is being stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
-    /// The pod is gone from the API.
-    Deleted,
-    /// The pod has a deletionTimestamp: kill, then finish the deletion.
-    Terminating,
 }
 
 #[derive(Debug)]
@@ -224,8 +159,8 @@ struct PodHandle {
 struct Shared {
     config: KubeletConfig,
     network: Mutex<PodNetwork>,
-    /// Live process groups by pod key, so `Drop` can kill them synchronously.
-    groups: Mutex<HashMap<(String, String), u32>>,
+    /// Live process groups, so `Drop` can kill them synchronously.
+    groups: Arc<LiveGroups>,
 }
 
 /// A running test kubelet. Dropping it kills every pod process.
@@ -242,7 +177,7 @@ impl Kubelet {
         let shared = Arc::new(Shared {
             network: Mutex::new(PodNetwork::new(config.contract_port)),
             config,
-            groups: Mutex::new(HashMap::new()),
+            groups: Arc::default(),
         });
         let task = tokio::spawn(dispatch(client, shared.clone()));
         Self { shared, task }
@@ -295,15 +230,7 @@ impl Drop for Kubelet {
         // The aborted tasks kill their children when the runtime drops them, but
         // that may happen later (or never, if the runtime is leaked): kill the
         // process groups now.
-        let groups: Vec<u32> = self
-            .shared
-            .groups
-            .lock()
-            .map(|g| g.values().copied().collect())
-            .unwrap_or_default();
-        for pgid in groups {
-            Target::Group(pgid).kill_now();
-        }
+        self.shared.groups.kill_all();
     }
 }
 
@@ -438,614 +365,19 @@ async fn force_delete(api: &Api<Pod>, name: &str, uid: &str) -> Result<(), Kubel
     }
 }
 
-/// Everything needed to start the main container.
-#[derive(Debug, Clone)]
-struct Launch {
-    program: PathBuf,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    /// The host file standing in for the container's `terminationMessagePath`.
-    termination_log: PathBuf,
-    /// The pod's `terminationGracePeriodSeconds`: how long a deleted pod's process has
-    /// between SIGTERM and SIGKILL, as with a real kubelet.
-    grace: Duration,
-}
-
-async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot::Receiver<Stop>) {
-    let name = pod.name_any();
-    let ns = pod.namespace().unwrap_or_default();
-    let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let restart_policy = pod.spec.as_ref().and_then(|s| s.restart_policy.clone());
-    let config = &shared.config;
-    let address = shared
-        .network
-        .lock()
-        .expect("pod network lock")
-        .address(&own_dns_key(&pod));
-    let pod_ip = address.ip;
-    let mut reporter = StatusReporter::new(api.clone(), &pod, pod_ip, config.host_ip);
-
-    let log = log_path(&config.log_dir, &ns, &name);
-    let workdir = log.with_extension("d");
-    let mounted = match volumes::mount(&api, &pod, &workdir).await {
-        Ok(mounts) => pod_secrets::read(&api, &pod)
-            .await
-            .map(|secrets| (mounts, secrets)),
-        Err(err) => Err(err),
-    };
-    let launch = mounted.and_then(|(mounts, secrets)| {
-        let mut network = shared.network.lock().expect("pod network lock");
-        prepare_launch(&pod, config, pod_ip, &mut network, &mounts, &secrets)
-    });
-    // Whoever dials podIP:<contract port>, as the operator does for progress, reaches
-    // the program on its mapped port. Held for the pod's life.
-    let _forward = match PortForward::start(
-        SocketAddr::from((pod_ip, config.contract_port)),
-        SocketAddr::from((pod_ip, address.port)),
-    )
-    .await
-    {
-        Ok(forward) => Some(forward),
-        Err(err) => {
-            tracing::warn!(%err, pod = %name, "test kubelet: contract port not forwarded");
-            None
-        }
-    };
-    let launch = match launch {
-        Ok(l) => l,
-        Err(err) => {
-            tracing::warn!(%err, "test kubelet: cannot start pod");
-            if let Err(err) = reporter.config_error(&err.to_string()).await {
-                tracing::warn!(%err, "test kubelet");
-            }
-            return;
-        }
-    };
-
-    let mut restarts: i32 = 0;
-    loop {
-        let outcome = run_once(
-            &shared,
-            &launch,
-            &log,
-            &workdir,
-            restarts,
-            &uid,
-            &mut reporter,
-            &mut stop,
-        )
-        .await;
-        let exit = match outcome {
-            RunOutcome::Exited(exit) => exit,
-            RunOutcome::Stopped(why) => {
-                if why == Stop::Terminating
-                    && let Err(err) = force_delete(&api, &name, &uid).await
-                {
-                    tracing::warn!(%err, "test kubelet");
-                }
-                return;
-            }
-            RunOutcome::ReportFailed(err) => {
-                // Most likely the pod is gone; the process is already killed.
-                tracing::debug!(%err, "test kubelet: giving up on pod");
-                return;
-            }
-        };
-        if !container::restarts(restart_policy.as_deref(), exit.exit_code) {
-            if let Err(err) = reporter.finished(&exit, restarts).await {
-                tracing::debug!(%err, "test kubelet: final status not written");
-            }
-            return;
-        }
-        restarts += 1;
-        if let Err(err) = reporter.back_off(&exit, restarts).await {
-            tracing::debug!(%err, "test kubelet: giving up on pod");
-            return;
-        }
-        // The backoff is the restart policy itself, not synchronisation; a stop
-        // request cuts it short.
-        tokio::select! {
-            () = tokio::time::sleep(container::backoff(
-                u32::try_from(restarts).unwrap_or(u32::MAX),
-                config.restart_backoff,
-                config.max_restart_backoff,
-            )) => {}
-            why = &mut stop => {
-                let why = why.unwrap_or(Stop::Deleted);
-                if why == Stop::Terminating
-                    && let Err(err) = force_delete(&api, &name, &uid).await
-                {
-                    tracing::warn!(%err, "test kubelet");
-                }
-                return;
-            }
-        }
-    }
-}
-
-enum RunOutcome {
-    Exited(Exit),
-    Stopped(Stop),
-    ReportFailed(KubeletError),
-}
-
-#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename these
-async fn run_once(
-    shared: &Shared,
-    launch: &Launch,
-    log: &Path,
-    workdir: &Path,
-    attempt: i32,
-    uid: &str,
-    reporter: &mut StatusReporter,
-    stop: &mut oneshot::Receiver<Stop>,
-) -> RunOutcome {
-    let started_at = Timestamp::now();
-    // Every container start gets an empty termination-message file, as with a real kubelet.
-    termination::clear(&launch.termination_log);
-    let spawned = spawn_process(launch, log, workdir, attempt, uid);
-    let (mut child, pgid, watchdog) = match spawned {
-        Ok(x) => x,
-        Err(message) => {
-            // Like a container runtime's StartError: counts as a failed run.
-            return RunOutcome::Exited(Exit {
-                exit_code: 128,
-                signal: None,
-                reason: "StartError",
-                message: Some(message),
-                started_at,
-                finished_at: Timestamp::now(),
-                container_id: String::new(),
-            });
-        }
-    };
-    let key = (reporter.namespace.clone(), reporter.name.clone());
-    shared
-        .groups
-        .lock()
-        .expect("groups lock")
-        .insert(key.clone(), pgid);
-    // Kills the group on every path out of this function, including a panic or
-    // the task being aborted.
-    let group = GroupGuard {
-        pgid,
-        watchdog: Some(watchdog),
-        shared,
-        key,
-    };
-    let container_id = format!("kubetrain-local://{pgid}");
-
-    if let Err(err) = reporter.running(started_at, &container_id, attempt).await {
-        drop(group);
-        let _ = child.wait().await;
-        return RunOutcome::ReportFailed(err);
-    }
-
-    let status: io::Result<ExitStatus> = tokio::select! {
-        status = child.wait() => status,
-        why = stop => {
-            let why = why.unwrap_or(Stop::Deleted);
-            if why == Stop::Terminating {
-                // A deleted pod's program hears SIGTERM and has its grace period to stop
-                // (a PS writes its final checkpoint); the group is killed after that.
-                Target::Group(pgid).terminate();
-                let _ = tokio::time::timeout(launch.grace, child.wait()).await;
-            }
-            drop(group);
-            let _ = child.wait().await;
-            return RunOutcome::Stopped(why);
-        }
-    };
-    // The main process is gone; anything it left in its group goes too, as
-    // when a container's cgroup is torn down.
-    drop(group);
-    let message = termination::read(&launch.termination_log);
-    let exit = Exit::of(status, message, started_at, Timestamp::now());
-    RunOutcome::Exited(Exit {
-        container_id,
-        ..exit
-    })
-}
-
-struct GroupGuard<'a> {
-    pgid: u32,
-    watchdog: Option<Watchdog>,
-    shared: &'a Shared,
-    key: (String, String),
-}
-
-impl Drop for GroupGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(w) = self.watchdog.take() {
-            w.disarm();
-        }
-        Target::Group(self.pgid).kill_now();
-        if let Ok(mut groups) = self.shared.groups.lock()
-            && groups.get(&self.key) == Some(&self.pgid)
-        {
-            groups.remove(&self.key);
-        }
-    }
-}
-
-fn spawn_process(
-    launch: &Launch,
-    log: &Path,
-    workdir: &Path,
-    attempt: i32,
-    uid: &str,
-) -> Result<(tokio::process::Child, u32, Watchdog), String> {
-    if let Some(parent) = log.parent() {
-        fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    }
-    fs::create_dir_all(workdir).map_err(|e| format!("creating {}: {e}", workdir.display()))?;
-    let mut file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(|e| format!("opening {}: {e}", log.display()))?;
-    let _ = writeln!(
-        file,
-        "=== attempt {attempt} (pod uid {uid}): {} {}",
-        launch.program.display(),
-        launch.args.join(" ")
-    );
-    let err = file
-        .try_clone()
-        .map_err(|e| format!("opening {}: {e}", log.display()))?;
-
-    let mut cmd = tokio::process::Command::new(&launch.program);
-    cmd.args(&launch.args)
-        .env_clear()
-        .current_dir(workdir)
-        .stdin(Stdio::null())
-        .stdout(file)
-        .stderr(err)
-        .process_group(0)
-        .kill_on_drop(true);
-    for var in INHERITED_ENV {
-        if let Some(v) = std::env::var_os(var) {
-            cmd.env(var, v);
-        }
-    }
-    for (k, v) in &launch.env {
-        cmd.env(k, v);
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", launch.program.display()))?;
-    let pgid = child.id().ok_or("process exited before its PID was read")?;
-    let watchdog = match Watchdog::spawn(&[Target::Group(pgid)], None) {
-        Ok(w) => w,
-        Err(e) => {
-            Target::Group(pgid).kill_now();
-            return Err(format!("spawning watchdog: {e}"));
-        }
-    };
-    Ok((child, pgid, watchdog))
-}
-
-fn log_path(dir: &Path, namespace: &str, pod: &str) -> PathBuf {
-    dir.join(namespace).join(format!("{pod}.log"))
-}
-
-fn own_dns_key(pod: &Pod) -> DnsKey {
-    let spec = pod.spec.as_ref();
-    (
-        pod.namespace().unwrap_or_default(),
-        spec.and_then(|s| s.subdomain.clone()).unwrap_or_default(),
-        spec.and_then(|s| s.hostname.clone())
-            .unwrap_or_else(|| pod.name_any()),
-    )
-}
-
-fn main_container(pod: &Pod) -> Option<&Container> {
-    let containers = &pod.spec.as_ref()?.containers;
-    containers
-        .iter()
-        .find(|c| c.name == "trainer")
-        .or_else(|| containers.first())
-}
-
-fn prepare_launch(
-    pod: &Pod,
-    config: &KubeletConfig,
-    pod_ip: Ipv4Addr,
-    network: &mut PodNetwork,
-    mounts: &PathMap,
-    secrets: &[Secret],
-) -> Result<Launch, KubeletError> {
-    let pod_name = pod.name_any();
-    let container = main_container(pod).ok_or_else(|| KubeletError::NoContainer {
-        pod: pod_name.clone(),
-    })?;
-    let command = container.command.clone().unwrap_or_default();
-    let mut args = container.args.clone().unwrap_or_default();
-    let program = match command.split_first() {
-        Some((argv0, rest)) => {
-            args.splice(0..0, rest.iter().cloned());
-            substitute(&mounts.apply(argv0), &config.commands)
-        }
-        None => config
-            .default_command
-            .clone()
-            .ok_or_else(|| KubeletError::NoCommand {
-                pod: pod_name.clone(),
-                container: container.name.clone(),
-            })?,
-    };
-
-    let args = args.iter().map(|a| mounts.apply(a)).collect();
-    let (ns, subdomain, hostname) = own_dns_key(pod);
-    // A process cannot have a file mounted at the container's termination-message path, so
-    // a host file stands in for it, and env values naming that path name the file instead.
-    let in_container = container
-        .termination_message_path
-        .clone()
-        .unwrap_or_else(|| contract::DEFAULT_TERMINATION_MESSAGE_PATH.to_string());
-    let termination_log =
-        log_path(&config.log_dir, &ns, &pod_name).with_extension("termination-log");
-    let ctx = DnsContext {
-        namespace: &ns,
-        subdomain: (!subdomain.is_empty()).then_some(subdomain.as_str()),
-    };
-    let mut env: Vec<(String, String)> = Vec::new();
-    for var in container.env.iter().flatten() {
-        let value = match (&var.value, &var.value_from) {
-            (Some(v), _) => mounts.apply(&network.rewrite(v, &ctx)),
-            (None, None) => String::new(),
-            (None, Some(source)) => match (&source.field_ref, &source.secret_key_ref) {
-                (Some(field), _) => field_value(pod, &field.field_path, pod_ip, config.host_ip)
-                    .ok_or_else(|| KubeletError::UnsupportedEnvSource {
-                        pod: pod_name.clone(),
-                        var: var.name.clone(),
-                        what: format!("fieldRef {}", field.field_path),
-                    })?,
-                (None, Some(selector)) => secrets
-                    .iter()
-                    .filter(|s| s.metadata.name.as_deref() == Some(selector.name.as_str()))
-                    .find_map(|s| podsim::secrets::value(s, selector))
-                    .ok_or_else(|| KubeletError::EnvSecret {
-                        pod: pod_name.clone(),
-                        var: var.name.clone(),
-                        message: podsim::secrets::missing(selector),
-                    })?,
-                (None, None) => {
-                    return Err(KubeletError::UnsupportedEnvSource {
-                        pod: pod_name.clone(),
-                        var: var.name.clone(),
-                        what: "valueFrom other than fieldRef".to_string(),
-                    });
-                }
-            },
-        };
-        let value = if value == in_container {
-            termination_log.display().to_string()
-        } else {
-            value
-        };
-        env.push((var.name.clone(), value));
-    }
-    // Downward-API conventions the trainer relies on to bind its own address.
-    for (k, v) in [("POD_IP", pod_ip.to_string()), ("HOSTNAME", hostname)] {
-        if !env.iter().any(|(name, _)| name == k) {
-            env.push((k.to_string(), v));
-        }
-    }
-    // A real kubelet's default.
-    let grace = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.termination_grace_period_seconds)
-        .unwrap_or(30);
-    Ok(Launch {
-        program,
-        args,
-        env,
-        termination_log,
-        grace: Duration::from_secs(u64::try_from(grace).unwrap_or(0)),
-    })
-}
-
-fn substitute(argv0: &str, commands: &HashMap<String, PathBuf>) -> PathBuf {
-    if let Some(p) = commands.get(argv0) {
-        return p.clone();
-    }
-    let file_name = Path::new(argv0)
-        .file_name()
-        .and_then(|f| f.to_str())
-        .unwrap_or(argv0);
-    commands
-        .get(file_name)
-        .cloned()
-        .unwrap_or_else(|| PathBuf::from(argv0))
-}
-
-fn field_value(pod: &Pod, path: &str, pod_ip: Ipv4Addr, host_ip: Ipv4Addr) -> Option<String> {
-    let meta = &pod.metadata;
-    let spec = pod.spec.as_ref();
-    let keyed = |prefix: &str, map: &Option<BTreeMap<String, String>>| -> Option<String> {
-        let key = path.strip_prefix(prefix)?.strip_suffix("']")?;
-        Some(map.as_ref()?.get(key).cloned().unwrap_or_default())
-    };
-    Some(match path {
-        "metadata.name" => pod.name_any(),
-        "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
-        "metadata.uid" => meta.uid.clone().unwrap_or_default(),
-        "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        "spec.serviceAccountName" => spec
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_default(),
-        "status.podIP" => pod_ip.to_string(),
-        "status.hostIP" => host_ip.to_string(),
-        _ => keyed("metadata.labels['", &meta.labels)
-            .or_else(|| keyed("metadata.annotations['", &meta.annotations))?,
-    })
-}
-
-/// Writes pod status the way a kubelet would, via JSON merge patches on the
-/// `status` subresource (lists are replaced whole, so every patch carries the
-/// complete `conditions` and `containerStatuses`).
-struct StatusReporter {
+/// The pod's status, as a kubelet writes it: JSON merge patches on the `status`
+/// subresource (lists are replaced whole, and every status carries the complete
+/// `conditions` and `containerStatuses`).
+struct PatchStatus {
     api: Api<Pod>,
     name: String,
     namespace: String,
-    container: String,
-    image: String,
-    pod_ip: Ipv4Addr,
-    host_ip: Ipv4Addr,
-    start_time: Option<Timestamp>,
-    last_state: Option<ContainerState>,
 }
 
-impl StatusReporter {
-    fn new(api: Api<Pod>, pod: &Pod, pod_ip: Ipv4Addr, host_ip: Ipv4Addr) -> Self {
-        let container = main_container(pod);
-        Self {
-            api,
-            name: pod.name_any(),
-            namespace: pod.namespace().unwrap_or_default(),
-            container: container.map(|c| c.name.clone()).unwrap_or_default(),
-            image: container.and_then(|c| c.image.clone()).unwrap_or_default(),
-            pod_ip,
-            host_ip,
-            start_time: pod
-                .status
-                .as_ref()
-                .and_then(|s| s.start_time.as_ref())
-                .map(|t| t.0),
-            last_state: None,
-        }
-    }
+impl StatusSink for PatchStatus {
+    type Error = KubeletError;
 
-    async fn running(
-        &mut self,
-        started_at: Timestamp,
-        container_id: &str,
-        restarts: i32,
-    ) -> Result<(), KubeletError> {
-        let state = ContainerState {
-            running: Some(ContainerStateRunning {
-                started_at: Some(Time(started_at)),
-            }),
-            ..ContainerState::default()
-        };
-        let status = self.status("Running", true, state, container_id, restarts, None);
-        self.patch(status).await
-    }
-
-    async fn back_off(&mut self, exit: &Exit, restarts: i32) -> Result<(), KubeletError> {
-        let terminated = exit.terminated_state();
-        let waiting = ContainerState {
-            waiting: Some(ContainerStateWaiting {
-                reason: Some("CrashLoopBackOff".to_string()),
-                message: Some(format!(
-                    "back-off restarting failed container {}",
-                    self.container
-                )),
-            }),
-            ..ContainerState::default()
-        };
-        self.last_state = Some(terminated);
-        let status = self.status(
-            "Running",
-            false,
-            waiting,
-            &exit.container_id,
-            restarts,
-            None,
-        );
-        self.patch(status).await
-    }
-
-    async fn finished(&mut self, exit: &Exit, restarts: i32) -> Result<(), KubeletError> {
-        let phase = if exit.exit_code == 0 {
-            "Succeeded"
-        } else {
-            "Failed"
-        };
-        let status = self.status(
-            phase,
-            false,
-            exit.terminated_state(),
-            &exit.container_id,
-            restarts,
-            None,
-        );
-        self.patch(status).await
-    }
-
-    async fn config_error(&mut self, message: &str) -> Result<(), KubeletError> {
-        let waiting = ContainerState {
-            waiting: Some(ContainerStateWaiting {
-                reason: Some("CreateContainerConfigError".to_string()),
-                message: Some(message.to_string()),
-            }),
-            ..ContainerState::default()
-        };
-        let status = self.status("Pending", false, waiting, "", 0, Some(message));
-        self.patch(status).await
-    }
-
-    fn status(
-        &mut self,
-        phase: &str,
-        ready: bool,
-        state: ContainerState,
-        container_id: &str,
-        restarts: i32,
-        message: Option<&str>,
-    ) -> PodStatus {
-        let now = Time(Timestamp::now());
-        let start = *self.start_time.get_or_insert_with(Timestamp::now);
-        let condition = |type_: &str, status: bool, reason: Option<&str>| PodCondition {
-            type_: type_.to_string(),
-            status: if status { "True" } else { "False" }.to_string(),
-            reason: reason.map(str::to_string),
-            last_transition_time: Some(now.clone()),
-            ..PodCondition::default()
-        };
-        let not_ready_reason = match phase {
-            "Succeeded" | "Failed" => Some("PodCompleted"),
-            _ if ready => None,
-            _ => Some("ContainersNotReady"),
-        };
-        let started = state.running.is_some();
-        PodStatus {
-            phase: Some(phase.to_string()),
-            message: message.map(str::to_string),
-            pod_ip: Some(self.pod_ip.to_string()),
-            pod_ips: Some(vec![PodIP {
-                ip: self.pod_ip.to_string(),
-            }]),
-            host_ip: Some(self.host_ip.to_string()),
-            host_ips: Some(vec![HostIP {
-                ip: self.host_ip.to_string(),
-            }]),
-            start_time: Some(Time(start)),
-            conditions: Some(vec![
-                condition("PodScheduled", true, None),
-                condition("Initialized", true, None),
-                condition("ContainersReady", ready, not_ready_reason),
-                condition("Ready", ready, not_ready_reason),
-            ]),
-            container_statuses: Some(vec![ContainerStatus {
-                name: self.container.clone(),
-                image: self.image.clone(),
-                image_id: String::new(),
-                container_id: (!container_id.is_empty()).then(|| container_id.to_string()),
-                ready,
-                started: Some(started),
-                restart_count: restarts,
-                state: Some(state),
-                last_state: self.last_state.clone(),
-                ..ContainerStatus::default()
-            }]),
-            ..PodStatus::default()
-        }
-    }
-
-    async fn patch(&self, status: PodStatus) -> Result<(), KubeletError> {
+    async fn report(&mut self, status: PodStatus) -> Result<(), KubeletError> {
         let body = serde_json::json!({ "status": status });
         self.api
             .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&body))
@@ -1058,21 +390,93 @@ impl StatusReporter {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+async fn run_pod(api: Api<Pod>, shared: Arc<Shared>, pod: Pod, mut stop: oneshot::Receiver<Stop>) {
+    let name = pod.name_any();
+    let ns = pod.namespace().unwrap_or_default();
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let config = &shared.config;
+    let address = shared
+        .network
+        .lock()
+        .expect("pod network lock")
+        .address(&launch::dns_key(&pod));
+    let mut writer = PodStatusWriter::new(&pod, address.ip, config.host_ip);
+    let mut sink = PatchStatus {
+        api: api.clone(),
+        name: name.clone(),
+        namespace: ns.clone(),
+    };
 
-    #[test]
-    fn substitutes_by_name_or_file_name() {
-        let commands: HashMap<String, PathBuf> = [(
-            TRAINER_COMMAND.to_string(),
-            PathBuf::from("/build/kubetrain-trainer"),
-        )]
-        .into();
-        assert_eq!(
-            substitute("/usr/local/bin/kubetrain-trainer", &commands),
-            PathBuf::from("/build/kubetrain-trainer")
-        );
-        assert_eq!(substitute("sh", &commands), PathBuf::from("sh"));
+    let log = log_path(&config.log_dir, &ns, &name);
+    let mounted = match volumes::mount(&api, &pod, &log.with_extension("d")).await {
+        Ok(mounts) => pod_secrets::read(&api, &pod)
+            .await
+            .map(|secrets| (mounts, secrets)),
+        Err(err) => Err(err),
+    };
+    let prepared = mounted
+        .map_err(|e| e.to_string())
+        .and_then(|(mounts, secrets)| {
+            let mut network = shared.network.lock().expect("pod network lock");
+            let mut ctx = LaunchContext {
+                pod_ip: address.ip,
+                host_ip: config.host_ip,
+                network: &mut network,
+                mounts: &mounts,
+                secrets: &secrets,
+                commands: &config.commands,
+                termination_log: log.with_extension("termination-log"),
+                unset: &[],
+            };
+            launch::prepare(&pod, &mut ctx).map_err(|e| e.to_string())
+        });
+    // Whoever dials podIP:<contract port>, as the operator does for progress, reaches
+    // the program on its mapped port. Held for the pod's life.
+    let _forward = match PortForward::start(
+        SocketAddr::from((address.ip, config.contract_port)),
+        SocketAddr::from((address.ip, address.port)),
+    )
+    .await
+    {
+        Ok(forward) => Some(forward),
+        Err(err) => {
+            tracing::warn!(%err, pod = %name, "test kubelet: contract port not forwarded");
+            None
+        }
+    };
+    let launch = match prepared {
+        Ok(l) => l,
+        Err(message) => {
+            tracing::warn!(%message, "test kubelet: cannot start pod");
+            if let Err(err) = sink.report(writer.config_error(&message)).await {
+                tracing::warn!(%err, "test kubelet");
+            }
+            return;
+        }
+    };
+
+    let run = PodRun {
+        uid: uid.clone(),
+        restart_policy: pod.spec.as_ref().and_then(|s| s.restart_policy.clone()),
+        log,
+        restart_backoff: config.restart_backoff,
+        max_restart_backoff: config.max_restart_backoff,
+        echo: None,
+        groups: shared.groups.clone(),
+    };
+    match podsim::run::run(&launch, &run, &mut writer, &mut sink, &mut stop).await {
+        Ended::Finished | Ended::Stopped(Stop::Deleted) => {}
+        // No real kubelet exists to finish the deletion.
+        Ended::Stopped(Stop::Terminating) => {
+            if let Err(err) = force_delete(&api, &name, &uid).await {
+                tracing::warn!(%err, "test kubelet");
+            }
+        }
+        // Most likely the pod is gone; the process is already killed.
+        Ended::ReportFailed(err) => tracing::debug!(%err, "test kubelet: giving up on pod"),
     }
+}
+
+fn log_path(dir: &Path, namespace: &str, pod: &str) -> PathBuf {
+    dir.join(namespace).join(format!("{pod}.log"))
 }

@@ -25,7 +25,6 @@ pub mod metrics_text;
 pub mod operator;
 pub mod operator_log;
 pub mod pod_secrets;
-pub mod process;
 pub mod prometheus;
 pub mod tensorflow;
 pub mod volumes;

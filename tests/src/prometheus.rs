@@ -35,7 +35,7 @@ use tokio::process::{Child, Command};
 
 use crate::envtest::log_tail;
 use crate::http;
-use crate::process::{Target, Watchdog};
+use kubetrain_operator::podsim::process_group::{Target, Watchdog};
 
 /// How long Prometheus may take to answer `/-/ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -17,10 +17,20 @@
 //! - [`secrets`]: env values from Secrets, as a kubelet resolves `secretKeyRef`.
 //! - [`termination`]: what a process left at its termination-message path, for the
 //!   terminated container state.
+//! - [`launch`]: the program, argv and env a pod's main container starts as.
+//! - [`pod_status`]: the status a kubelet writes as the container runs, backs off and ends.
+//! - [`process_group`]: each process in a group of its own, killed even when the runner
+//!   dies.
+//! - [`run`]: the kubelet's loop for one pod: start, report, restart, stop. The runners
+//!   differ only in where the status goes.
 
 pub mod container;
 pub mod forward;
+pub mod launch;
 pub mod network;
 pub mod paths;
+pub mod pod_status;
+pub mod process_group;
+pub mod run;
 pub mod secrets;
 pub mod termination;

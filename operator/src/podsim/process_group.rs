@@ -1,12 +1,13 @@
-//! Process hygiene shared by the API-server fixture and the test kubelet.
+//! Process hygiene for what a runner spawns: the pods of `kubetrain local` and the test
+//! kubelet, and the test harness's API server and Prometheus.
 //!
 //! Two guarantees, both without `unsafe` (the workspace forbids it, so
 //! `prctl(PR_SET_PDEATHSIG)` in a `pre_exec` hook is not available):
 //!
 //! * **Drop kills.** Owners kill what they spawned in `Drop` (also during a
 //!   panic unwind) and reap it, so a finished test leaves nothing behind.
-//! * **Death of the test process kills.** Statics are never dropped and a
-//!   `SIGKILL`ed test binary runs no destructors, so each spawned process gets a
+//! * **Death of the runner kills.** Statics are never dropped and a
+//!   `SIGKILL`ed runner (a test binary, `kubetrain local`) runs no destructors, so each spawned process gets a
 //!   [`Watchdog`]: a tiny `sh` that blocks reading a pipe whose only write end
 //!   lives in this process. When this process exits for any reason the kernel
 //!   closes that end, `read` returns, and the watchdog kills its targets. No
@@ -20,13 +21,13 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
-/// What a [`Watchdog`] kills when the test process goes away.
+/// What a [`Watchdog`] kills when the runner goes away.
 #[derive(Debug, Clone, Copy)]
 pub enum Target {
     /// A single process.
     Process(u32),
-    /// A whole process group (the pod processes of the test kubelet run in their
-    /// own group, so `sh -c '... &'` grandchildren die too).
+    /// A whole process group (every simulated pod's process runs in a group of its
+    /// own, so `sh -c '... &'` grandchildren die too).
     Group(u32),
 }
 
@@ -139,6 +140,42 @@ if [ -n "$dir" ]; then rm -rf -- "$dir"; fi"#,
 impl Drop for Watchdog {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The process groups a runner has live, by pod uid, so that its owner can kill them all
+/// synchronously (the test kubelet's `Drop`, where no task gets to run again).
+#[derive(Debug, Default)]
+pub struct LiveGroups(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl LiveGroups {
+    pub(crate) fn insert(&self, uid: &str, pgid: u32) {
+        if let Ok(mut groups) = self.0.lock() {
+            groups.insert(uid.to_string(), pgid);
+        }
+    }
+
+    pub(crate) fn remove(&self, uid: &str, pgid: u32) {
+        if let Ok(mut groups) = self.0.lock()
+            && groups.get(uid) == Some(&pgid)
+        {
+            groups.remove(uid);
+        }
+    }
+
+    /// The live groups' ids.
+    pub fn pgids(&self) -> Vec<u32> {
+        self.0
+            .lock()
+            .map(|g| g.values().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// SIGKILLs every live group now.
+    pub fn kill_all(&self) {
+        for pgid in self.pgids() {
+            Target::Group(pgid).kill_now();
+        }
     }
 }
 
