@@ -1,49 +1,48 @@
 //! `kubetrain local -f job.yaml`: the same TrainingJob, run as local processes.
 //!
 //! This is a thin shell, like the controller: `plan` makes the pods, `decide::decide`
-//! decides everything, and this module plays the parts a cluster would (the kubelet that
-//! runs containers and restarts them in place, DNS that maps pod names to addresses).
-//! Addresses, names and mounts come from [`crate::podsim`], as in the test kubelet: each
-//! pod gets its own loopback address and a host port for its contract port, so programs
-//! that bind `0.0.0.0:<port>` (TensorFlow's servers) work too, and each runs in a working
-//! directory of its own that survives its restarts, as a container's does.
+//! decides everything, and the kubelet's part (start the container, restart it in place,
+//! stop it with its grace period, write its status) is [`crate::podsim::run`], the same
+//! loop the test kubelet runs pods through; only here the status stays in memory instead
+//! of going to an API server. Addresses, names and mounts come from [`crate::podsim`] too:
+//! each pod gets its own loopback address and a host port for its contract port, so
+//! programs that bind `0.0.0.0:<port>` (TensorFlow's servers) work, and each runs in a
+//! working directory of its own that survives its restarts, as a container's does.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateRunning, ContainerStatus, EnvVarSource, Pod, PodCondition,
-    PodStatus, Secret,
-};
+use k8s_openapi::api::core::v1::{Pod, PodStatus, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kubetrain_api::condition::types;
 use kubetrain_api::contract::{self, Role};
 use kubetrain_api::{TrainingJob, TrainingJobStatus};
-use kubetrain_trainer::tensorboard;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
-use crate::curves;
 use crate::decide::{self, Action};
 use crate::isolation;
 use crate::plan::{self, PlanSettings};
-use crate::podsim::container::{self, Exit};
+use crate::podsim;
 use crate::podsim::forward::PortForward;
-use crate::podsim::network::{DnsContext, DnsKey, PodAddress, PodNetwork};
+use crate::podsim::launch::{self, Commands, LaunchContext, Program};
+use crate::podsim::network::PodNetwork;
 use crate::podsim::paths::PathMap;
-use crate::podsim::secrets;
-use crate::podsim::termination;
+use crate::podsim::pod_status::{PodStatusWriter, whole_seconds};
+use crate::podsim::process_group::LiveGroups;
+use crate::podsim::run::{PodRun, StatusSink, Stop};
 use crate::progress;
 use crate::replica::{self, ReplicaId};
+
+mod view;
+use view::{View, report};
 
 /// `kubetrain local` options.
 #[derive(clap::Args, Debug, Clone)]
@@ -137,26 +136,6 @@ pub enum LocalError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// A process could not be started.
-    #[error("starting {program} for pod {pod}: {source}")]
-    SpawnProcess {
-        /// The program.
-        program: String,
-        /// The pod.
-        pod: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// An env value of a pod could not be resolved.
-    #[error("pod {pod}: env {var}: {reason}")]
-    ResolveEnv {
-        /// The pod.
-        pod: String,
-        /// The env variable.
-        var: String,
-        /// Why.
-        reason: String,
-    },
     /// `--follow` names no replica of the job.
     #[error("--follow {0}: the job has no such replica; use ROLE-INDEX, for example worker-0")]
     UnknownFollow(String),
@@ -205,60 +184,76 @@ pub fn load_job(path: &Path) -> Result<TrainingJob, LocalError> {
     Ok(job)
 }
 
-fn whole_seconds(t: Timestamp) -> Timestamp {
-    Timestamp::from_second(t.as_second()).unwrap_or(t)
-}
-
-/// How the "image" is run: the program and the arguments that come before the pod's own.
-#[derive(Clone, Debug)]
-struct TrainerProgram {
-    program: PathBuf,
-    leading_args: Vec<String>,
-}
-
-fn trainer_program(explicit: Option<PathBuf>) -> TrainerProgram {
+/// How the "image" runs: `kubetrain-trainer` next to this binary, else this binary's own
+/// built-in trainer.
+fn trainer_program(explicit: Option<PathBuf>) -> Program {
     if let Some(program) = explicit {
-        return TrainerProgram {
-            program,
-            leading_args: Vec::new(),
-        };
+        return Program::new(program);
     }
     let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("kubetrain"));
-    let sibling = me.with_file_name("kubetrain-trainer");
+    let sibling = me.with_file_name(TRAINER_COMMAND);
     if sibling.is_file() {
-        return TrainerProgram {
-            program: sibling,
-            leading_args: Vec::new(),
-        };
+        return Program::new(sibling);
     }
     // `cargo run -p kubetrain-operator` builds only this binary: it carries the trainer.
-    TrainerProgram {
-        program: me,
+    Program {
+        path: me,
         leading_args: vec!["trainer".to_string()],
     }
 }
 
-/// One pod, played by a local process.
+/// The trainer's command name in the pods the operator plans.
+const TRAINER_COMMAND: &str = "kubetrain-trainer";
+
+/// One pod, played by a local process through [`podsim::run`], as the test kubelet plays
+/// it; its status lives here instead of in an API server.
 struct LocalPod {
     pod: Pod,
-    address: PodAddress,
+    status: watch::Receiver<PodStatus>,
+    stop: Option<oneshot::Sender<Stop>>,
+    task: JoinHandle<()>,
     /// `podIP:<contract port>` forwarded to the mapped port, as in the test kubelet.
     _forward: Option<PortForward>,
-    child: Option<Child>,
-    /// When the running child started.
-    started_at: Timestamp,
-    restarts: i32,
-    /// The last run's end, for `lastState` (or `state`, once the pod is done).
-    last: Option<Exit>,
-    restart_at: Option<Instant>,
-    log_path: PathBuf,
 }
 
 impl LocalPod {
-    /// Stands in for the container's `terminationMessagePath`: no file is mounted there
-    /// for a local process, so its last words go next to its log.
-    fn termination_log(&self) -> PathBuf {
-        self.log_path.with_extension("termination-log")
+    /// The pod as `decide` reads it from a cluster: spec and the latest status.
+    fn observed(&self) -> Pod {
+        Pod {
+            status: Some(self.status.borrow().clone()),
+            ..self.pod.clone()
+        }
+    }
+
+    fn container_running(&self) -> bool {
+        let status = self.status.borrow();
+        status
+            .container_statuses
+            .iter()
+            .flatten()
+            .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+    }
+
+    /// Stops the pod as a kubelet does: SIGTERM, then SIGKILL once the pod's
+    /// `terminationGracePeriodSeconds` has passed. The trainer needs the grace: a PS
+    /// writes its final checkpoint, a worker ends its step.
+    async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(Stop::Terminating);
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// The in-memory status of a local pod.
+struct InMemory(watch::Sender<PodStatus>);
+
+impl StatusSink for InMemory {
+    type Error = Infallible;
+
+    async fn report(&mut self, status: PodStatus) -> Result<(), Infallible> {
+        self.0.send_replace(status);
+        Ok(())
     }
 }
 
@@ -302,6 +297,11 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
             .then(|| isolation::token_secret(&job, &isolation::new_token()))
             .into_iter()
             .collect(),
+        commands: Commands {
+            by_name: [(TRAINER_COMMAND.to_string(), program.clone())].into(),
+            default: Some(program),
+        },
+        groups: Arc::default(),
     };
     for (host, container) in &args.volumes {
         world.mounts.mount(container.clone(), host.clone());
@@ -320,12 +320,7 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
     let mut interrupted = false;
 
     loop {
-        // The kubelet's part: notice exits, restart in place as the pod's policy says.
-        for local in pods.values_mut() {
-            kubelet_step(local, &program, follow, &mut world).await?;
-        }
-
-        let observed_pods: Vec<Pod> = pods.values().map(|p| p.pod.clone()).collect();
+        let observed_pods: Vec<Pod> = pods.values().map(LocalPod::observed).collect();
         let now = Timestamp::now();
         let mut decision = decide::decide(&job, &observed_pods, now);
         // Progress as the operator reads it: the chief's Progress service at its pod IP,
@@ -349,26 +344,9 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
             match action {
                 Action::CreatePod(replica) => {
                     let pod = plan::pod(&job, replica, &settings);
-                    let log_path = run_dir.join(format!("{}.log", pod.name_any()));
-                    let address = world.network.address(&own_dns_key(&pod));
-                    let forward = PortForward::start(
-                        SocketAddr::from((address.ip, settings.port)),
-                        SocketAddr::from((address.ip, address.port)),
-                    )
-                    .await
-                    .ok();
-                    let mut local = LocalPod {
-                        pod,
-                        address,
-                        _forward: forward,
-                        child: None,
-                        started_at: Timestamp::now(),
-                        restarts: 0,
-                        last: None,
-                        restart_at: Some(Instant::now()),
-                        log_path,
-                    };
-                    set_pending(&mut local.pod, &local.address.ip.to_string());
+                    let echo = (follow == Some(replica))
+                        .then(|| format!("[{}-{}] ", replica.role, replica.index));
+                    let local = start_pod(pod, &mut world, &run_dir, echo).await;
                     pods.insert(replica, local);
                 }
                 Action::DeletePod { name: pod_name, .. } => {
@@ -377,7 +355,7 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
                     {
                         let replica = *replica;
                         if let Some(mut local) = pods.remove(&replica) {
-                            stop(&mut local).await;
+                            local.stop().await;
                         }
                     }
                 }
@@ -386,12 +364,16 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
             }
         }
 
-        view.render(&job, &pods);
+        view.render(&job, |role| {
+            pods.iter()
+                .filter(|(r, p)| r.role == role && p.container_running())
+                .count()
+        });
         let finished = job
             .status
             .as_ref()
             .is_some_and(TrainingJobStatus::is_finished);
-        let running = pods.values().any(|p| p.child.is_some());
+        let running = pods.values().any(|p| !p.task.is_finished());
         if finished && !running {
             break;
         }
@@ -408,7 +390,7 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
 
     // All at once, as a kubelet stops the pods of a deleted job: each gets its grace
     // period side by side, not one after another.
-    futures::future::join_all(pods.values_mut().map(stop)).await;
+    futures::future::join_all(pods.values_mut().map(LocalPod::stop)).await;
     view.finish();
 
     let succeeded = !interrupted && job.status.as_ref().is_some_and(|s| s.is(types::SUCCEEDED));
@@ -437,26 +419,18 @@ fn parse_follow(job: &TrainingJob, text: &str) -> Result<ReplicaId, LocalError> 
     }
 }
 
-/// What the local "cluster" gives every pod: addresses and mounts.
+/// What the local "cluster" gives every pod: addresses, mounts, Secrets and programs.
 struct World {
     network: PodNetwork,
     mounts: PathMap,
     /// The job's Secrets (its token), for env `secretKeyRef`s.
     secrets: Vec<Secret>,
+    commands: Commands,
+    groups: Arc<LiveGroups>,
 }
 
-/// The pod's DNS identity: namespace, subdomain (the job's Service), hostname.
-fn own_dns_key(pod: &Pod) -> DnsKey {
-    let spec = pod.spec.as_ref();
-    (
-        pod.namespace().unwrap_or_default(),
-        spec.and_then(|s| s.subdomain.clone()).unwrap_or_default(),
-        spec.and_then(|s| s.hostname.clone())
-            .unwrap_or_else(|| pod.name_any()),
-    )
-}
-
-fn set_pending(pod: &mut Pod, ip: &str) {
+/// What the API server and the scheduler would have done: a uid, a creation time, an IP.
+fn set_pending(pod: &mut Pod, ip: Ipv4Addr) {
     pod.metadata.uid = Some(format!(
         "{}-{}",
         pod.name_any(),
@@ -470,280 +444,71 @@ fn set_pending(pod: &mut Pod, ip: &str) {
     });
 }
 
-/// The kubelet's part for one pod: notice an exit, restart in place as the pod's restart
-/// policy says (after the crash-loop backoff), and keep its container status current.
-async fn kubelet_step(
-    local: &mut LocalPod,
-    program: &TrainerProgram,
-    follow: Option<ReplicaId>,
+/// The kubelet's part for a new pod: an address, the process, its restarts and status.
+async fn start_pod(
+    mut pod: Pod,
     world: &mut World,
-) -> Result<(), LocalError> {
-    if let Some(child) = local.child.as_mut()
-        && let Ok(Some(status)) = child.try_wait()
-    {
-        local.child = None;
-        let message = termination::read(&local.termination_log());
-        // Whole seconds, as an API server keeps them.
-        let (started, now) = (
-            whole_seconds(local.started_at),
-            whole_seconds(Timestamp::now()),
-        );
-        let exit = Exit::of(Ok(status), message, started, now);
-        let policy = local
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.restart_policy.clone());
-        if container::restarts(policy.as_deref(), exit.exit_code) {
-            local.restarts += 1;
-            // The kubelet's crash-loop backoff, shortened for a laptop: 1 s, 2 s, 4 s ... 10 s.
-            let delay = container::backoff(
-                u32::try_from(local.restarts).unwrap_or(u32::MAX),
-                Duration::from_secs(1),
-                Duration::from_secs(10),
-            );
-            local.restart_at = Some(Instant::now() + delay);
-            local.last = Some(exit);
-            set_container(local, "Running", false, None);
-            waiting_crash_loop(&mut local.pod);
-        } else {
-            let phase = if exit.exit_code == 0 {
-                "Succeeded"
-            } else {
-                "Failed"
-            };
-            let last = local.last.take();
-            set_container(local, phase, false, Some(&exit));
-            local.last = last;
-        }
-    }
-
-    if local.child.is_none()
-        && let Some(at) = local.restart_at
-        && Instant::now() >= at
-    {
-        local.restart_at = None;
-        let replica = ReplicaId::from_pod(&local.pod).expect("planned pods carry replica labels");
-        let child = spawn(local, program, follow == Some(replica), world).await?;
-        local.child = Some(child);
-        local.started_at = Timestamp::now();
-        set_container(local, "Running", true, None);
-    }
-    Ok(())
-}
-
-/// Writes the pod's phase, readiness and main container status: running, or terminated
-/// with `exit`; the previous run as `lastState` while it runs again.
-fn set_container(local: &mut LocalPod, phase: &str, ready: bool, exit: Option<&Exit>) {
-    let pod = &mut local.pod;
-    let name = pod
-        .spec
-        .as_ref()
-        .map(|s| {
-            s.containers[plan::main_container_index(&s.containers)]
-                .name
-                .clone()
-        })
-        .unwrap_or_default();
-    let now = Time(whole_seconds(Timestamp::now()));
-    let status = pod.status.get_or_insert_with(PodStatus::default);
-    status.phase = Some(phase.into());
-    status.start_time.get_or_insert_with(|| now.clone());
-    status.conditions = Some(vec![PodCondition {
-        type_: "Ready".into(),
-        status: if ready { "True" } else { "False" }.into(),
-        ..PodCondition::default()
-    }]);
-    let state = match exit {
-        Some(exit) => exit.terminated_state(),
-        None => ContainerState {
-            running: Some(ContainerStateRunning {
-                started_at: Some(Time(whole_seconds(local.started_at))),
-            }),
-            ..ContainerState::default()
-        },
-    };
-    status.container_statuses = Some(vec![ContainerStatus {
-        name,
-        ready,
-        restart_count: local.restarts,
-        state: Some(state),
-        last_state: local
-            .last
-            .as_ref()
-            .filter(|_| exit.is_none())
-            .map(Exit::terminated_state),
-        ..ContainerStatus::default()
-    }]);
-}
-
-fn waiting_crash_loop(pod: &mut Pod) {
-    if let Some(cs) = pod
-        .status
-        .as_mut()
-        .and_then(|s| s.container_statuses.as_mut())
-        .and_then(|c| c.first_mut())
-    {
-        cs.state = Some(ContainerState {
-            waiting: Some(k8s_openapi::api::core::v1::ContainerStateWaiting {
-                reason: Some("CrashLoopBackOff".into()),
-                message: None,
-            }),
-            ..ContainerState::default()
-        });
-    }
-}
-
-/// The pod's main container command and env, with cluster names mapped to loopback.
-async fn spawn(
-    local: &LocalPod,
-    program: &TrainerProgram,
-    follow: bool,
-    world: &mut World,
-) -> Result<Child, LocalError> {
-    let pod_name = local.pod.name_any();
-    let spec = local.pod.spec.as_ref().expect("planned pods have a spec");
-    let container = &spec.containers[plan::main_container_index(&spec.containers)];
-
-    let mut argv: Vec<String> = container.command.clone().unwrap_or_default();
-    argv.extend(container.args.clone().unwrap_or_default());
-    let argv: Vec<String> = argv.iter().map(|a| world.mounts.apply(a)).collect();
-    let workdir = local.log_path.with_extension("d");
-    std::fs::create_dir_all(&workdir).map_err(|source| LocalError::CreateRunDir {
-        path: workdir.clone(),
-        source,
-    })?;
-    let (namespace, subdomain, _) = own_dns_key(&local.pod);
-    let dns = DnsContext {
-        namespace: &namespace,
-        subdomain: (!subdomain.is_empty()).then_some(subdomain.as_str()),
-    };
-    let (cmd_program, rest): (PathBuf, Vec<String>) = match argv.split_first() {
-        Some((first, rest)) if first != "kubetrain-trainer" => {
-            (PathBuf::from(first), rest.to_vec())
-        }
-        Some((_, rest)) => (
-            program.program.clone(),
-            [program.leading_args.clone(), rest.to_vec()].concat(),
-        ),
-        None => (program.program.clone(), program.leading_args.clone()),
-    };
-
-    let mut command = Command::new(&cmd_program);
-    command
-        .args(&rest)
-        .current_dir(&workdir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", std::env::var("HOME").unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Ok(log) = std::env::var("RUST_LOG") {
-        command.env("RUST_LOG", log);
-    }
-    for env in container.env.iter().flatten() {
-        let value = match (&env.value, &env.value_from) {
-            (Some(_), _) if env.name == contract::ENV_TERMINATION_LOG => {
-                local.termination_log().display().to_string()
-            }
+    run_dir: &Path,
+    echo: Option<String>,
+) -> LocalPod {
+    let address = world.network.address(&launch::dns_key(&pod));
+    set_pending(&mut pod, address.ip);
+    let contract_port = world.network.contract_port();
+    let forward = PortForward::start(
+        SocketAddr::from((address.ip, contract_port)),
+        SocketAddr::from((address.ip, address.port)),
+    )
+    .await
+    .ok();
+    let log = run_dir.join(format!("{}.log", pod.name_any()));
+    let prepared = launch::prepare(
+        &pod,
+        &mut LaunchContext {
+            pod_ip: address.ip,
+            host_ip: Ipv4Addr::LOCALHOST,
+            network: &mut world.network,
+            mounts: &world.mounts,
+            secrets: &world.secrets,
+            commands: &world.commands,
+            termination_log: log.with_extension("termination-log"),
             // Every local trainer shares this machine's ports with whatever else runs
             // here (a Prometheus on 9090, say), and nothing scrapes them.
-            (Some(_), _) if env.name == contract::ENV_METRICS_PORT => continue,
-            (Some(v), _) => world.mounts.apply(&world.network.rewrite(v, &dns)),
-            // The only downward-API value the plan uses is the pod's IP.
-            (None, Some(_)) if env.name == contract::ENV_POD_IP => local.address.ip.to_string(),
-            (
-                None,
-                Some(EnvVarSource {
-                    secret_key_ref: Some(selector),
-                    ..
-                }),
-            ) => world
-                .secrets
-                .iter()
-                .filter(|s| s.metadata.name.as_deref() == Some(selector.name.as_str()))
-                .find_map(|s| secrets::value(s, selector))
-                .ok_or_else(|| LocalError::ResolveEnv {
-                    pod: pod_name.clone(),
-                    var: env.name.clone(),
-                    reason: secrets::missing(selector),
-                })?,
-            _ => continue,
+            unset: &[contract::ENV_METRICS_PORT],
+        },
+    );
+    let run = PodRun {
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        restart_policy: pod.spec.as_ref().and_then(|s| s.restart_policy.clone()),
+        log,
+        // The kubelet's crash-loop backoff, shortened for a laptop: 1 s, 2 s, 4 s ... 10 s.
+        restart_backoff: Duration::from_secs(1),
+        max_restart_backoff: Duration::from_secs(10),
+        echo,
+        groups: world.groups.clone(),
+    };
+    let (status, status_rx) = watch::channel(pod.status.clone().unwrap_or_default());
+    let mut sink = InMemory(status);
+    let mut writer = PodStatusWriter::new(&pod, address.ip, Ipv4Addr::LOCALHOST);
+    let (stop, mut stop_rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let _ = match prepared {
+            // As on a cluster: the pod stays Pending with CreateContainerConfigError, and
+            // `decide` fails the job with the message.
+            Err(err) => sink.report(writer.config_error(&err.to_string())).await,
+            Ok(launch) => {
+                podsim::run::run(&launch, &run, &mut writer, &mut sink, &mut stop_rx).await;
+                Ok(())
+            }
         };
-        command.env(&env.name, value);
-    }
-    // Every container start gets an empty termination-message file, as with a kubelet.
-    termination::clear(&local.termination_log());
-    let mut child = command.spawn().map_err(|source| LocalError::SpawnProcess {
-        program: cmd_program.display().to_string(),
-        pod: pod_name.clone(),
-        source,
-    })?;
-
-    let log = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&local.log_path)
-        .await
-        .ok();
-    let log = Arc::new(tokio::sync::Mutex::new(log));
-    let replica = ReplicaId::from_pod(&local.pod).expect("planned pods carry replica labels");
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(pump(out, log.clone(), replica, follow));
-    }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(pump(err, log, replica, follow));
-    }
-    Ok(child)
-}
-
-/// Copies one output stream of a process into its log file (and to the terminal when
-/// followed). Nothing is read out of it: progress comes from the chief, as on a cluster.
-async fn pump<R: tokio::io::AsyncRead + Unpin>(
-    stream: R,
-    log: Arc<tokio::sync::Mutex<Option<tokio::fs::File>>>,
-    replica: ReplicaId,
-    follow: bool,
-) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if follow {
-            eprintln!("[{}-{}] {line}", replica.role, replica.index);
-        }
-        if let Some(file) = log.lock().await.as_mut() {
-            let _ = file.write_all(format!("{line}\n").as_bytes()).await;
-        }
+    });
+    LocalPod {
+        pod,
+        status: status_rx,
+        stop: Some(stop),
+        task,
+        _forward: forward,
     }
 }
-
-/// Stops a pod's process as a kubelet does: SIGTERM, then SIGKILL once the pod's
-/// `terminationGracePeriodSeconds` (default 30) has passed. The trainer needs the grace:
-/// a PS writes its final checkpoint, a worker ends its step.
-async fn stop(local: &mut LocalPod) {
-    if let Some(mut child) = local.child.take() {
-        let grace = local
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.termination_grace_period_seconds)
-            .unwrap_or(DEFAULT_GRACE_SECONDS);
-        let grace = Duration::from_secs(u64::try_from(grace).unwrap_or(0));
-        let terminated = child
-            .id()
-            .and_then(|pid| i32::try_from(pid).ok())
-            .is_some_and(|pid| kill(Pid::from_raw(pid), Signal::SIGTERM).is_ok());
-        if terminated && tokio::time::timeout(grace, child.wait()).await.is_ok() {
-            return;
-        }
-        let _ = child.start_kill();
-        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-    }
-}
-
-/// A pod's terminationGracePeriodSeconds when it sets none (the API server's default).
-const DEFAULT_GRACE_SECONDS: i64 = 30;
 
 /// SIGINT and SIGTERM as one stream. Both handlers are installed once, up front: a
 /// handler made afresh on each wait (as `tokio::signal::ctrl_c()` is) misses a signal
@@ -776,210 +541,4 @@ impl Signals {
             _ = recv(self.terminate.as_mut()) => "terminated",
         }
     }
-}
-
-/// The live view: the chief's epochs as a bar and a summary line, or plain periodic lines,
-/// all from `status.progress` as the operator would write it.
-struct View {
-    multi: Option<MultiProgress>,
-    epochs: Option<ProgressBar>,
-    summary: Option<ProgressBar>,
-    last_line: Mutex<Instant>,
-}
-
-impl View {
-    fn new(job: &TrainingJob, bars: bool) -> Self {
-        use std::io::IsTerminal;
-        if !(bars && std::io::stderr().is_terminal()) {
-            return Self {
-                multi: None,
-                epochs: None,
-                summary: None,
-                last_line: Mutex::new(Instant::now()),
-            };
-        }
-        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-        let style =
-            ProgressStyle::with_template("{prefix:>10} {bar:30.cyan/blue} {pos:>6}/{len:6} {msg}")
-                .expect("valid template")
-                .progress_chars("=> ");
-        let total = job.spec.training.as_ref().map_or(0, |t| t.epochs);
-        let epochs = multi.add(ProgressBar::new(u64::from(total).max(1)).with_style(style));
-        epochs.set_prefix("epochs");
-        let summary = multi.add(ProgressBar::new_spinner());
-        Self {
-            multi: Some(multi),
-            epochs: Some(epochs),
-            summary: Some(summary),
-            last_line: Mutex::new(Instant::now()),
-        }
-    }
-
-    fn line(&self, text: String) {
-        match &self.multi {
-            Some(m) => {
-                let _ = m.println(text);
-            }
-            None => eprintln!("{text}"),
-        }
-    }
-
-    fn render(&self, job: &TrainingJob, pods: &BTreeMap<ReplicaId, LocalPod>) {
-        let status = job.status.clone().unwrap_or_default();
-        let state = status
-            .lifecycle()
-            .map_or("Pending".to_string(), |c| c.type_.clone());
-        let progress = status.progress.unwrap_or_default();
-        let roles = Role::ALL
-            .into_iter()
-            .filter(|role| replica::replicas(job, *role) > 0)
-            .map(|role| {
-                let running = pods
-                    .iter()
-                    .filter(|(r, p)| r.role == role && p.child.is_some())
-                    .count();
-                let restarts = status.replica_statuses.role(role).map_or(0, |r| r.restarts);
-                format!(
-                    "{role} {running}/{} running, {restarts} restarts",
-                    replica::replicas(job, role)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" | ");
-        let metrics = format!(
-            "loss {} | accuracy {} | {} samples/s",
-            progress.loss.map_or("-".into(), |l| format!("{l:.4}")),
-            progress.accuracy.map_or("-".into(), |a| format!("{a:.4}")),
-            progress
-                .samples_per_second
-                .map_or("-".into(), |s| format!("{s:.0}")),
-        );
-        if let Some(summary) = &self.summary {
-            if let Some(bar) = &self.epochs {
-                bar.set_position(u64::try_from(progress.epoch).unwrap_or(0));
-                bar.set_message(format!("step {}", progress.step));
-            }
-            summary.set_message(format!("{state} | {metrics} | {roles}"));
-            summary.tick();
-        } else {
-            let mut last = self.last_line.lock().expect("view lock");
-            if last.elapsed() >= Duration::from_secs(5) {
-                *last = Instant::now();
-                eprintln!(
-                    "[{state}] step {} epoch {} | {metrics} | {roles}",
-                    progress.step, progress.epoch
-                );
-            }
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.epochs {
-            bar.abandon();
-        }
-        if let Some(summary) = &self.summary {
-            summary.abandon();
-        }
-    }
-}
-
-/// `ps 0, workers 1`, plus the chief and the evaluator when the job has them.
-fn restarts_by_role(job: &TrainingJob, status: &kubetrain_api::TrainingJobStatus) -> String {
-    Role::ALL
-        .into_iter()
-        .filter(|role| {
-            *role == Role::Ps || *role == Role::Worker || replica::replicas(job, *role) > 0
-        })
-        .map(|role| {
-            let restarts = status.replica_statuses.role(role).map_or(0, |r| r.restarts);
-            let name = if role == Role::Worker {
-                "workers"
-            } else {
-                role.as_str()
-            };
-            format!("{name} {restarts}")
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The loss sparkline, `curves.png` and the TensorBoard command, from the chief's event
-/// log under `spec.training.logDir`: the same numbers TensorBoard shows.
-fn picture_rows(job: &TrainingJob, run_dir: &Path) -> Vec<(&'static str, String)> {
-    let Some(log_dir) = job.spec.training.as_ref().and_then(|t| t.log_dir.as_ref()) else {
-        return Vec::new();
-    };
-    let mut rows = vec![("tensorboard", format!("tensorboard --logdir {log_dir}"))];
-    let chief = tensorboard::run_dir(Path::new(log_dir), Role::Worker, 0);
-    let scalars = match tensorboard::read_scalars(&chief) {
-        Ok(scalars) => scalars,
-        Err(error) => {
-            rows.push(("curves", format!("none: {error}")));
-            return rows;
-        }
-    };
-    let curve = |tag: &str| scalars.get(tag).cloned().unwrap_or_default();
-    let (loss, accuracy) = (curve("train/loss"), curve("test/accuracy"));
-    if loss.is_empty() {
-        rows.push(("curves", "none: the chief logged no training step".into()));
-        return rows;
-    }
-    let values: Vec<f32> = loss.iter().map(|&(_, v)| v).collect();
-    rows.push(("loss curve", curves::sparkline(&values, 40)));
-    let png = run_dir.join("curves.png");
-    let drawn = curves::draw(&png, &job.name_any(), &loss, &accuracy);
-    rows.push((
-        "curves",
-        drawn.map_or_else(|e| format!("none: {e}"), |()| png.display().to_string()),
-    ));
-    rows
-}
-
-fn report(job: &TrainingJob, wall: Duration, run_dir: &Path) -> String {
-    let status = job.status.clone().unwrap_or_default();
-    let state = status
-        .lifecycle()
-        .map(|c| format!("{} ({}): {}", c.type_, c.reason, c.message))
-        .unwrap_or_else(|| "unknown".into());
-    let progress = status.progress.clone().unwrap_or_default();
-    let accuracy = progress.accuracy;
-    let checkpoints = job
-        .spec
-        .training
-        .as_ref()
-        .and_then(|t| t.checkpoint.as_ref())
-        .map_or("none (no spec.training.checkpoint)".to_string(), |c| {
-            c.path.clone()
-        });
-    let rows = [
-        ("state", state),
-        (
-            "test accuracy",
-            accuracy.map_or("-".into(), |a| format!("{a:.4}")),
-        ),
-        (
-            "loss",
-            progress.loss.map_or("-".into(), |l| format!("{l:.4}")),
-        ),
-        ("steps", progress.step.to_string()),
-        ("wall time", format!("{:.1}s", wall.as_secs_f64())),
-        (
-            "samples/s",
-            progress
-                .samples_per_second
-                .map_or("-".into(), |s| format!("{s:.0}")),
-        ),
-        ("restarts", restarts_by_role(job, &status)),
-        ("logs", run_dir.display().to_string()),
-        ("checkpoints", checkpoints),
-    ]
-    .into_iter()
-    .chain(picture_rows(job, run_dir))
-    .collect::<Vec<_>>();
-    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    let mut out = format!("\n{} {}\n", job.name_any(), "report");
-    for (key, value) in rows {
-        out.push_str(&format!("  {key:<width$}  {value}\n"));
-    }
-    out
 }

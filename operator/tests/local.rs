@@ -280,7 +280,8 @@ spec:
     manifest
 }
 
-/// Direct children of `pid`, from /proc.
+/// Direct children of `pid` that are pods' processes, from /proc: each pod's process also
+/// has a watchdog (`kubetrain-watchdog`, see `podsim::process_group`), which is left out.
 fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -294,7 +295,9 @@ fn children(pid: u32) -> Vec<u32> {
         let ppid = stat
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(1));
-        if ppid.and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+        let watchdog = std::fs::read(format!("/proc/{child}/cmdline"))
+            .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"kubetrain-watchdog"));
+        if ppid.and_then(|p| p.parse::<u32>().ok()) == Some(pid) && !watchdog {
             out.push(child);
         }
     }
