@@ -15,6 +15,10 @@ if ! "$deny" --version 2>/dev/null | grep -qx "cargo-deny $version"; then
     rm -rf "$HOME/.cache/kubetrain/cargo-deny-build"
 fi
 
+# cargo-deny reads `cargo metadata` offline, which needs every crate of the lock file on
+# disk, those for other platforms (Windows) too; a build fetches only this platform's, so a
+# cold machine lacks them.
+cargo fetch --locked
 "$deny" --offline check licenses bans sources
 
 # The advisory database is a git repository on github.com. Where GitHub cannot be reached
