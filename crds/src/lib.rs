@@ -5,6 +5,8 @@
 
 pub mod condition;
 pub mod contract;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 mod schema;
 pub mod spec;
 pub mod status;

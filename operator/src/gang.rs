@@ -248,12 +248,11 @@ mod tests {
     use kubetrain_api::SchedulingPolicy;
 
     fn job(policy: Option<SchedulingPolicy>) -> TrainingJob {
-        let yaml = include_str!("../../examples/quickstart.yaml");
-        let mut job: TrainingJob = serde_yaml::from_str(yaml).expect("quickstart parses");
-        job.metadata.namespace = Some("ns".into());
-        job.metadata.uid = Some("uid-1".into());
-        job.spec.run_policy.scheduling_policy = policy;
-        job
+        kubetrain_api::fixtures::JobFixture::quickstart()
+            .namespace("ns")
+            .uid("uid-1")
+            .with(|job| job.spec.run_policy.scheduling_policy = policy)
+            .build()
     }
 
     fn gang(min: Option<i32>) -> Option<SchedulingPolicy> {

@@ -126,11 +126,10 @@ mod tests {
     use super::*;
 
     fn quickstart() -> TrainingJob {
-        let mut job: TrainingJob =
-            serde_yaml::from_str(include_str!("../../examples/quickstart.yaml")).unwrap();
-        job.metadata.namespace = Some("team".into());
-        job.metadata.uid = Some("uid-1".into());
-        job
+        kubetrain_api::fixtures::JobFixture::quickstart()
+            .namespace("team")
+            .uid("uid-1")
+            .build()
     }
 
     fn settings() -> PlanSettings {

@@ -416,11 +416,10 @@ mod tests {
     use kubetrain_api::TrainingProgress;
 
     fn job(name: &str) -> TrainingJob {
-        let mut job: TrainingJob =
-            serde_yaml::from_str(include_str!("../../examples/quickstart.yaml")).unwrap();
-        job.metadata.namespace = Some("team".into());
-        job.metadata.name = Some(name.into());
-        job
+        kubetrain_api::fixtures::JobFixture::quickstart()
+            .namespace("team")
+            .name(name)
+            .build()
     }
 
     fn running() -> TrainingJobStatus {

@@ -1,3 +1,4 @@
+use kubetrain_api::fixtures::JobFixture;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -14,11 +15,10 @@ use crate::plan::{self, PlanSettings};
 use crate::pod_state;
 
 fn job() -> TrainingJob {
-    let mut job: TrainingJob =
-        serde_yaml::from_str(include_str!("../../examples/quickstart.yaml")).unwrap();
-    job.metadata.namespace = Some("ns".into());
-    job.metadata.uid = Some("job-uid".into());
-    job
+    JobFixture::quickstart()
+        .namespace("ns")
+        .uid("job-uid")
+        .build()
 }
 
 /// The job's planned pods as the API server would hold them: a UID each.

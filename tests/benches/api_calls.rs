@@ -24,6 +24,8 @@
 //! can be compared with what they changed: a lifecycle condition, or only the replica
 //! counts. The bench prints markdown tables; it fails only if the harness does.
 
+use kubetrain_api::fixtures::JobFixture;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
@@ -41,7 +43,7 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use kubetrain_api::TrainingJob;
 use kubetrain_api::condition::types;
-use kubetrain_e2e::envtest::{self, ApiServer, TestNamespace, server};
+use kubetrain_e2e::envtest::{ApiServer, TestNamespace, server};
 use kubetrain_e2e::operator::{lifecycle, set_pod_running, wait_for_pods};
 use kubetrain_operator::api_requests::{ApiCall, path_template};
 use kubetrain_operator::controller::{self, Context};
@@ -279,21 +281,11 @@ impl Run {
 
 /// The quickstart example as `name` with 1 PS and `replicas - 1` workers.
 fn job(name: &str, replicas: usize) -> TrainingJob {
-    let path = envtest::workspace_root().join("examples/quickstart.yaml");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let mut job: TrainingJob =
-        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
-    job.metadata.name = Some(name.to_string());
-    job.spec
-        .replica_specs
-        .ps
-        .as_mut()
-        .expect("quickstart has a PS")
-        .replicas = 1;
-    job.spec.replica_specs.worker.replicas =
-        i32::try_from(replicas - 1).expect("replica count fits i32");
-    job
+    JobFixture::quickstart()
+        .name(name)
+        .ps(1)
+        .workers(i32::try_from(replicas - 1).expect("replica count fits i32"))
+        .build()
 }
 
 /// Polls `probe` every 20 ms until it holds; panics with `what` after [`TIMEOUT`].

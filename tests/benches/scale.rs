@@ -28,6 +28,8 @@
 //! No kubelet runs: pods stay Pending, except where part 3 reports a chief finished.
 //! The bench prints markdown tables; it fails only if the harness does.
 
+use kubetrain_api::fixtures::JobFixture;
+
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -60,12 +62,7 @@ async fn server() -> &'static ApiServer {
 
 /// The quickstart example as `name` with 1 PS and `workers` workers.
 fn job(name: &str, workers: i32) -> TrainingJob {
-    let path = envtest::workspace_root().join("examples/quickstart.yaml");
-    let text = std::fs::read_to_string(&path).expect("quickstart example");
-    let mut job: TrainingJob = serde_yaml::from_str(&text).expect("quickstart parses");
-    job.metadata.name = Some(name.to_string());
-    job.spec.replica_specs.worker.replicas = workers;
-    job
+    JobFixture::quickstart().name(name).workers(workers).build()
 }
 
 /// One operator process watching `ns`; killed when dropped.

@@ -5,6 +5,8 @@
 //! They need `etcd` and a `kube-apiserver` from `tests/envtest/install.sh`, and
 //! fail (never skip) without them.
 
+use kubetrain_api::fixtures::JobFixture;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -40,10 +42,7 @@ async fn install_crd() {
 
 /// `examples/quickstart.yaml` as a typed TrainingJob.
 fn quickstart() -> TrainingJob {
-    let path = envtest::workspace_root().join("examples/quickstart.yaml");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+    JobFixture::quickstart().build()
 }
 
 #[tokio::test]

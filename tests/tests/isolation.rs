@@ -70,8 +70,7 @@ async fn under_its_own_rbac_the_operator_gives_a_job_its_token_secret_and_networ
     ));
     let operator = tokio::spawn(controller::run(context, Some(ns.name.clone())));
 
-    let job: TrainingJob =
-        serde_yaml::from_str(include_str!("../../examples/quickstart.yaml")).unwrap();
+    let job = kubetrain_api::fixtures::JobFixture::quickstart().build();
     let job = ns
         .api::<TrainingJob>()
         .create(&PostParams::default(), &job)

@@ -8,6 +8,8 @@
 //! They need `etcd` and a `kube-apiserver` from `tests/envtest/install.sh`, and fail
 //! (never skip) without them.
 
+use kubetrain_api::fixtures::JobFixture;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -44,19 +46,12 @@ async fn setup(prefix: &str) -> (TestNamespace, OperatorTask) {
 fn load(path: &Path) -> TrainingJob {
     let text =
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
-}
-
-/// `examples/<name>.yaml` as a typed TrainingJob.
-fn example(name: &str) -> TrainingJob {
-    load(&envtest::workspace_root().join(format!("examples/{name}.yaml")))
+    JobFixture::from_yaml(&text).build()
 }
 
 /// The quickstart example (1 PS, 2 workers under ExitCode) under another name.
 fn quickstart(name: &str) -> TrainingJob {
-    let mut job = example("quickstart");
-    job.metadata.name = Some(name.to_string());
-    job
+    JobFixture::quickstart().name(name).build()
 }
 
 async fn create(ns: &TestNamespace, job: &TrainingJob) -> TrainingJob {

@@ -6,6 +6,8 @@
 //! They need `etcd` and a `kube-apiserver` from `tests/envtest/install.sh`, and fail
 //! (never skip) without them.
 
+use kubetrain_api::fixtures::JobFixture;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -115,11 +117,7 @@ async fn holder(leases: &Api<Lease>) -> Option<String> {
 }
 
 fn quickstart(name: &str) -> TrainingJob {
-    let path = envtest::workspace_root().join("examples/quickstart.yaml");
-    let text = std::fs::read_to_string(&path).expect("quickstart example");
-    let mut job: TrainingJob = serde_yaml::from_str(&text).expect("quickstart parses");
-    job.metadata.name = Some(name.to_string());
-    job
+    JobFixture::quickstart().name(name).build()
 }
 
 fn all_pods(job: &str) -> Vec<String> {

@@ -7,6 +7,8 @@
 //! They need `etcd` and a `kube-apiserver` from `tests/envtest/install.sh`, and fail
 //! (never skip) without them.
 
+use kubetrain_api::fixtures::JobFixture;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -34,12 +36,10 @@ use serde_json::json;
 
 /// The quickstart (1 PS + 2 workers) named `name`, without its example run policy.
 fn job(name: &str) -> TrainingJob {
-    let path = envtest::workspace_root().join("examples/quickstart.yaml");
-    let text = std::fs::read_to_string(&path).expect("quickstart example");
-    let mut job: TrainingJob = serde_yaml::from_str(&text).expect("quickstart parses");
-    job.metadata.name = Some(name.to_string());
-    job.spec.run_policy = Default::default();
-    job
+    JobFixture::quickstart()
+        .name(name)
+        .with(|job| job.spec.run_policy = Default::default())
+        .build()
 }
 
 async fn create(ns: &TestNamespace, job: &TrainingJob) -> TrainingJob {

@@ -70,11 +70,9 @@ fn monitors() -> (serde_yaml::Value, serde_yaml::Value) {
 /// The quickstart as shipped, with more epochs: it must still be training while
 /// Prometheus discovers its pods and scrapes them a few times.
 fn long_quickstart() -> TrainingJob {
-    let path = envtest::workspace_root().join("examples/quickstart.yaml");
-    let mut job: TrainingJob =
-        serde_yaml::from_str(&std::fs::read_to_string(&path).expect("quickstart")).unwrap();
-    job.spec.training.as_mut().expect("spec.training").epochs = 2000;
-    job
+    kubetrain_api::fixtures::JobFixture::quickstart()
+        .with(|job| job.spec.training.as_mut().expect("spec.training").epochs = 2000)
+        .build()
 }
 
 /// What one dashboard query answered, or why it does not count.

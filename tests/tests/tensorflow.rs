@@ -36,9 +36,9 @@ fn root() -> PathBuf {
 
 fn load(path: &str) -> TrainingJob {
     let text = std::fs::read_to_string(root().join(path)).unwrap();
-    let mut job: TrainingJob = serde_yaml::from_str(&text).unwrap();
-    job.metadata.namespace = Some("team".into());
-    job
+    kubetrain_api::fixtures::JobFixture::from_yaml(&text)
+        .namespace("team")
+        .build()
 }
 
 /// Runs `script` with the virtualenv's python, `input` on stdin; returns stdout.

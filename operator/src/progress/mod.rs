@@ -165,10 +165,9 @@ mod tests {
     }
 
     fn job() -> TrainingJob {
-        let mut job: TrainingJob =
-            serde_yaml::from_str(include_str!("../../../examples/quickstart.yaml")).unwrap();
-        job.metadata.namespace = Some("ns".into());
-        job
+        kubetrain_api::fixtures::JobFixture::quickstart()
+            .namespace("ns")
+            .build()
     }
 
     fn running_chief(job: &TrainingJob) -> Pod {

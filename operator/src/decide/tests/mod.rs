@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::{
     PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kubetrain_api::fixtures::JobFixture;
 
 use kube::ResourceExt;
 use kubetrain_api::contract;
@@ -35,7 +36,7 @@ spec:
     optimizer: {{kind: sgd}}
 "#
     );
-    serde_yaml::from_str(&yaml).unwrap()
+    JobFixture::from_yaml(&yaml).build()
 }
 
 fn job() -> TrainingJob {
@@ -147,7 +148,7 @@ spec:
   runPolicy: {{backoffLimit: 1, cleanPodPolicy: {clean}}}
 "#
     );
-    serde_yaml::from_str(&yaml).unwrap()
+    JobFixture::from_yaml(&yaml).build()
 }
 fn tensorflow_pods(job: &TrainingJob, chief: Pod) -> Vec<Pod> {
     vec![
