@@ -2,6 +2,8 @@
 //! down over a tower-test mock, the controller-rs way. Each test is one scenario; the
 //! scenario task answers the requests it expects, in order, and fails on anything else.
 
+use kubetrain_api::fixtures::JobFixture;
+
 use std::sync::Arc;
 
 use http::{Method, Request, Response};
@@ -22,12 +24,11 @@ use crate::replica::{self, ReplicaId};
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 fn job() -> TrainingJob {
-    let mut job: TrainingJob =
-        serde_yaml::from_str(include_str!("../../examples/quickstart.yaml")).unwrap();
-    job.metadata.namespace = Some("ns".into());
-    job.metadata.uid = Some("job-uid".into());
-    job.metadata.generation = Some(1);
-    job
+    JobFixture::quickstart()
+        .namespace("ns")
+        .uid("job-uid")
+        .generation(1)
+        .build()
 }
 
 fn context() -> (Arc<Context>, Handle) {
@@ -428,7 +429,7 @@ fn service_comparison_ignores_server_filled_fields() {
     let mut existing: Service = desired.clone();
     existing.metadata.resource_version = Some("7".into());
     existing.spec.as_mut().unwrap().session_affinity = Some("None".into());
-    assert!(super::service_matches(&existing, &desired));
+    assert!(super::writes::service_matches(&existing, &desired));
     existing.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 9999;
-    assert!(!super::service_matches(&existing, &desired));
+    assert!(!super::writes::service_matches(&existing, &desired));
 }
