@@ -264,17 +264,7 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 async fn run(args: LocalArgs) -> Result<bool, LocalError> {
     let mut job = load_job(&args.file)?;
     let name = job.name_any();
-    let stamp = Timestamp::now().strftime("%Y%m%d-%H%M%S").to_string();
-    let run_dir = args.run_dir.join(format!("{name}-{stamp}"));
-    std::fs::create_dir_all(&run_dir).map_err(|source| LocalError::CreateRunDir {
-        path: run_dir.clone(),
-        source,
-    })?;
-    // Pods run in directories of their own, so every path handed to them is absolute.
-    let run_dir = std::fs::canonicalize(&run_dir).map_err(|source| LocalError::CreateRunDir {
-        path: run_dir.clone(),
-        source,
-    })?;
+    let run_dir = create_run_dir(&args.run_dir, &name)?;
     // Curves for every local run: TensorBoard events in the run directory unless the job
     // names its own folder.
     if let Some(training) = job.spec.training.as_mut() {
@@ -286,26 +276,7 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
         Some(f) => Some(parse_follow(&job, f)?),
         None => None,
     };
-
-    let settings = PlanSettings::default();
-    let program = trainer_program(args.trainer_bin.clone());
-    let mut world = World {
-        network: PodNetwork::new(settings.port),
-        mounts: PathMap::default(),
-        // As the operator creates it before the first pod.
-        secrets: isolation::uses_token(&job)
-            .then(|| isolation::token_secret(&job, &isolation::new_token()))
-            .into_iter()
-            .collect(),
-        commands: Commands {
-            by_name: [(TRAINER_COMMAND.to_string(), program.clone())].into(),
-            default: Some(program),
-        },
-        groups: Arc::default(),
-    };
-    for (host, container) in &args.volumes {
-        world.mounts.mount(container.clone(), host.clone());
-    }
+    let mut cluster = LocalCluster::new(&job, &args, run_dir.clone(), follow);
     let view = View::new(&job, !args.no_progress_bars && follow.is_none());
     view.line(format!(
         "kubetrain local: running {name} ({} ps, {} workers); logs in {}",
@@ -315,69 +286,41 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
     ));
 
     let started = Instant::now();
-    let mut pods: BTreeMap<ReplicaId, LocalPod> = BTreeMap::new();
     let mut signals = Signals::new();
     let mut interrupted = false;
-
     loop {
-        let observed_pods: Vec<Pod> = pods.values().map(LocalPod::observed).collect();
+        let observed_pods: Vec<Pod> = cluster.pods.values().map(LocalPod::observed).collect();
         let now = Timestamp::now();
         let mut decision = decide::decide(&job, &observed_pods, now);
         // Progress as the operator reads it: the chief's Progress service at its pod IP,
         // then its termination message; its stdout is for people only.
+        let port = cluster.settings.port;
         progress::ask::observe(
             &job,
             &mut decision,
             &observed_pods,
-            settings.port,
+            port,
             PROGRESS_EVERY,
             now,
         )
         .await;
         job.status = Some(decision.status);
-
         for event in &decision.events {
             let kind = if event.warning { "Warning" } else { "Normal" };
             view.line(format!("{kind} {}: {}", event.reason, event.note));
         }
         for action in decision.actions {
-            match action {
-                Action::CreatePod(replica) => {
-                    let pod = plan::pod(&job, replica, &settings);
-                    let echo = (follow == Some(replica))
-                        .then(|| format!("[{}-{}] ", replica.role, replica.index));
-                    let local = start_pod(pod, &mut world, &run_dir, echo).await;
-                    pods.insert(replica, local);
-                }
-                Action::DeletePod { name: pod_name, .. } => {
-                    if let Some((replica, _)) =
-                        pods.iter().find(|(_, p)| p.pod.name_any() == pod_name)
-                    {
-                        let replica = *replica;
-                        if let Some(mut local) = pods.remove(&replica) {
-                            local.stop().await;
-                        }
-                    }
-                }
-                // No Service and no API object: names are mapped to loopback instead.
-                Action::EnsureService | Action::DeleteService | Action::DeleteJob => {}
-            }
+            cluster.carry_out(action, &job).await;
         }
 
-        view.render(&job, |role| {
-            pods.iter()
-                .filter(|(r, p)| r.role == role && p.container_running())
-                .count()
-        });
+        view.render(&job, |role| cluster.running(role));
         let finished = job
             .status
             .as_ref()
             .is_some_and(TrainingJobStatus::is_finished);
-        let running = pods.values().any(|p| !p.task.is_finished());
-        if finished && !running {
+        if finished && !cluster.any_process() {
             break;
         }
-
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             signal = signals.next() => {
@@ -387,10 +330,7 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
             }
         }
     }
-
-    // All at once, as a kubelet stops the pods of a deleted job: each gets its grace
-    // period side by side, not one after another.
-    futures::future::join_all(pods.values_mut().map(LocalPod::stop)).await;
+    cluster.stop_all().await;
     view.finish();
 
     let succeeded = !interrupted && job.status.as_ref().is_some_and(|s| s.is(types::SUCCEEDED));
@@ -403,6 +343,109 @@ async fn run(args: LocalArgs) -> Result<bool, LocalError> {
         );
     }
     Ok(succeeded)
+}
+
+/// `<base>/<job>-<time>`, absolute: pods run in directories of their own, so every path
+/// handed to them must be.
+fn create_run_dir(base: &Path, name: &str) -> Result<PathBuf, LocalError> {
+    let stamp = Timestamp::now().strftime("%Y%m%d-%H%M%S").to_string();
+    let run_dir = base.join(format!("{name}-{stamp}"));
+    let failed = |source| LocalError::CreateRunDir {
+        path: run_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&run_dir).map_err(failed)?;
+    std::fs::canonicalize(&run_dir).map_err(failed)
+}
+
+/// The cluster's part for one job: its pods, and what the API server, DNS and kubelets
+/// would give them.
+struct LocalCluster {
+    settings: PlanSettings,
+    world: World,
+    run_dir: PathBuf,
+    /// The replica whose output is copied to stderr.
+    follow: Option<ReplicaId>,
+    pods: BTreeMap<ReplicaId, LocalPod>,
+}
+
+impl LocalCluster {
+    fn new(
+        job: &TrainingJob,
+        args: &LocalArgs,
+        run_dir: PathBuf,
+        follow: Option<ReplicaId>,
+    ) -> Self {
+        let settings = PlanSettings::default();
+        let program = trainer_program(args.trainer_bin.clone());
+        let mut world = World {
+            network: PodNetwork::new(settings.port),
+            mounts: PathMap::default(),
+            // As the operator creates it before the first pod.
+            secrets: isolation::uses_token(job)
+                .then(|| isolation::token_secret(job, &isolation::new_token()))
+                .into_iter()
+                .collect(),
+            commands: Commands {
+                by_name: [(TRAINER_COMMAND.to_string(), program.clone())].into(),
+                default: Some(program),
+            },
+            groups: Arc::default(),
+        };
+        for (host, container) in &args.volumes {
+            world.mounts.mount(container.clone(), host.clone());
+        }
+        Self {
+            settings,
+            world,
+            run_dir,
+            follow,
+            pods: BTreeMap::new(),
+        }
+    }
+
+    async fn carry_out(&mut self, action: Action, job: &TrainingJob) {
+        match action {
+            Action::CreatePod(replica) => {
+                let pod = plan::pod(job, replica, &self.settings);
+                let echo = (self.follow == Some(replica))
+                    .then(|| format!("[{}-{}] ", replica.role, replica.index));
+                let local = start_pod(pod, &mut self.world, &self.run_dir, echo).await;
+                self.pods.insert(replica, local);
+            }
+            Action::DeletePod { name, .. } => {
+                let replica = self
+                    .pods
+                    .iter()
+                    .find(|(_, p)| p.pod.name_any() == name)
+                    .map(|(r, _)| *r);
+                if let Some(mut local) = replica.and_then(|r| self.pods.remove(&r)) {
+                    local.stop().await;
+                }
+            }
+            // No Service and no API object: names are mapped to loopback instead.
+            Action::EnsureService | Action::DeleteService | Action::DeleteJob => {}
+        }
+    }
+
+    /// How many pods of `role` have their container running.
+    fn running(&self, role: Role) -> usize {
+        self.pods
+            .iter()
+            .filter(|(r, p)| r.role == role && p.container_running())
+            .count()
+    }
+
+    /// Whether any pod's process (or its restart) is still under way.
+    fn any_process(&self) -> bool {
+        self.pods.values().any(|p| !p.task.is_finished())
+    }
+
+    /// All at once, as a kubelet stops the pods of a deleted job: each gets its grace
+    /// period side by side, not one after another.
+    async fn stop_all(&mut self) {
+        futures::future::join_all(self.pods.values_mut().map(LocalPod::stop)).await;
+    }
 }
 
 fn parse_follow(job: &TrainingJob, text: &str) -> Result<ReplicaId, LocalError> {
