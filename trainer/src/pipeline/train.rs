@@ -83,11 +83,7 @@ pub(super) async fn train(
     let mut stats = StageStats::default();
     let mut stash: Stash<Kept> = Stash::default();
     let (mut x, mut y) = (Vec::new(), Vec::new());
-    let started = Instant::now();
-    let mut window_start: Option<Instant> = None;
-    let (mut last_line, mut last_event) = (Instant::now(), Instant::now());
-    let mut loss_avg: Option<f64> = None;
-    let mut loss = 0.0;
+    let mut tally = Tally::new();
     let every = training
         .checkpoint
         .as_ref()
@@ -131,36 +127,10 @@ pub(super) async fn train(
         {
             write_checkpoint(dir, stage, stages, step + 1, &plan, &params, &optimizer)?;
         }
-        // The first step pays for connections and warm-up: the measured window starts after
-        // it, and the busy time counted so far is dropped with it.
-        if window_start.is_none() {
-            window_start = Some(Instant::now());
-            stats.busy = 0.0;
-        }
-        if last_event.elapsed() >= EVENT_EVERY {
-            last_event = Instant::now();
-            stats.window = window_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
-            write_stage_events(events, step + 1, &stats);
-        }
-
-        loss = loss_sum / plan.batch as f64;
-        if let Some(progress) = &progress {
-            let smoothed = loss_avg.map_or(loss, |a| 0.9 * a + 0.1 * loss);
-            loss_avg = Some(smoothed);
-            divergence::check_loss(step + 1, loss, smoothed, plan.net.classes())?;
-            let done = step + 1 - plan.resume;
-            let rate = done as f64 * plan.batch as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            // Counting from 1, as status.progress.epoch does.
-            let epoch = steps_per_epoch.map_or(0, |per| step / per + 1) as u32;
-            let loss = loss_avg.unwrap_or_default();
-            progress.trained(step + 1, plan.total_steps, epoch, loss, rate);
-            if last_line.elapsed() >= Duration::from_secs(2) {
-                last_line = Instant::now();
-                run_log::training(0, step + 1, plan.total_steps, u64::from(epoch), loss, rate);
-            }
-        }
+        tally.updated(step, &mut stats, events);
+        tally.trained(step, loss_sum, &plan, progress.as_ref(), steps_per_epoch)?;
     }
-    stats.window = window_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    stats.window = tally.window();
     stats.peak_stash = stash.peak();
     write_stage_events(events, plan.total_steps, &stats);
     events.flush();
@@ -170,8 +140,7 @@ pub(super) async fn train(
         return Err(TrainerError::JobFailed(reason));
     }
     let steps = plan.total_steps;
-    let rate = (steps - plan.resume) as f64 * plan.batch as f64
-        / started.elapsed().as_secs_f64().max(1e-9);
+    let rate = tally.rate(steps, &plan);
     let (busy, window, idle) = (stats.busy, stats.window, stats.idle_fraction());
     run_log::stage_finished(stage, steps, busy, window, idle, stats.peak_stash);
 
@@ -179,7 +148,7 @@ pub(super) async fn train(
         (Some(progress), Some(test)) => {
             let ending = Ending {
                 steps,
-                loss: loss_avg.unwrap_or(loss),
+                loss: tally.loss_avg.unwrap_or(tally.loss),
                 rate,
             };
             let eval = chief_finishes(
@@ -196,9 +165,91 @@ pub(super) async fn train(
     Ok(WorkerOutcome {
         steps,
         evaluation,
-        loss,
+        loss: tally.loss,
         samples_per_second: rate,
     })
+}
+
+/// A stage's running account of its steps: the measured window, the loss, and when it
+/// last logged.
+struct Tally {
+    started: Instant,
+    window_start: Option<Instant>,
+    last_line: Instant,
+    last_event: Instant,
+    /// The chief's smoothed loss.
+    loss_avg: Option<f64>,
+    /// The last step's loss.
+    loss: f64,
+}
+
+impl Tally {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            started: now,
+            window_start: None,
+            last_line: now,
+            last_event: now,
+            loss_avg: None,
+            loss: 0.0,
+        }
+    }
+
+    /// Step `step`'s update is done: the stage's busy and idle time go to its event log.
+    fn updated(&mut self, step: u64, stats: &mut StageStats, events: &EventLog) {
+        // The first step pays for connections and warm-up: the measured window starts after
+        // it, and the busy time counted so far is dropped with it.
+        if self.window_start.is_none() {
+            self.window_start = Some(Instant::now());
+            stats.busy = 0.0;
+        }
+        if self.last_event.elapsed() >= EVENT_EVERY {
+            self.last_event = Instant::now();
+            stats.window = self.window();
+            write_stage_events(events, step + 1, stats);
+        }
+    }
+
+    /// Step `step`'s loss; on the chief (`progress`) it is checked for divergence,
+    /// published and logged.
+    fn trained(
+        &mut self,
+        step: u64,
+        loss_sum: f64,
+        plan: &Plan,
+        progress: Option<&ProgressState>,
+        steps_per_epoch: Option<u64>,
+    ) -> Result<(), TrainerError> {
+        let loss = loss_sum / plan.batch as f64;
+        self.loss = loss;
+        let Some(progress) = progress else {
+            return Ok(());
+        };
+        let smoothed = self.loss_avg.map_or(loss, |a| 0.9 * a + 0.1 * loss);
+        self.loss_avg = Some(smoothed);
+        divergence::check_loss(step + 1, loss, smoothed, plan.net.classes())?;
+        let rate = self.rate(step + 1, plan);
+        // Counting from 1, as status.progress.epoch does.
+        let epoch = steps_per_epoch.map_or(0, |per| step / per + 1) as u32;
+        progress.trained(step + 1, plan.total_steps, epoch, smoothed, rate);
+        if self.last_line.elapsed() >= Duration::from_secs(2) {
+            self.last_line = Instant::now();
+            let total = plan.total_steps;
+            run_log::training(0, step + 1, total, u64::from(epoch), smoothed, rate);
+        }
+        Ok(())
+    }
+
+    fn window(&self) -> f64 {
+        self.window_start.map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+
+    /// Samples per second since the start, with `done` the steps trained by then.
+    fn rate(&self, done: u64, plan: &Plan) -> f64 {
+        (done - plan.resume) as f64 * plan.batch as f64
+            / self.started.elapsed().as_secs_f64().max(1e-9)
+    }
 }
 
 /// The plan every stage trains by. The chief reads the data, learns from every stage which
